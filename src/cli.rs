@@ -1,0 +1,242 @@
+//! The `identity` command: every admin task is a subcommand, every setting an
+//! environment variable (see [`crate::config`]).
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::db::{self, embedded::EmbeddedError};
+use crate::domain::{Attributes, Email, Password, Username};
+use crate::hashing::{HashParams, Hasher};
+use crate::service::users::{NewUser, UserService};
+use crate::startup::{Application, Database, StartupError};
+
+/// identity: users, groups, logins and JWT access tokens over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "identity", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the service; applies pending migrations first.
+    Serve(Config),
+    /// Applies pending migrations, or shows or reverts them.
+    Migrate(MigrateArgs),
+    /// Creates a superuser. The password comes from IDENTITY_PASSWORD or
+    /// standard input, never from a flag.
+    #[command(name = "createsuperuser")]
+    CreateSuperuser(CreateSuperuserArgs),
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// List every migration and whether it is applied.
+    #[arg(long, conflicts_with = "revert")]
+    status: bool,
+    /// Revert the last applied migration.
+    #[arg(long)]
+    revert: bool,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Debug, Args)]
+struct CreateSuperuserArgs {
+    /// The new superuser's username.
+    #[arg(long)]
+    username: String,
+    /// The new superuser's email.
+    #[arg(long)]
+    email: String,
+    #[command(flatten)]
+    config: Config,
+}
+
+impl Cli {
+    /// Parses the command line and environment. A bad setting ends the
+    /// program here with one line naming it and exit code 2.
+    pub fn parse_or_exit() -> Self {
+        match Self::try_parse() {
+            Ok(cli) => cli,
+            Err(e) => {
+                use clap::error::ErrorKind::*;
+                if matches!(
+                    e.kind(),
+                    DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+                ) {
+                    e.exit();
+                }
+                let rendered = e.render().to_string();
+                let line = rendered.lines().next().unwrap_or("invalid arguments");
+                eprintln!("identity: {}", line.trim_start_matches("error: "));
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// The settings of the chosen subcommand.
+    pub fn config(&self) -> &Config {
+        match &self.command {
+            Command::Serve(config) => config,
+            Command::Migrate(args) => &args.config,
+            Command::CreateSuperuser(args) => &args.config,
+        }
+    }
+
+    /// How logs are written.
+    pub fn log_format(&self) -> LogFormat {
+        self.config().log_format
+    }
+
+    /// Runs the subcommand.
+    pub async fn run(self) -> ExitCode {
+        let result = match self.command {
+            Command::Serve(config) => serve(config).await,
+            Command::Migrate(args) => migrate(args).await,
+            Command::CreateSuperuser(args) => create_superuser(args).await,
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "identity failed");
+                eprintln!("identity: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), StartupError> {
+    let app = Application::build(&config).await?;
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what a mesh or orchestrator sends).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
+    }
+}
+
+/// The database for an admin command: like `serve`'s, but when a running
+/// service owns the embedded cluster, its socket is used as it is.
+async fn admin_database(config: &Config) -> Result<Database, StartupError> {
+    match Database::open(config).await {
+        Err(StartupError::Embedded(EmbeddedError::Busy(dir))) => {
+            let url = crate::db::embedded::running_cluster_url(&dir, "identity")
+                .ok_or(StartupError::Embedded(EmbeddedError::Busy(dir)))?;
+            Ok(Database {
+                url,
+                embedded: None,
+            })
+        }
+        other => other,
+    }
+}
+
+async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
+    let database = admin_database(&args.config).await?;
+    let result = if args.status {
+        db::migrations::status(&database.url).await.map(|all| {
+            for m in all {
+                println!("{} {}", if m.applied { "[X]" } else { "[ ]" }, m.version);
+            }
+        })
+    } else if args.revert {
+        db::migrations::revert_last(&database.url)
+            .await
+            .map(|v| println!("reverted {v}"))
+    } else {
+        db::migrations::run_pending(&database.url)
+            .await
+            .map(|applied| {
+                if applied.is_empty() {
+                    println!("no pending migrations");
+                }
+                for v in applied {
+                    println!("applied {v}");
+                }
+            })
+    };
+    let closed = database.close().await;
+    result.map_err(StartupError::Database)?;
+    closed
+}
+
+async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError> {
+    let invalid = |field: &str, e: String| StartupError::Other(format!("invalid {field}: {e}"));
+    let username = Username::parse(&args.username).map_err(|e| invalid("username", e))?;
+    let email = Email::parse(&args.email).map_err(|e| invalid("email", e))?;
+    let raw = match std::env::var("IDENTITY_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            let mut p = String::new();
+            std::io::stdin()
+                .read_to_string(&mut p)
+                .map_err(|e| StartupError::Other(format!("reading the password: {e}")))?;
+            // One line from a pipe or a terminal: its line ending is not part of it.
+            p.strip_suffix('\n')
+                .map(|p| p.strip_suffix('\r').unwrap_or(p))
+                .unwrap_or(&p)
+                .to_owned()
+        }
+    };
+    let password = Password::parse(&raw, &[username.canonical(), email.canonical()])
+        .map_err(|e| invalid("password", e))?;
+
+    let config = &args.config;
+    let database = admin_database(config).await?;
+    let result = async {
+        db::migrations::run_pending(&database.url).await?;
+        let pool = db::pool(&database.url, 1);
+        let hasher = Hasher::new(
+            HashParams {
+                memory_kib: config.argon2_memory_kib,
+                iterations: config.argon2_iterations,
+                parallelism: config.argon2_parallelism,
+            },
+            1,
+            1,
+        )?;
+        UserService::new(pool, hasher)
+            .create(NewUser {
+                username,
+                email,
+                password,
+                first_name: String::new(),
+                last_name: String::new(),
+                is_superuser: true,
+                is_active: true,
+                is_verified: true,
+                attributes: Attributes::default(),
+            })
+            .await
+    }
+    .await;
+    let closed = database.close().await;
+    match result {
+        Ok(user) => println!("created superuser {} ({})", user.username, user.id),
+        Err(crate::error::Error::AlreadyExists(field)) => {
+            return Err(StartupError::Other(format!(
+                "that {field} is already taken"
+            )));
+        }
+        Err(e) => return Err(StartupError::Database(e)),
+    }
+    closed
+}

@@ -1,0 +1,283 @@
+//! Every setting of the service, in one place.
+//!
+//! Each setting is an environment variable; a command-line flag of the same
+//! meaning overrides it (`--listen-addr` for `LISTEN_ADDR`, and so on). Values
+//! are parsed and checked here, before anything starts, so that a bad one
+//! stops the program at once with a line naming the variable (exit code 2).
+//! The README's configuration table mirrors this file.
+
+use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+/// Settings of `identity serve`, shared by the subcommands that need them.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// PostgreSQL URL. Unset: an embedded cluster under DATA_DIR, started and
+    /// stopped by the service itself.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        value_name = "DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+
+    /// Where the embedded PostgreSQL cluster lives.
+    #[arg(
+        long,
+        env = "DATA_DIR",
+        value_name = "DATA_DIR",
+        default_value = "./data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// Address for gRPC and HTTP (h2c and HTTP/1.1) on one port.
+    #[arg(
+        long,
+        env = "LISTEN_ADDR",
+        value_name = "LISTEN_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen_addr: SocketAddr,
+
+    /// Folder of the PEM signing keys; generated on first start when empty.
+    #[arg(
+        long,
+        env = "KEYS_DIR",
+        value_name = "KEYS_DIR",
+        default_value = "./keys"
+    )]
+    pub keys_dir: PathBuf,
+
+    /// Runtime worker threads (default: the number of cores).
+    #[arg(long, env = "WEB_CONCURRENCY", value_name = "WEB_CONCURRENCY")]
+    pub web_concurrency: Option<NonZeroUsize>,
+
+    /// Database connections in the pool (default: 2 x worker threads).
+    #[arg(long, env = "DB_POOL_SIZE", value_name = "DB_POOL_SIZE",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub db_pool_size: Option<u32>,
+
+    /// Lifetime of access tokens (humantime: `15m`, `1h`, `90s`).
+    #[arg(long, env = "ACCESS_TOKEN_TTL", value_name = "ACCESS_TOKEN_TTL",
+          default_value = "15m", value_parser = parse_ttl)]
+    pub access_token_ttl: Duration,
+
+    /// Lifetime of refresh tokens and so of an idle session.
+    #[arg(long, env = "REFRESH_TOKEN_TTL", value_name = "REFRESH_TOKEN_TTL",
+          default_value = "30d", value_parser = parse_ttl)]
+    pub refresh_token_ttl: Duration,
+
+    /// Signing algorithm of access tokens. Shared-secret algorithms (HS*) are
+    /// refused on purpose: every verifier would hold the signing key.
+    #[arg(
+        long,
+        env = "JWT_ALGORITHM",
+        value_name = "JWT_ALGORITHM",
+        default_value = "EdDSA",
+        value_enum,
+        ignore_case = false
+    )]
+    pub jwt_algorithm: JwtAlgorithm,
+
+    /// The `iss` claim of access tokens.
+    #[arg(long, env = "JWT_ISSUER", value_name = "JWT_ISSUER", default_value = "identity",
+          value_parser = non_empty)]
+    pub jwt_issuer: String,
+
+    /// The `aud` claim of access tokens.
+    #[arg(long, env = "JWT_AUDIENCE", value_name = "JWT_AUDIENCE", default_value = "identity",
+          value_parser = non_empty)]
+    pub jwt_audience: String,
+
+    /// Whether anonymous callers may create (register) users.
+    #[arg(long, env = "ALLOW_REGISTRATION", value_name = "ALLOW_REGISTRATION",
+          default_value = "true", action = clap::ArgAction::Set, value_parser = parse_bool)]
+    pub allow_registration: bool,
+
+    /// Sentry DSN; reporting is off when unset.
+    #[arg(
+        long,
+        env = "SENTRY_DSN",
+        value_name = "SENTRY_DSN",
+        hide_env_values = true
+    )]
+    pub sentry_dsn: Option<String>,
+
+    /// Log format: `text` for people, `json` for machines.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        default_value = "text",
+        value_enum
+    )]
+    pub log_format: LogFormat,
+
+    /// argon2id memory cost in KiB (OWASP: 19456).
+    #[arg(long, env = "ARGON2_MEMORY_KIB", value_name = "ARGON2_MEMORY_KIB", default_value = "19456",
+          value_parser = clap::value_parser!(u32).range(8..=4_194_304))]
+    pub argon2_memory_kib: u32,
+
+    /// argon2id iterations (OWASP: 2).
+    #[arg(long, env = "ARGON2_ITERATIONS", value_name = "ARGON2_ITERATIONS", default_value = "2",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub argon2_iterations: u32,
+
+    /// argon2id lanes (OWASP: 1).
+    #[arg(long, env = "ARGON2_PARALLELISM", value_name = "ARGON2_PARALLELISM", default_value = "1",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub argon2_parallelism: u32,
+
+    /// Password hashes computed at once (default: the number of cores). More
+    /// requests wait in a queue; see HASH_QUEUE.
+    #[arg(long, env = "HASH_CONCURRENCY", value_name = "HASH_CONCURRENCY")]
+    pub hash_concurrency: Option<NonZeroUsize>,
+
+    /// Requests that may wait for a hashing slot before new ones are refused
+    /// with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "HASH_QUEUE",
+        value_name = "HASH_QUEUE",
+        default_value = "256"
+    )]
+    pub hash_queue: usize,
+
+    /// Folder of the PostgreSQL server binaries for the embedded cluster
+    /// (default: found on PATH or under /usr/lib/postgresql/*/bin).
+    #[arg(long, env = "PG_BIN_DIR", value_name = "PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+/// The JWS algorithms identity signs with: asymmetric only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JwtAlgorithm {
+    /// Ed25519 (RFC 8037).
+    #[value(name = "EdDSA")]
+    EdDsa,
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    #[value(name = "RS256")]
+    Rs256,
+    /// ECDSA P-256 with SHA-256.
+    #[value(name = "ES256")]
+    Es256,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+impl Config {
+    /// Runtime worker threads: `WEB_CONCURRENCY` or the number of cores.
+    pub fn worker_threads(&self) -> usize {
+        self.web_concurrency
+            .map(NonZeroUsize::get)
+            .unwrap_or_else(available_cores)
+    }
+
+    /// Pool size: `DB_POOL_SIZE` or twice the worker threads.
+    pub fn pool_size(&self) -> u32 {
+        self.db_pool_size
+            .unwrap_or_else(|| u32::try_from(self.worker_threads() * 2).unwrap_or(u32::MAX))
+    }
+
+    /// Concurrent password hashes: `HASH_CONCURRENCY` or the number of cores.
+    pub fn hash_concurrency(&self) -> usize {
+        self.hash_concurrency
+            .map(NonZeroUsize::get)
+            .unwrap_or_else(available_cores)
+    }
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, NonZeroUsize::get)
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("expected a duration such as 15m or 30d ({e})"))?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    if d > Duration::from_secs(10 * 365 * 24 * 3600) {
+        return Err("must be at most 10 years".into());
+    }
+    Ok(d)
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Cli::try_parse_from(std::iter::once("identity").chain(args.iter().copied()))
+            .map(|c| c.config)
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.access_token_ttl, Duration::from_secs(15 * 60));
+        assert_eq!(c.refresh_token_ttl, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(c.jwt_algorithm, JwtAlgorithm::EdDsa);
+        assert!(c.allow_registration);
+        assert_eq!(c.listen_addr.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.pool_size() as usize, 2 * c.worker_threads());
+    }
+
+    #[test]
+    fn a_bad_duration_is_refused() {
+        assert!(parse(&["--access-token-ttl", "abc"]).is_err());
+        assert!(parse(&["--access-token-ttl", "0s"]).is_err());
+    }
+
+    #[test]
+    fn shared_secret_algorithms_are_refused() {
+        assert!(parse(&["--jwt-algorithm", "HS256"]).is_err());
+        assert!(parse(&["--jwt-algorithm", "none"]).is_err());
+        assert_eq!(
+            parse(&["--jwt-algorithm", "ES256"]).unwrap().jwt_algorithm,
+            JwtAlgorithm::Es256
+        );
+    }
+
+    #[test]
+    fn registration_can_be_closed() {
+        assert!(
+            !parse(&["--allow-registration", "false"])
+                .unwrap()
+                .allow_registration
+        );
+        assert!(parse(&["--allow-registration", "maybe"]).is_err());
+    }
+}

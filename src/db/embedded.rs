@@ -1,0 +1,427 @@
+//! The embedded PostgreSQL cluster: what `identity serve` runs on when
+//! `DATABASE_URL` is unset, and what the test harness runs on.
+//!
+//! The cluster lives in `DATA_DIR/pg` and listens only on a Unix socket in
+//! `DATA_DIR/run` (no TCP port). When the service runs as root, PostgreSQL
+//! (which refuses root) runs as the `postgres` user, and the folders it owns
+//! are handed to that user. A lock file, held for the life of the process,
+//! tells a second service on the same `DATA_DIR` to go away, and lets the
+//! holder treat a postmaster still running as an orphan of a killed run.
+//!
+//! Everything here blocks: call it from `spawn_blocking` or before the
+//! runtime starts.
+
+use std::{
+    fs::{self, File, TryLockError},
+    io,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+/// The OS user PostgreSQL runs as when the service runs as root.
+const POSTGRES_OS_USER: &str = "postgres";
+/// The database superuser of the embedded cluster.
+pub const SUPERUSER: &str = "postgres";
+/// Unix socket paths are limited to 107 bytes (`sun_path`).
+const MAX_SOCKET_PATH: usize = 107;
+const SOCKET_FILE: &str = ".s.PGSQL.5432";
+
+/// Why the embedded cluster could not be set up, started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    /// No `initdb`/`pg_ctl`/`postgres` found.
+    #[error(
+        "no PostgreSQL server binaries found (looked on PATH and in /usr/lib/postgresql/*/bin); \
+         install PostgreSQL (e.g. apt-get install postgresql), set PG_BIN_DIR, or set DATABASE_URL"
+    )]
+    NoBinaries,
+    /// The socket path would exceed the kernel's limit.
+    #[error(
+        "DATA_DIR {0} is too long for a Unix socket path ({1} bytes, at most {MAX_SOCKET_PATH}); \
+         choose a shorter DATA_DIR"
+    )]
+    SocketPathTooLong(PathBuf, usize),
+    /// Another process holds DATA_DIR.
+    #[error("DATA_DIR {0} is in use by another identity process")]
+    Busy(PathBuf),
+    /// Running as root with no unprivileged user to run PostgreSQL as.
+    #[error("running as root, and there is no '{POSTGRES_OS_USER}' user to run PostgreSQL as")]
+    NoUser,
+    /// A PostgreSQL tool failed.
+    #[error("{what} failed: {detail}")]
+    Command {
+        /// Which step.
+        what: &'static str,
+        /// Its output, or the log's last lines.
+        detail: String,
+    },
+    /// A file-system step failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// Which step.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// How hard the cluster tries to keep committed data across a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// PostgreSQL's defaults: what a service needs.
+    Full,
+    /// fsync off: for throwaway test clusters only.
+    Throwaway,
+}
+
+/// A running embedded cluster. Dropping it stops the cluster.
+#[derive(Debug)]
+pub struct EmbeddedPostgres {
+    bin_dir: PathBuf,
+    pgdata: PathBuf,
+    socket_dir: PathBuf,
+    log_file: PathBuf,
+    owner: Option<(u32, u32)>,
+    running: bool,
+    // Held for the life of the cluster; released when dropped.
+    _lock: File,
+}
+
+impl EmbeddedPostgres {
+    /// Initialises (first run) and starts the cluster under `data_dir`.
+    pub fn start(
+        data_dir: &Path,
+        bin_dir: Option<&Path>,
+        durability: Durability,
+    ) -> Result<Self, EmbeddedError> {
+        let bin_dir = match bin_dir {
+            Some(dir) if has_server_binaries(dir) => dir.to_owned(),
+            Some(_) => return Err(EmbeddedError::NoBinaries),
+            None => find_binaries().ok_or(EmbeddedError::NoBinaries)?,
+        };
+        mkdir(data_dir)?;
+        let data_dir = fs::canonicalize(data_dir).map_err(io_err("resolving", data_dir))?;
+        let socket_dir = data_dir.join("run");
+        let socket_len = socket_dir.join(SOCKET_FILE).as_os_str().len();
+        if socket_len > MAX_SOCKET_PATH {
+            return Err(EmbeddedError::SocketPathTooLong(data_dir, socket_len));
+        }
+
+        let lock_path = data_dir.join("identity.lock");
+        let lock = File::create(&lock_path).map_err(io_err("creating", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(EmbeddedError::Busy(data_dir)),
+            Err(TryLockError::Error(e)) => return Err(io_err("locking", &lock_path)(e)),
+        }
+
+        let owner = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name(POSTGRES_OS_USER)
+                .ok()
+                .flatten()
+                .ok_or(EmbeddedError::NoUser)?;
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        } else {
+            None
+        };
+
+        let mut pg = Self {
+            bin_dir,
+            pgdata: data_dir.join("pg"),
+            socket_dir,
+            log_file: data_dir.join("postgresql.log"),
+            owner,
+            running: false,
+            _lock: lock,
+        };
+        pg.prepare_dir(&pg.socket_dir.clone())?;
+        if !pg.pgdata.join("PG_VERSION").exists() {
+            pg.initdb(&data_dir)?;
+        }
+        pg.write_config(durability)?;
+        pg.clear_orphan()?;
+        pg.pg_ctl_start()?;
+        Ok(pg)
+    }
+
+    /// A connection URL for `database` over the cluster's socket.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@/{database}?host={}",
+            percent_encode(&self.socket_dir.to_string_lossy())
+        )
+    }
+
+    /// The cluster's data folder (`DATA_DIR/pg`).
+    pub fn pgdata(&self) -> &Path {
+        &self.pgdata
+    }
+
+    /// Stops the cluster (fast shutdown: sessions are ended, committed data
+    /// is kept) and waits until it is gone.
+    pub fn stop(&mut self) -> Result<(), EmbeddedError> {
+        if !self.running {
+            return Ok(());
+        }
+        self.running = false;
+        let out = self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])?;
+        if !out.status.success() {
+            return Err(EmbeddedError::Command {
+                what: "pg_ctl stop",
+                detail: output_text(&out),
+            });
+        }
+        Ok(())
+    }
+
+    fn initdb(&self, data_dir: &Path) -> Result<(), EmbeddedError> {
+        // initdb into a side folder and rename it into place, so that a run
+        // killed half-way leaves nothing that looks like a cluster.
+        let staging = data_dir.join("pg.initdb");
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io_err("removing", &staging))?;
+        }
+        let mut last = None;
+        for locale in ["C.UTF-8", "C"] {
+            self.prepare_dir(&staging)?;
+            let out = self
+                .command("initdb")
+                .arg("-D")
+                .arg(&staging)
+                .args([
+                    "-U",
+                    SUPERUSER,
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ])
+                .arg(format!("--locale={locale}"))
+                .output()
+                .map_err(io_err("running", &self.bin_dir.join("initdb")))?;
+            if out.status.success() {
+                fs::rename(&staging, &self.pgdata).map_err(io_err("renaming", &staging))?;
+                return Ok(());
+            }
+            last = Some(output_text(&out));
+            fs::remove_dir_all(&staging).map_err(io_err("removing", &staging))?;
+        }
+        Err(EmbeddedError::Command {
+            what: "initdb",
+            detail: last.unwrap_or_default(),
+        })
+    }
+
+    fn write_config(&self, durability: Durability) -> Result<(), EmbeddedError> {
+        // Settings identity owns live in their own file, rewritten at every
+        // start; postgresql.conf includes it once.
+        let ours = self.pgdata.join("identity.conf");
+        let mut conf = format!(
+            "# Written by identity at every start; edit postgresql.conf instead.\n\
+             listen_addresses = ''\n\
+             unix_socket_directories = '{}'\n\
+             unix_socket_permissions = 0700\n\
+             max_connections = 200\n\
+             timezone = 'UTC'\n",
+            self.socket_dir.to_string_lossy().replace('\'', "''")
+        );
+        if durability == Durability::Throwaway {
+            conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+        }
+        fs::write(&ours, conf).map_err(io_err("writing", &ours))?;
+        self.chown(&ours)?;
+
+        let main = self.pgdata.join("postgresql.conf");
+        let text = fs::read_to_string(&main).map_err(io_err("reading", &main))?;
+        let include = "include_if_exists = 'identity.conf'";
+        if !text.contains(include) {
+            fs::write(&main, format!("{text}\n{include}\n")).map_err(io_err("writing", &main))?;
+        }
+        Ok(())
+    }
+
+    /// We hold the lock, so a postmaster still running on this folder is the
+    /// orphan of a killed run: stop it. A `postmaster.pid` with no server
+    /// behind it is stale: remove it.
+    fn clear_orphan(&self) -> Result<(), EmbeddedError> {
+        let pid_file = self.pgdata.join("postmaster.pid");
+        if !pid_file.exists() {
+            return Ok(());
+        }
+        let status = self.pg_ctl(&["status"])?;
+        if status.status.success() {
+            tracing::warn!("stopping a PostgreSQL server left running by an earlier run");
+            let out = self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])?;
+            if !out.status.success() {
+                return Err(EmbeddedError::Command {
+                    what: "pg_ctl stop (orphan)",
+                    detail: output_text(&out),
+                });
+            }
+        }
+        if pid_file.exists() {
+            tracing::warn!("removing a stale postmaster.pid");
+            fs::remove_file(&pid_file).map_err(io_err("removing", &pid_file))?;
+        }
+        Ok(())
+    }
+
+    fn pg_ctl_start(&mut self) -> Result<(), EmbeddedError> {
+        if !self.log_file.exists() {
+            File::create(&self.log_file).map_err(io_err("creating", &self.log_file))?;
+        }
+        self.chown(&self.log_file)?;
+        let log = self.log_file.to_string_lossy().into_owned();
+        let out = self.pg_ctl(&["start", "-w", "-t", "120", "-l", &log])?;
+        if !out.status.success() {
+            return Err(EmbeddedError::Command {
+                what: "pg_ctl start",
+                detail: format!("{}\n{}", output_text(&out), tail(&self.log_file, 20)),
+            });
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Result<Output, EmbeddedError> {
+        self.command("pg_ctl")
+            .arg("-D")
+            .arg(&self.pgdata)
+            .args(args)
+            .output()
+            .map_err(io_err("running", &self.bin_dir.join("pg_ctl")))
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(tool));
+        // The working folder must be one PostgreSQL's user can enter.
+        cmd.current_dir(&self.socket_dir);
+        cmd.env_remove("PGDATA").env("LC_ALL", "C");
+        if let Some((uid, gid)) = self.owner {
+            use std::os::unix::process::CommandExt;
+            // std drops root's supplementary groups when it sets a uid.
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+
+    /// Creates `dir` (mode 0700) owned by PostgreSQL's user.
+    fn prepare_dir(&self, dir: &Path) -> Result<(), EmbeddedError> {
+        mkdir(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("setting the mode of", dir))?;
+        self.chown(dir)
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), EmbeddedError> {
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .map_err(io_err("changing the owner of", path))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedPostgres {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(error = %e, "could not stop the embedded PostgreSQL");
+        }
+    }
+}
+
+fn has_server_binaries(dir: &Path) -> bool {
+    ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|tool| dir.join(tool).is_file())
+}
+
+/// Looks on PATH, then in Debian's and the source build's usual folders,
+/// newest major version first.
+fn find_binaries() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(dir) = std::env::split_paths(&path).find(|d| has_server_binaries(d)) {
+            return Some(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((major, entry.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_server_binaries(dir))
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, dir)| dir)
+        .or_else(|| Some(PathBuf::from("/usr/local/pgsql/bin")).filter(|d| has_server_binaries(d)))
+}
+
+fn mkdir(dir: &Path) -> Result<(), EmbeddedError> {
+    fs::create_dir_all(dir).map_err(io_err("creating", dir))
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> EmbeddedError {
+    let path = path.to_owned();
+    move |source| EmbeddedError::Io { what, path, source }
+}
+
+fn output_text(out: &Output) -> String {
+    let mut text = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !stdout.trim().is_empty() {
+        text.push('\n');
+        text.push_str(stdout.trim());
+    }
+    text
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Percent-encodes a socket folder for the `host` parameter of a URL.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_folders_with_odd_characters_are_encoded() {
+        assert_eq!(percent_encode("/tmp/a b/run"), "/tmp/a%20b/run");
+        assert_eq!(percent_encode("/srv/id&x"), "/srv/id%26x");
+    }
+}
+
+/// The URL of `database` on a cluster that another process runs under
+/// `data_dir`, when its socket is there.
+pub fn running_cluster_url(data_dir: &Path, database: &str) -> Option<String> {
+    let socket_dir = fs::canonicalize(data_dir).ok()?.join("run");
+    socket_dir.join(SOCKET_FILE).exists().then(|| {
+        format!(
+            "postgres://{SUPERUSER}@/{database}?host={}",
+            percent_encode(&socket_dir.to_string_lossy())
+        )
+    })
+}

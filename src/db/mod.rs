@@ -1,0 +1,66 @@
+//! All diesel code: the pool, migrations, the embedded cluster, the schema,
+//! row types and queries. Query functions take a connection and return
+//! `Result<_, Error>`; the caller (a `service`) owns the transaction.
+
+pub mod embedded;
+pub mod migrations;
+pub mod schema;
+pub mod users;
+
+use std::time::Duration;
+
+use diesel_async::{
+    AsyncPgConnection,
+    pooled_connection::{AsyncDieselConnectionManager, bb8},
+};
+
+use crate::error::Error;
+
+/// The connection pool.
+pub type Pool = bb8::Pool<AsyncPgConnection>;
+/// A connection borrowed from the pool.
+pub type Conn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
+
+/// How long a call waits for a connection before it answers UNAVAILABLE.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds the pool without connecting, so that the service starts (and
+/// reports NOT_SERVING) while the database is still away.
+pub fn pool(database_url: &str, size: u32) -> Pool {
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);
+    bb8::Pool::builder()
+        .max_size(size)
+        .min_idle(Some(0))
+        .connection_timeout(CHECKOUT_TIMEOUT)
+        // No ping on every checkout: it would double the round trips of the
+        // hot path. A broken connection is noticed by its failed query and
+        // dropped by the pool.
+        .test_on_check_out(false)
+        .idle_timeout(Some(Duration::from_secs(600)))
+        .build_unchecked(manager)
+}
+
+/// The request field a unique constraint guards, so that a violation (also
+/// one that lost a race) answers ALREADY_EXISTS naming the field.
+pub fn unique_field(constraint: &str) -> Option<&'static str> {
+    match constraint {
+        "users_username_canonical_key" => Some("username"),
+        "users_email_canonical_key" => Some("email"),
+        "groups_groupname_canonical_key" => Some("groupname"),
+        "groups_slug_key" => Some("slug"),
+        _ => None,
+    }
+}
+
+/// Borrows a connection; UNAVAILABLE when none can be had in time.
+pub async fn conn(pool: &Pool) -> Result<Conn<'_>, Error> {
+    Ok(pool.get().await?)
+}
+
+/// Answers whether the database is reachable now (for the health service).
+pub async fn ping(pool: &Pool) -> Result<(), Error> {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = conn(pool).await?;
+    conn.batch_execute("SELECT 1").await?;
+    Ok(())
+}

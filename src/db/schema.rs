@@ -1,0 +1,46 @@
+//! The tables, as diesel sees them. Kept by hand beside `migrations/`; the
+//! migration tests fail when the two disagree.
+
+diesel::table! {
+    users (id) {
+        id -> Uuid,
+        username -> Text,
+        username_canonical -> Text,
+        email -> Text,
+        email_canonical -> Text,
+        password_hash -> Text,
+        first_name -> Text,
+        last_name -> Text,
+        is_superuser -> Bool,
+        is_active -> Bool,
+        is_verified -> Bool,
+        attributes -> Jsonb,
+        search -> Text,
+        password_changed_at -> Timestamptz,
+        create_time -> Timestamptz,
+        update_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    groups (id) {
+        id -> Uuid,
+        groupname -> Text,
+        groupname_canonical -> Text,
+        slug -> Text,
+        search -> Text,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    group_members (group_id, user_id) {
+        group_id -> Uuid,
+        user_id -> Uuid,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::joinable!(group_members -> groups (group_id));
+diesel::joinable!(group_members -> users (user_id));
+diesel::allow_tables_to_appear_in_same_query!(users, groups, group_members);

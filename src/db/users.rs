@@ -1,0 +1,238 @@
+//! Queries on `users`. The password hash is read only by the functions that
+//! need it; [`UserRow`] does not carry it, so it cannot leak into a response.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::schema::{group_members, users};
+use crate::domain::PageRequest;
+use crate::error::Error;
+
+/// A user as clients see it.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
+pub struct UserRow {
+    pub id: Uuid,
+    pub username: String,
+    pub email: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub attributes: serde_json::Value,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+}
+
+/// A user about to be inserted.
+#[derive(Debug, Insertable)]
+#[diesel(table_name = users)]
+pub struct NewUserRow<'a> {
+    pub id: Uuid,
+    pub username: &'a str,
+    pub username_canonical: &'a str,
+    pub email: &'a str,
+    pub email_canonical: &'a str,
+    pub password_hash: &'a str,
+    pub first_name: &'a str,
+    pub last_name: &'a str,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub attributes: serde_json::Value,
+    pub search: &'a str,
+}
+
+/// The mutable fields of a user, all written at once.
+#[derive(Debug, AsChangeset)]
+#[diesel(table_name = users)]
+pub struct UserChangesRow {
+    pub first_name: String,
+    pub last_name: String,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub attributes: serde_json::Value,
+    pub search: String,
+    pub update_time: DateTime<Utc>,
+}
+
+/// The filters of ListUsers.
+#[derive(Debug, Default, Clone)]
+pub struct UserFilter {
+    /// A `LIKE` pattern over the folded search text.
+    pub search: Option<String>,
+    pub is_active: Option<bool>,
+    pub is_superuser: Option<bool>,
+    pub is_verified: Option<bool>,
+    pub group_id: Option<Uuid>,
+}
+
+/// Inserts a user; ALREADY_EXISTS names the field when one is taken, also
+/// when another insert won a race for it.
+pub async fn insert(conn: &mut AsyncPgConnection, row: &NewUserRow<'_>) -> Result<UserRow, Error> {
+    Ok(diesel::insert_into(users::table)
+        .values(row)
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await?)
+}
+
+/// The user with this id.
+pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<UserRow>, Error> {
+    Ok(users::table
+        .find(id)
+        .select(UserRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The user with this id, locked until the transaction ends.
+pub async fn by_id_for_update(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> Result<Option<UserRow>, Error> {
+    Ok(users::table
+        .find(id)
+        .select(UserRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The user whose username has this canonical form.
+pub async fn by_username(
+    conn: &mut AsyncPgConnection,
+    canonical: &str,
+) -> Result<Option<UserRow>, Error> {
+    Ok(users::table
+        .filter(users::username_canonical.eq(canonical))
+        .select(UserRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The user whose email has this canonical form.
+pub async fn by_email(
+    conn: &mut AsyncPgConnection,
+    canonical: &str,
+) -> Result<Option<UserRow>, Error> {
+    Ok(users::table
+        .filter(users::email_canonical.eq(canonical))
+        .select(UserRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The canonical username and email of a user, for password rules.
+pub async fn canonical_names(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> Result<Option<(String, String)>, Error> {
+    Ok(users::table
+        .find(id)
+        .select((users::username_canonical, users::email_canonical))
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+fn filtered(filter: &UserFilter) -> users::BoxedQuery<'static, diesel::pg::Pg> {
+    let mut query = users::table.into_boxed();
+    if let Some(pattern) = &filter.search {
+        query = query.filter(users::search.like(pattern.clone()));
+    }
+    if let Some(v) = filter.is_active {
+        query = query.filter(users::is_active.eq(v));
+    }
+    if let Some(v) = filter.is_superuser {
+        query = query.filter(users::is_superuser.eq(v));
+    }
+    if let Some(v) = filter.is_verified {
+        query = query.filter(users::is_verified.eq(v));
+    }
+    if let Some(group) = filter.group_id {
+        query = query.filter(
+            users::id.eq_any(
+                group_members::table
+                    .filter(group_members::group_id.eq(group))
+                    .select(group_members::user_id),
+            ),
+        );
+    }
+    query
+}
+
+/// One page of the users matching `filter`, by id, and how many match in all.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    filter: &UserFilter,
+    page: PageRequest,
+) -> Result<(Vec<UserRow>, i64), Error> {
+    let mut query = filtered(filter);
+    if let Some(after) = page.after {
+        query = query.filter(users::id.gt(after));
+    }
+    let rows = query
+        .order(users::id)
+        .limit(page.size)
+        .select(UserRow::as_select())
+        .load(conn)
+        .await?;
+    let total = filtered(filter).count().get_result(conn).await?;
+    Ok((rows, total))
+}
+
+/// Writes the mutable fields of a user; `None` when there is no such user.
+pub async fn update(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    changes: &UserChangesRow,
+) -> Result<Option<UserRow>, Error> {
+    Ok(diesel::update(users::table.find(id))
+        .set(changes)
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?)
+}
+
+/// Deletes a user (memberships and sessions go with it, by foreign keys);
+/// whether there was one.
+pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool, Error> {
+    let n = diesel::delete(users::table.find(id)).execute(conn).await?;
+    Ok(n > 0)
+}
+
+/// Replaces a password hash and records when; whether there was such a user.
+pub async fn set_password_hash(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    hash: &str,
+) -> Result<bool, Error> {
+    let now = Utc::now();
+    let n = diesel::update(users::table.find(id))
+        .set((
+            users::password_hash.eq(hash),
+            users::password_changed_at.eq(now),
+            users::update_time.eq(now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(n > 0)
+}
+
+/// Whether a group with this id exists.
+pub async fn group_exists(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool, Error> {
+    use super::schema::groups;
+    Ok(diesel::select(diesel::dsl::exists(groups::table.find(id)))
+        .get_result(conn)
+        .await?)
+}

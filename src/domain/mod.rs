@@ -1,0 +1,10 @@
+//! Validated types and the input rules of the contract. No tonic, no diesel:
+//! a value of a type here has passed its rules, so later layers need not
+//! check again.
+
+pub mod page;
+pub mod text;
+pub mod user;
+
+pub use page::{PageRequest, Pager};
+pub use user::{Attributes, Email, Password, Username};

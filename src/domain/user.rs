@@ -1,0 +1,287 @@
+//! The user's fields and their input rules (API.md, "Input rules").
+
+use std::{collections::BTreeMap, fmt};
+
+use unicode_normalization::char::is_combining_mark;
+use unicode_script::{Script, UnicodeScript};
+
+use super::text::{fold, length, name, nfkc_trimmed, no_control};
+
+/// A valid username, as shown and in its canonical (unique) form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Username {
+    display: String,
+    canonical: String,
+}
+
+impl Username {
+    /// Trims, applies NFKC, then checks length, characters and script.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        no_control(raw)?;
+        let display = nfkc_trimmed(raw);
+        length(&display, 3, 150)?;
+        let mut scripts: Vec<Script> = Vec::new();
+        for c in display.chars() {
+            if c.is_ascii_digit() || matches!(c, '.' | '_' | '-' | '@' | '+') {
+                continue;
+            }
+            if !(c.is_alphanumeric() || is_combining_mark(c)) {
+                return Err(format!(
+                    "may contain only letters, digits and . _ - @ + (found {c:?})"
+                ));
+            }
+            let script = c.script();
+            if !matches!(script, Script::Common | Script::Inherited) && !scripts.contains(&script) {
+                scripts.push(script);
+            }
+        }
+        if !one_writing_system(&scripts) {
+            return Err("must use the letters of a single script".into());
+        }
+        let canonical = fold(&display);
+        Ok(Self { display, canonical })
+    }
+
+    /// The username as shown.
+    pub fn as_str(&self) -> &str {
+        &self.display
+    }
+
+    /// The NFKC case fold that carries the unique index.
+    pub fn canonical(&self) -> &str {
+        &self.canonical
+    }
+}
+
+/// Whether the scripts of a name belong to one writing system. Japanese mixes
+/// Han with Hiragana and Katakana, Korean Han with Hangul, Chinese Han with
+/// Bopomofo: Unicode's UTS #39 treats each of these as a single script, and
+/// refusing them would lock out ordinary names.
+fn one_writing_system(scripts: &[Script]) -> bool {
+    if scripts.len() <= 1 {
+        return true;
+    }
+    let within = |set: &[Script]| scripts.iter().all(|s| set.contains(s));
+    within(&[Script::Han, Script::Hiragana, Script::Katakana])
+        || within(&[Script::Han, Script::Hangul])
+        || within(&[Script::Han, Script::Bopomofo])
+}
+
+/// A valid email address, as given (trimmed) and in its canonical form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email {
+    display: String,
+    canonical: String,
+}
+
+impl Email {
+    /// Trims, then checks the shape of the address. Deliberately simple: the
+    /// only real test of an address is a mail that arrives.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        no_control(raw)?;
+        let display = raw.trim();
+        length(display, 3, 254)?;
+        if display.chars().any(char::is_whitespace) {
+            return Err("must not contain spaces".into());
+        }
+        let Some((local, domain)) = display.split_once('@') else {
+            return Err("must contain an @".into());
+        };
+        if domain.contains('@') {
+            return Err("must contain exactly one @".into());
+        }
+        if local.is_empty() {
+            return Err("must have a part before the @".into());
+        }
+        if local.chars().count() > 64 {
+            return Err("the part before the @ must be at most 64 characters".into());
+        }
+        if !domain.contains('.') || domain.split('.').any(str::is_empty) {
+            return Err("must have a domain with a dot, such as example.com".into());
+        }
+        Ok(Self {
+            display: display.to_owned(),
+            canonical: fold(display),
+        })
+    }
+
+    /// The address as given.
+    pub fn as_str(&self) -> &str {
+        &self.display
+    }
+
+    /// The case fold that carries the unique index.
+    pub fn canonical(&self) -> &str {
+        &self.canonical
+    }
+}
+
+/// A password that passed the rules. Its `Debug` hides it, so that it cannot
+/// reach a log by accident.
+#[derive(Clone)]
+pub struct Password(String);
+
+impl Password {
+    /// 8 to 256 characters, taken exactly as given (never trimmed); not the
+    /// username or email (compared case-insensitively). No composition rules,
+    /// per NIST SP 800-63B.
+    pub fn parse(raw: &str, forbidden: &[&str]) -> Result<Self, String> {
+        no_control(raw)?;
+        length(raw, 8, 256)?;
+        let folded = fold(raw);
+        if forbidden.iter().any(|f| *f == folded) {
+            return Err("must not be the username or email".into());
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The password itself, for hashing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(***)")
+    }
+}
+
+/// Custom attributes: at most 64 keys, keys `^[a-z][a-z0-9_.-]{0,63}$`,
+/// values of at most 1024 characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes(pub BTreeMap<String, String>);
+
+impl Attributes {
+    /// Checks every key and value.
+    pub fn parse<'a>(
+        raw: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Result<Self, String> {
+        let map: BTreeMap<String, String> = raw
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if map.len() > 64 {
+            return Err(format!("at most 64 keys (got {})", map.len()));
+        }
+        for (key, value) in &map {
+            if !valid_key(key) {
+                return Err(format!("key {key:?} must match ^[a-z][a-z0-9_.-]{{0,63}}$"));
+            }
+            no_control(value).map_err(|e| format!("value of {key:?} {e}"))?;
+            length(value, 0, 1024).map_err(|e| format!("value of {key:?} {e}"))?;
+        }
+        Ok(Self(map))
+    }
+}
+
+fn valid_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some('a'..='z'))
+        && key.len() <= 64
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '.' | '-'))
+}
+
+/// first_name and last_name: at most 150 characters, no control characters.
+pub fn person_name(raw: &str) -> Result<String, String> {
+    name(raw, 150)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_are_bounded_at_3_and_150() {
+        assert!(Username::parse("ab").is_err());
+        assert!(Username::parse("abc").is_ok());
+        assert!(Username::parse(&"a".repeat(150)).is_ok());
+        assert!(Username::parse(&"a".repeat(151)).is_err());
+    }
+
+    #[test]
+    fn usernames_are_nfkc_and_case_folded() {
+        let full = Username::parse("ａｌｉｃｅ").unwrap();
+        assert_eq!(full.as_str(), "alice");
+        assert_eq!(
+            Username::parse("Alice").unwrap().canonical(),
+            Username::parse("alice").unwrap().canonical()
+        );
+        assert_eq!(Username::parse("  bob  ").unwrap().as_str(), "bob");
+    }
+
+    #[test]
+    fn usernames_of_one_script_pass_and_mixed_ones_fail() {
+        assert!(Username::parse("алиса").is_ok());
+        assert!(Username::parse("j.doe+test@corp-1_x").is_ok());
+        assert!(Username::parse("山田たろう").is_ok());
+        // A Cyrillic "а" in a Latin name.
+        assert!(Username::parse("\u{430}lice").is_err());
+        assert!(Username::parse("alice bob").is_err());
+        assert!(Username::parse("al\u{200b}ice").is_err());
+        assert!(Username::parse("ali\0ce").is_err());
+        assert!(Username::parse("alice!").is_err());
+    }
+
+    #[test]
+    fn emails_need_one_at_and_a_dotted_domain() {
+        assert!(Email::parse("a@example.com").is_ok());
+        assert_eq!(
+            Email::parse(" A@Example.COM ").unwrap().as_str(),
+            "A@Example.COM"
+        );
+        assert_eq!(
+            Email::parse("A@Example.COM").unwrap().canonical(),
+            Email::parse("a@example.com").unwrap().canonical()
+        );
+        for bad in [
+            "a.example.com",
+            "a@b@c.com",
+            "@example.com",
+            "a@localhost",
+            "a@.com",
+            "a@example.",
+            "a b@example.com",
+            "a\0@example.com",
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad}");
+        }
+        let local = "x".repeat(64);
+        assert!(Email::parse(&format!("{local}@example.com")).is_ok());
+        assert!(Email::parse(&format!("x{local}@example.com")).is_err());
+        let long = format!("a@{}.com", "d".repeat(250));
+        assert!(Email::parse(&long).is_err());
+    }
+
+    #[test]
+    fn passwords_are_bounded_and_kept_as_given() {
+        assert!(Password::parse(&"p".repeat(7), &[]).is_err());
+        assert!(Password::parse(&"p".repeat(8), &[]).is_ok());
+        assert!(Password::parse(&"p".repeat(256), &[]).is_ok());
+        assert!(Password::parse(&"p".repeat(257), &[]).is_err());
+        assert_eq!(
+            Password::parse(" spaced  ", &[]).unwrap().expose(),
+            " spaced  "
+        );
+        assert!(Password::parse("AliceSmith", &["alicesmith"]).is_err());
+        assert_eq!(
+            format!("{:?}", Password::parse("hunter2hunter2", &[]).unwrap()),
+            "Password(***)"
+        );
+    }
+
+    #[test]
+    fn attribute_keys_and_values_are_checked() {
+        let ok: BTreeMap<String, String> = [("team.name".to_owned(), "core".to_owned())].into();
+        assert!(Attributes::parse(&ok).is_ok());
+        for key in ["Team", "1team", "", "team name"] {
+            let m: BTreeMap<String, String> = [(key.to_owned(), "v".to_owned())].into();
+            assert!(Attributes::parse(&m).is_err(), "{key}");
+        }
+        let long: BTreeMap<String, String> = [("k".to_owned(), "v".repeat(1025))].into();
+        assert!(Attributes::parse(&long).is_err());
+        let many: BTreeMap<String, String> =
+            (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(Attributes::parse(&many).is_err());
+    }
+}

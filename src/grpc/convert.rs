@@ -1,0 +1,89 @@
+//! Conversions between generated messages and rows, and field parsing shared
+//! by the services.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::db::users::UserRow;
+use crate::error::Error;
+use crate::proto::identity::v1 as pb;
+
+/// A required UUID field, in its canonical hyphenated form (any case).
+pub fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "is required"));
+    }
+    if value.len() != 36 {
+        return Err(Error::invalid(
+            field,
+            "must be a UUID such as 0192f3a4-5b6c-7d8e-9f00-112233445566",
+        ));
+    }
+    Uuid::try_parse(value).map_err(|_| {
+        Error::invalid(
+            field,
+            "must be a UUID such as 0192f3a4-5b6c-7d8e-9f00-112233445566",
+        )
+    })
+}
+
+/// An optional UUID field: empty means absent.
+pub fn parse_optional_id(field: &str, value: &str) -> Result<Option<Uuid>, Error> {
+    if value.is_empty() {
+        Ok(None)
+    } else {
+        parse_id(field, value).map(Some)
+    }
+}
+
+/// A protobuf timestamp.
+pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+impl From<UserRow> for pb::User {
+    fn from(row: UserRow) -> Self {
+        let attributes = match row.attributes {
+            serde_json::Value::Object(map) => map
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    serde_json::Value::String(s) => Some((k, s)),
+                    _ => None,
+                })
+                .collect(),
+            _ => Default::default(),
+        };
+        pb::User {
+            id: row.id.to_string(),
+            username: row.username,
+            email: row.email,
+            first_name: row.first_name,
+            last_name: row.last_name,
+            is_superuser: row.is_superuser,
+            is_active: row.is_active,
+            is_verified: row.is_verified,
+            create_time: Some(timestamp(row.create_time)),
+            update_time: Some(timestamp(row.update_time)),
+            attributes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_hyphenated_uuids() {
+        let id = Uuid::now_v7();
+        assert_eq!(parse_id("id", &id.to_string()).unwrap(), id);
+        assert_eq!(parse_id("id", &id.to_string().to_uppercase()).unwrap(), id);
+        assert!(parse_id("id", &id.simple().to_string()).is_err());
+        assert!(parse_id("id", "").is_err());
+        assert!(parse_id("id", "not-a-uuid-not-a-uuid-not-a-uuid-xx").is_err());
+        assert_eq!(parse_optional_id("group_id", "").unwrap(), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! Password hashing with argon2id, off the async workers and bounded.
+//!
+//! A hash costs tens of milliseconds of CPU and ~19 MiB of memory, so it runs
+//! on the blocking pool, at most `HASH_CONCURRENCY` at once. Callers beyond
+//! that wait in a queue of at most `HASH_QUEUE`; past it they are refused at
+//! once with RESOURCE_EXHAUSTED, so that a flood of logins cannot pile up
+//! memory or starve the calls that need no hashing.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+use std::time::Duration;
+
+use argon2::{
+    Algorithm, Argon2, Params, Version,
+    password_hash::{
+        PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString, rand_core::OsRng,
+    },
+};
+use tokio::sync::Semaphore;
+
+use crate::domain::Password;
+use crate::error::Error;
+
+/// The argon2id cost parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashParams {
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    /// Passes over memory.
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+impl HashParams {
+    /// OWASP's recommendation for argon2id: 19 MiB, 2 passes, 1 lane.
+    pub const OWASP: Self = Self {
+        memory_kib: 19_456,
+        iterations: 2,
+        parallelism: 1,
+    };
+}
+
+/// Hashes and verifies passwords with bounded concurrency.
+#[derive(Debug, Clone)]
+pub struct Hasher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    argon2: Argon2<'static>,
+    slots: Semaphore,
+    waiting: AtomicUsize,
+    queue_limit: usize,
+    /// A real hash of a random password, verified when a login names nobody,
+    /// so that an unknown login costs what a wrong password costs.
+    dummy_hash: String,
+}
+
+impl Hasher {
+    /// A hasher with `concurrency` slots and a queue of `queue_limit`.
+    pub fn new(params: HashParams, concurrency: usize, queue_limit: usize) -> Result<Self, Error> {
+        let params = Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            None,
+        )
+        .map_err(|e| Error::internal(format!("argon2 parameters: {e}")))?;
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let salt = SaltString::generate(&mut OsRng);
+        let dummy_hash = argon2
+            .hash_password(SaltString::generate(&mut OsRng).as_str().as_bytes(), &salt)
+            .map_err(|e| Error::internal(format!("argon2: {e}")))?
+            .to_string();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                argon2,
+                slots: Semaphore::new(concurrency.max(1)),
+                waiting: AtomicUsize::new(0),
+                queue_limit,
+                dummy_hash,
+            }),
+        })
+    }
+
+    /// The PHC string of a fresh argon2id hash of `password`.
+    pub async fn hash(&self, password: &Password) -> Result<String, Error> {
+        let password = password.expose().to_owned();
+        self.run(move |inner| {
+            let salt = SaltString::generate(&mut OsRng);
+            inner
+                .argon2
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| Error::internal(format!("argon2: {e}")))
+        })
+        .await
+    }
+
+    /// Whether `password` matches the PHC string `hash`. With `None` (no such
+    /// user) it verifies against a dummy hash and answers false, at the same
+    /// cost.
+    pub async fn verify(&self, password: &str, hash: Option<&str>) -> Result<bool, Error> {
+        let password = password.to_owned();
+        let hash = hash.map(str::to_owned);
+        self.run(move |inner| {
+            let known = hash.is_some();
+            let phc = hash.as_deref().unwrap_or(&inner.dummy_hash);
+            let parsed =
+                PasswordHash::new(phc).map_err(|e| Error::internal(format!("stored hash: {e}")))?;
+            let ok = inner
+                .argon2
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok();
+            Ok(ok && known)
+        })
+        .await
+    }
+
+    /// How many callers wait for a slot now.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.waiting.load(Ordering::Relaxed)
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, Error> + Send + 'static,
+    {
+        let inner = &self.inner;
+        if inner.waiting.fetch_add(1, Ordering::AcqRel) >= inner.queue_limit {
+            inner.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::Throttled {
+                message: "password hashing capacity exhausted",
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let permit = inner.slots.acquire().await;
+        inner.waiting.fetch_sub(1, Ordering::AcqRel);
+        let _permit = permit.map_err(Error::internal)?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(Error::internal)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHEAP: HashParams = HashParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+
+    #[tokio::test]
+    async fn a_hash_verifies_its_password_only() {
+        let hasher = Hasher::new(CHEAP, 2, 8).unwrap();
+        let pw = Password::parse("correct horse", &[]).unwrap();
+        let hash = hasher.hash(&pw).await.unwrap();
+        assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"));
+        assert!(hasher.verify("correct horse", Some(&hash)).await.unwrap());
+        assert!(!hasher.verify("wrong horse", Some(&hash)).await.unwrap());
+        assert!(!hasher.verify("correct horse", None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_with_resource_exhausted() {
+        let hasher = Hasher::new(CHEAP, 1, 0).unwrap();
+        let pw = Password::parse("correct horse", &[]).unwrap();
+        let err = hasher.hash(&pw).await.unwrap_err();
+        assert!(matches!(err, Error::Throttled { .. }));
+    }
+}

@@ -1,0 +1,26 @@
+//! identity: a gRPC identity service. Users, groups, logins and short-lived
+//! JWT access tokens, on PostgreSQL. `ARCHITECTURE.md` has the map; the
+//! modules, from the outside in:
+
+/// The `identity` command line: serve, migrate, createsuperuser.
+pub mod cli;
+/// Every setting, from the environment or flags, validated at start.
+pub mod config;
+/// All diesel code: pool, migrations, embedded cluster, schema, queries.
+pub mod db;
+/// Validated types and input rules; no tonic, no diesel.
+pub mod domain;
+/// The one error enum and its mapping to gRPC statuses.
+pub mod error;
+/// Transport: the gRPC services, decoding and encoding only.
+pub mod grpc;
+/// argon2id hashing off the async workers, with bounded concurrency.
+pub mod hashing;
+/// Code generated from `proto/`, and its descriptor set.
+pub mod proto;
+/// Use cases; they own transactions.
+pub mod service;
+/// Start-up, serving and shutdown.
+pub mod startup;
+/// Log output.
+pub mod telemetry;

@@ -1,0 +1,6 @@
+//! Use cases. Each takes validated domain values, decides, and owns its
+//! transaction; the `db` functions it calls only query.
+
+pub mod users;
+
+pub use users::UserService;

@@ -1,0 +1,214 @@
+//! The UserService use cases.
+
+use diesel_async::AsyncConnection;
+use uuid::Uuid;
+
+use crate::db::{
+    self, Pool,
+    users::{NewUserRow, UserChangesRow, UserFilter, UserRow},
+};
+use crate::domain::{Attributes, Email, PageRequest, Password, Username, text};
+use crate::error::Error;
+use crate::hashing::Hasher;
+
+/// A user to create, every field validated.
+#[derive(Debug)]
+pub struct NewUser {
+    pub username: Username,
+    pub email: Email,
+    pub password: Password,
+    pub first_name: String,
+    pub last_name: String,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub attributes: Attributes,
+}
+
+/// How GetUser finds a user.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// By id.
+    Id(Uuid),
+    /// By the canonical form of a username.
+    Username(String),
+    /// By the canonical form of an email.
+    Email(String),
+}
+
+/// The fields UpdateUser changes: `Some` for each path of the mask.
+#[derive(Debug, Default)]
+pub struct UserUpdate {
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub is_active: Option<bool>,
+    pub is_superuser: Option<bool>,
+    pub is_verified: Option<bool>,
+    pub attributes: Option<Attributes>,
+}
+
+/// One page of ListUsers.
+#[derive(Debug)]
+pub struct UserPage {
+    pub users: Vec<UserRow>,
+    /// The last user of a full page, from which the next page starts.
+    pub last: Option<Uuid>,
+    pub total: i64,
+}
+
+/// Users: creation, lookup, listing, changes, deletion and passwords.
+#[derive(Debug, Clone)]
+pub struct UserService {
+    pool: Pool,
+    hasher: Hasher,
+}
+
+impl UserService {
+    /// The service over `pool`, hashing with `hasher`.
+    pub fn new(pool: Pool, hasher: Hasher) -> Self {
+        Self { pool, hasher }
+    }
+
+    /// Creates a user. The hash is computed before a connection is taken, so
+    /// a slow hash never holds one.
+    #[tracing::instrument(skip_all, fields(username = %new.username.as_str()))]
+    pub async fn create(&self, new: NewUser) -> Result<UserRow, Error> {
+        let hash = self.hasher.hash(&new.password).await?;
+        let attributes = attributes_json(&new.attributes);
+        let search = text::search_text(&[
+            new.username.as_str(),
+            new.email.as_str(),
+            &new.first_name,
+            &new.last_name,
+        ]);
+        let row = NewUserRow {
+            id: Uuid::now_v7(),
+            username: new.username.as_str(),
+            username_canonical: new.username.canonical(),
+            email: new.email.as_str(),
+            email_canonical: new.email.canonical(),
+            password_hash: &hash,
+            first_name: &new.first_name,
+            last_name: &new.last_name,
+            is_superuser: new.is_superuser,
+            is_active: new.is_active,
+            is_verified: new.is_verified,
+            attributes,
+            search: &search,
+        };
+        let mut conn = db::conn(&self.pool).await?;
+        let user = db::users::insert(&mut conn, &row).await?;
+        tracing::info!(user_id = %user.id, "user created");
+        Ok(user)
+    }
+
+    /// The user found by `lookup`; NOT_FOUND when there is none.
+    pub async fn get(&self, lookup: &Lookup) -> Result<UserRow, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        let found = match lookup {
+            Lookup::Id(id) => db::users::by_id(&mut conn, *id).await?,
+            Lookup::Username(canonical) => db::users::by_username(&mut conn, canonical).await?,
+            Lookup::Email(canonical) => db::users::by_email(&mut conn, canonical).await?,
+        };
+        found.ok_or(Error::NotFound("user"))
+    }
+
+    /// One page of the users matching `filter`. A `group_id` naming no group
+    /// is NOT_FOUND rather than an empty list, so a typo is not mistaken for
+    /// an empty group.
+    pub async fn list(&self, filter: &UserFilter, page: PageRequest) -> Result<UserPage, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        if let Some(group) = filter.group_id {
+            if !db::users::group_exists(&mut conn, group).await? {
+                return Err(Error::NotFound("group"));
+            }
+        }
+        let (users, total) = db::users::list(&mut conn, filter, page).await?;
+        let last = (users.len() as i64 == page.size)
+            .then(|| users.last().map(|u| u.id))
+            .flatten();
+        Ok(UserPage { users, last, total })
+    }
+
+    /// Applies `update` to the user `id`: a read-modify-write under a row
+    /// lock, so concurrent updates of other fields are not lost.
+    #[tracing::instrument(skip(self, update))]
+    pub async fn update(&self, id: Uuid, update: UserUpdate) -> Result<UserRow, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        let user = conn
+            .transaction(async |conn| {
+                let Some(current) = db::users::by_id_for_update(conn, id).await? else {
+                    return Err(Error::NotFound("user"));
+                };
+                let first_name = update.first_name.unwrap_or(current.first_name);
+                let last_name = update.last_name.unwrap_or(current.last_name);
+                let changes = UserChangesRow {
+                    search: text::search_text(&[
+                        &current.username,
+                        &current.email,
+                        &first_name,
+                        &last_name,
+                    ]),
+                    first_name,
+                    last_name,
+                    is_superuser: update.is_superuser.unwrap_or(current.is_superuser),
+                    is_active: update.is_active.unwrap_or(current.is_active),
+                    is_verified: update.is_verified.unwrap_or(current.is_verified),
+                    attributes: update
+                        .attributes
+                        .as_ref()
+                        .map_or(current.attributes, attributes_json),
+                    update_time: chrono::Utc::now(),
+                };
+                db::users::update(conn, id, &changes)
+                    .await?
+                    .ok_or(Error::NotFound("user"))
+            })
+            .await?;
+        tracing::info!(user_id = %id, "user updated");
+        Ok(user)
+    }
+
+    /// Deletes a user with its memberships and sessions (one statement: the
+    /// foreign keys cascade).
+    #[tracing::instrument(skip(self))]
+    pub async fn delete(&self, id: Uuid) -> Result<(), Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        if !db::users::delete(&mut conn, id).await? {
+            return Err(Error::NotFound("user"));
+        }
+        tracing::info!(user_id = %id, "user deleted");
+        Ok(())
+    }
+
+    /// Replaces a user's password. The new one must not be the user's
+    /// username or email, which needs the user: so NOT_FOUND comes first.
+    #[tracing::instrument(skip(self, new_password))]
+    pub async fn set_password(&self, id: Uuid, new_password: &str) -> Result<(), Error> {
+        let (username, email) = {
+            let mut conn = db::conn(&self.pool).await?;
+            db::users::canonical_names(&mut conn, id)
+                .await?
+                .ok_or(Error::NotFound("user"))?
+        };
+        let password = Password::parse(new_password, &[&username, &email])
+            .map_err(|e| Error::invalid("new_password", e))?;
+        let hash = self.hasher.hash(&password).await?;
+        let mut conn = db::conn(&self.pool).await?;
+        if !db::users::set_password_hash(&mut conn, id, &hash).await? {
+            return Err(Error::NotFound("user"));
+        }
+        tracing::info!(user_id = %id, "password set");
+        Ok(())
+    }
+}
+
+fn attributes_json(attributes: &Attributes) -> serde_json::Value {
+    serde_json::Value::Object(
+        attributes
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}

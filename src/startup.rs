@@ -1,0 +1,268 @@
+//! Start-up and shutdown: [`Application::build`] prepares the database and
+//! binds the listener; [`Application::run_until_stopped`] serves until the
+//! shutdown future resolves, lets in-flight calls finish, then stops the
+//! embedded cluster. Binding before serving is what lets a test use port 0
+//! and connect at once, without sleeping.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::config::Config;
+use crate::db::{
+    self, Pool,
+    embedded::{Durability, EmbeddedError, EmbeddedPostgres},
+};
+use crate::error::Error;
+use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc};
+use crate::hashing::{HashParams, Hasher};
+use crate::proto::{self, identity::v1 as pb};
+use crate::service::UserService;
+
+/// The database of the embedded cluster.
+const EMBEDDED_DATABASE: &str = "identity";
+/// How often the health service looks at the database.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why the service could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The embedded cluster failed.
+    #[error("embedded PostgreSQL: {0}")]
+    Embedded(#[from] EmbeddedError),
+    /// The database could not be prepared.
+    #[error("database: {0}")]
+    Database(#[source] Error),
+    /// The listener could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    /// The server failed.
+    #[error("server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Something else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Where the data is: a URL given, or the embedded cluster this process owns.
+#[derive(Debug)]
+pub struct Database {
+    /// The connection URL.
+    pub url: String,
+    /// The embedded cluster, when this process started it.
+    pub embedded: Option<EmbeddedPostgres>,
+}
+
+impl Database {
+    /// `DATABASE_URL`, or the embedded cluster under `DATA_DIR` (started, and
+    /// its `identity` database created, when needed).
+    pub async fn open(config: &Config) -> Result<Self, StartupError> {
+        if let Some(url) = &config.database_url {
+            return Ok(Self {
+                url: url.clone(),
+                embedded: None,
+            });
+        }
+        let data_dir = config.data_dir.clone();
+        let bin_dir = config.pg_bin_dir.clone();
+        let pg = tokio::task::spawn_blocking(move || {
+            EmbeddedPostgres::start(&data_dir, bin_dir.as_deref(), Durability::Full)
+        })
+        .await
+        .map_err(|e| StartupError::Other(e.to_string()))??;
+        create_database(&pg.url("postgres"), EMBEDDED_DATABASE)
+            .await
+            .map_err(StartupError::Database)?;
+        Ok(Self {
+            url: pg.url(EMBEDDED_DATABASE),
+            embedded: Some(pg),
+        })
+    }
+
+    /// Stops the embedded cluster, if this process owns one.
+    pub async fn close(self) -> Result<(), StartupError> {
+        if let Some(mut pg) = self.embedded {
+            tokio::task::spawn_blocking(move || pg.stop())
+                .await
+                .map_err(|e| StartupError::Other(e.to_string()))??;
+        }
+        Ok(())
+    }
+}
+
+/// Creates `name` through the admin URL unless it exists.
+pub async fn create_database(admin_url: &str, name: &str) -> Result<(), Error> {
+    use diesel::{ExpressionMethods, QueryDsl};
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+
+    diesel::table! { pg_database (datname) { datname -> Text, } }
+    let mut conn = AsyncPgConnection::establish(admin_url)
+        .await
+        .map_err(|e| Error::Unavailable(Box::new(e)))?;
+    let exists: i64 = pg_database::table
+        .filter(pg_database::datname.eq(name))
+        .count()
+        .get_result(&mut conn)
+        .await?;
+    if exists == 0 {
+        conn.batch_execute(&format!(
+            "CREATE DATABASE \"{}\"",
+            name.replace('"', "\"\"")
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// The service, built and bound, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    pool: Pool,
+    database: Database,
+    users: UserService,
+}
+
+impl Application {
+    /// Opens the database, applies pending migrations, builds the services
+    /// and binds `LISTEN_ADDR`.
+    pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        let database = Database::open(config).await?;
+        let applied = db::migrations::run_pending(&database.url)
+            .await
+            .map_err(StartupError::Database)?;
+        if !applied.is_empty() {
+            tracing::info!(migrations = ?applied, "applied migrations");
+        }
+        let pool = db::pool(&database.url, config.pool_size());
+        let hasher = Hasher::new(
+            HashParams {
+                memory_kib: config.argon2_memory_kib,
+                iterations: config.argon2_iterations,
+                parallelism: config.argon2_parallelism,
+            },
+            config.hash_concurrency(),
+            config.hash_queue,
+        )
+        .map_err(StartupError::Database)?;
+        let users = UserService::new(pool.clone(), hasher);
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|e| StartupError::Bind(config.listen_addr, e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| StartupError::Bind(config.listen_addr, e))?;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            listen_addr = %local_addr,
+            workers = config.worker_threads(),
+            db_pool_size = config.pool_size(),
+            database = if database.embedded.is_some() { "embedded" } else { "external" },
+            "identity ready"
+        );
+        Ok(Self {
+            listener,
+            local_addr,
+            pool,
+            database,
+            users,
+        })
+    }
+
+    /// The address the listener is bound to (the real port when given 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` resolves; in-flight calls then finish, and
+    /// the embedded cluster (if any) is stopped.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartupError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartupError::Other(e.to_string()))?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| StartupError::Other(e.to_string()))?;
+
+        let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+        let watcher = tokio::spawn(watch_database(self.pool.clone(), reporter, health_stopped));
+
+        let result = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(pb::user_service_server::UserServiceServer::new(
+                UsersGrpc::new(self.users),
+            ))
+            .add_service(pb::group_service_server::GroupServiceServer::new(
+                GroupsGrpc,
+            ))
+            .add_service(pb::auth_service_server::AuthServiceServer::new(AuthGrpc))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .await;
+        tracing::info!("stopped serving; in-flight calls finished");
+
+        let _ = stop_health.send(true);
+        let _ = watcher.await;
+        drop(self.pool);
+        self.database.close().await?;
+        result?;
+        Ok(())
+    }
+}
+
+/// The names the health service answers for, beside "" (the whole server).
+fn service_names() -> [&'static str; 3] {
+    [
+        <pb::user_service_server::UserServiceServer<UsersGrpc> as NamedService>::NAME,
+        <pb::group_service_server::GroupServiceServer<GroupsGrpc> as NamedService>::NAME,
+        <pb::auth_service_server::AuthServiceServer<AuthGrpc> as NamedService>::NAME,
+    ]
+}
+
+/// Keeps the health status in step with the database: NOT_SERVING while it
+/// cannot be reached, SERVING again when it returns, without a restart.
+async fn watch_database(
+    pool: Pool,
+    reporter: HealthReporter,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = None;
+    loop {
+        let status = match db::ping(&pool).await {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(error = %e, "database unreachable: health is NOT_SERVING");
+                }
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            if last.is_some() && status == ServingStatus::Serving {
+                tracing::info!("database reachable again: health is SERVING");
+            }
+            reporter.set_service_status("", status).await;
+            for name in service_names() {
+                reporter.set_service_status(name, status).await;
+            }
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = stopped.changed() => return,
+        }
+    }
+}

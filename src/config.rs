@@ -175,6 +175,24 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// Parses settings from flags (and the environment for those not given),
+    /// as `identity serve` would: for tests and embedding.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        use clap::Parser;
+        let args = std::iter::once(std::ffi::OsString::from("identity"))
+            .chain(args.into_iter().map(Into::into));
+        Only::try_parse_from(args).map(|o| o.config)
+    }
+
     /// Runtime worker threads: `WEB_CONCURRENCY` or the number of cores.
     pub fn worker_threads(&self) -> usize {
         self.web_concurrency
@@ -231,17 +249,9 @@ fn non_empty(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        config: Config,
-    }
 
     fn parse(args: &[&str]) -> Result<Config, clap::Error> {
-        Cli::try_parse_from(std::iter::once("identity").chain(args.iter().copied()))
-            .map(|c| c.config)
+        Config::from_args(args)
     }
 
     #[test]

@@ -195,8 +195,16 @@ impl Application {
             .build_v1alpha()
             .map_err(|e| StartupError::Other(e.to_string()))?;
 
+        // The first look at the database happens before serving, so that
+        // every service name is registered by the first health call.
+        let first = report_database(&self.pool, &reporter, None).await;
         let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
-        let watcher = tokio::spawn(watch_database(self.pool.clone(), reporter, health_stopped));
+        let watcher = tokio::spawn(watch_database(
+            self.pool.clone(),
+            reporter,
+            first,
+            health_stopped,
+        ));
 
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
@@ -237,32 +245,41 @@ fn service_names() -> [&'static str; 3] {
 async fn watch_database(
     pool: Pool,
     reporter: HealthReporter,
+    mut last: ServingStatus,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut last = None;
     loop {
-        let status = match db::ping(&pool).await {
-            Ok(()) => ServingStatus::Serving,
-            Err(e) => {
-                if last != Some(ServingStatus::NotServing) {
-                    tracing::warn!(error = %e, "database unreachable: health is NOT_SERVING");
-                }
-                ServingStatus::NotServing
-            }
-        };
-        if last != Some(status) {
-            if last.is_some() && status == ServingStatus::Serving {
-                tracing::info!("database reachable again: health is SERVING");
-            }
-            reporter.set_service_status("", status).await;
-            for name in service_names() {
-                reporter.set_service_status(name, status).await;
-            }
-            last = Some(status);
-        }
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = stopped.changed() => return,
         }
+        last = report_database(&pool, &reporter, Some(last)).await;
     }
+}
+
+/// Pings the database and publishes the result when it changed from `last`.
+async fn report_database(
+    pool: &Pool,
+    reporter: &HealthReporter,
+    last: Option<ServingStatus>,
+) -> ServingStatus {
+    let status = match db::ping(pool).await {
+        Ok(()) => ServingStatus::Serving,
+        Err(e) => {
+            if last != Some(ServingStatus::NotServing) {
+                tracing::warn!(error = %e, "database unreachable: health is NOT_SERVING");
+            }
+            ServingStatus::NotServing
+        }
+    };
+    if last != Some(status) {
+        if last.is_some() && status == ServingStatus::Serving {
+            tracing::info!("database reachable again: health is SERVING");
+        }
+        reporter.set_service_status("", status).await;
+        for name in service_names() {
+            reporter.set_service_status(name, status).await;
+        }
+    }
+    status
 }

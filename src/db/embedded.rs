@@ -149,10 +149,7 @@ impl EmbeddedPostgres {
 
     /// A connection URL for `database` over the cluster's socket.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}@/{database}?host={}",
-            percent_encode(&self.socket_dir.to_string_lossy())
-        )
+        socket_url(&self.socket_dir, database)
     }
 
     /// The cluster's data folder (`DATA_DIR/pg`).
@@ -343,10 +340,10 @@ fn has_server_binaries(dir: &Path) -> bool {
 /// Looks on PATH, then in Debian's and the source build's usual folders,
 /// newest major version first.
 fn find_binaries() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|d| has_server_binaries(d)) {
-            return Some(dir);
-        }
+    if let Some(dir) = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).find(|d| has_server_binaries(d)))
+    {
+        return Some(dir);
     }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -390,6 +387,23 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The URL of `database` on a cluster that another process runs under
+/// `data_dir`, when its socket is there.
+pub fn running_cluster_url(data_dir: &Path, database: &str) -> Option<String> {
+    let socket_dir = fs::canonicalize(data_dir).ok()?.join("run");
+    socket_dir
+        .join(SOCKET_FILE)
+        .exists()
+        .then(|| socket_url(&socket_dir, database))
+}
+
+fn socket_url(socket_dir: &Path, database: &str) -> String {
+    format!(
+        "postgres://{SUPERUSER}@/{database}?host={}",
+        percent_encode(&socket_dir.to_string_lossy())
+    )
+}
+
 /// Percent-encodes a socket folder for the `host` parameter of a URL.
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -412,16 +426,4 @@ mod tests {
         assert_eq!(percent_encode("/tmp/a b/run"), "/tmp/a%20b/run");
         assert_eq!(percent_encode("/srv/id&x"), "/srv/id%26x");
     }
-}
-
-/// The URL of `database` on a cluster that another process runs under
-/// `data_dir`, when its socket is there.
-pub fn running_cluster_url(data_dir: &Path, database: &str) -> Option<String> {
-    let socket_dir = fs::canonicalize(data_dir).ok()?.join("run");
-    socket_dir.join(SOCKET_FILE).exists().then(|| {
-        format!(
-            "postgres://{SUPERUSER}@/{database}?host={}",
-            percent_encode(&socket_dir.to_string_lossy())
-        )
-    })
 }

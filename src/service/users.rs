@@ -118,10 +118,10 @@ impl UserService {
     /// an empty group.
     pub async fn list(&self, filter: &UserFilter, page: PageRequest) -> Result<UserPage, Error> {
         let mut conn = db::conn(&self.pool).await?;
-        if let Some(group) = filter.group_id {
-            if !db::users::group_exists(&mut conn, group).await? {
-                return Err(Error::NotFound("group"));
-            }
+        if let Some(group) = filter.group_id
+            && !db::users::group_exists(&mut conn, group).await?
+        {
+            return Err(Error::NotFound("group"));
         }
         let (users, total) = db::users::list(&mut conn, filter, page).await?;
         let last = (users.len() as i64 == page.size)

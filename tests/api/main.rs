@@ -1,1 +1,12 @@
-fn main() {}
+//! End-to-end tests: the real server on 127.0.0.1:0, a fresh PostgreSQL
+//! database per test (cloned from a migrated template on one embedded test
+//! cluster), called through the generated clients. Logs show only when
+//! `TEST_LOG` is set.
+
+mod helpers;
+
+mod cli;
+mod lifecycle;
+mod migrations;
+mod server;
+mod users;

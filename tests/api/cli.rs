@@ -1,0 +1,160 @@
+//! The `identity` command line: settings refused at start, migrate, and
+//! createsuperuser.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use crate::helpers::{TestDb, spawn_app_on};
+use identity::proto::identity::v1 as pb;
+
+fn identity(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_identity"));
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("IDENTITY_PASSWORD")
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("ARGON2_MEMORY_KIB", "4096")
+        .env("ARGON2_ITERATIONS", "1")
+        .env("DATA_DIR", "/nonexistent/never-used")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_bad_setting_stops_serve_with_one_line_naming_it_and_exit_2() {
+    for (var, value) in [
+        ("ACCESS_TOKEN_TTL", "abc"),
+        ("REFRESH_TOKEN_TTL", "-5m"),
+        ("JWT_ALGORITHM", "HS256"),
+        ("LISTEN_ADDR", "not-an-address"),
+        ("DB_POOL_SIZE", "0"),
+        ("WEB_CONCURRENCY", "zero"),
+        ("ALLOW_REGISTRATION", "perhaps"),
+        ("LOG_FORMAT", "xml"),
+    ] {
+        let out = identity(&["serve"], &[(var, value)], None);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{var}: {stderr}");
+        assert!(stderr.contains(var), "{var}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_status_lists_the_applied_migrations() {
+    let db = TestDb::migrated().await;
+    let out = identity(&["migrate", "--status"], &[("DATABASE_URL", &db.url)], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().count() >= 1);
+    assert!(stdout.lines().all(|l| l.starts_with("[X] ")), "{stdout}");
+
+    let out = identity(&["migrate"], &[("DATABASE_URL", &db.url)], None);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no pending migrations"));
+}
+
+#[tokio::test]
+async fn createsuperuser_reads_the_password_from_env_or_stdin() {
+    let db = TestDb::migrated().await;
+    let url = db.url.clone();
+    let out = identity(
+        &[
+            "createsuperuser",
+            "--username",
+            "root.admin",
+            "--email",
+            "root@example.com",
+        ],
+        &[
+            ("DATABASE_URL", &url),
+            ("IDENTITY_PASSWORD", "a long admin secret"),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = identity(
+        &[
+            "createsuperuser",
+            "--username",
+            "second.admin",
+            "--email",
+            "second@example.com",
+        ],
+        &[("DATABASE_URL", &url)],
+        Some("another long secret\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Taken: a clear error, non-zero.
+    let out = identity(
+        &[
+            "createsuperuser",
+            "--username",
+            "ROOT.ADMIN",
+            "--email",
+            "third@example.com",
+        ],
+        &[
+            ("DATABASE_URL", &url),
+            ("IDENTITY_PASSWORD", "a long admin secret"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("username is already taken"));
+
+    // A short password is refused before anything is written.
+    let out = identity(
+        &[
+            "createsuperuser",
+            "--username",
+            "shorty",
+            "--email",
+            "shorty@example.com",
+        ],
+        &[("DATABASE_URL", &url), ("IDENTITY_PASSWORD", "short")],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+
+    let app = spawn_app_on(db, |_| {}).await;
+    let list = app
+        .users
+        .clone()
+        .list_users(pb::ListUsersRequest {
+            is_superuser: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names: Vec<_> = list.users.iter().map(|u| u.username.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["root.admin", "second.admin"]);
+    assert!(list.users.iter().all(|u| u.is_active && u.is_verified));
+}

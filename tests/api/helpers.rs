@@ -1,0 +1,328 @@
+//! The harness: one embedded PostgreSQL cluster for the whole test binary, a
+//! migrated template database, and per test its own database and server.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Mutex, OnceLock},
+};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use identity::{
+    config::Config,
+    db::embedded::{Durability, EmbeddedPostgres},
+    proto::identity::v1 as pb,
+    startup::Application,
+};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+pub use pb::{
+    auth_service_client::AuthServiceClient, group_service_client::GroupServiceClient,
+    user_service_client::UserServiceClient,
+};
+
+const TEMPLATE: &str = "identity_template";
+
+/// The shared test cluster.
+struct Cluster {
+    admin_url: String,
+    template_url: String,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static EMBEDDED: Mutex<Option<EmbeddedPostgres>> = Mutex::new(None);
+
+/// Stops the test cluster when the test binary exits (libtest ends with
+/// `process::exit`, which runs `atexit` handlers).
+extern "C" fn stop_cluster() {
+    if let Some(mut pg) = EMBEDDED.lock().ok().and_then(|mut guard| guard.take()) {
+        let _ = pg.stop();
+    }
+}
+
+/// A short folder in the temp dir (Unix socket paths are limited), one per
+/// checkout so that two checkouts may test at once.
+fn cluster_dir() -> PathBuf {
+    let checkout = env!("CARGO_MANIFEST_DIR");
+    let tag = &format!("{:x}", sha_of(checkout))[..12];
+    std::env::temp_dir().join(format!("identity-test-{tag}"))
+}
+
+fn sha_of(s: &str) -> u64 {
+    // FNV-1a: a stable, dependency-free tag for a path.
+    s.bytes().fold(0xcbf29ce484222325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        // A thread of its own: this may run inside a test's runtime, and the
+        // set-up needs a runtime of its own.
+        std::thread::spawn(|| {
+            init_logs();
+            let pg = EmbeddedPostgres::start(&cluster_dir(), None, Durability::Throwaway)
+                .expect("start the test cluster");
+            let admin_url = pg.url("postgres");
+            let template_url = pg.url(TEMPLATE);
+            *EMBEDDED.lock().unwrap() = Some(pg);
+            unsafe { libc::atexit(stop_cluster) };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut admin = AsyncPgConnection::establish(&admin_url).await.unwrap();
+                drop_leftovers(&mut admin).await;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"))
+                    .await
+                    .unwrap();
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {TEMPLATE}"))
+                    .await
+                    .unwrap();
+                identity::db::migrations::run_pending(&template_url)
+                    .await
+                    .expect("migrate the template");
+            });
+            Cluster {
+                admin_url,
+                template_url,
+            }
+        })
+        .join()
+        .expect("cluster set-up")
+    })
+}
+
+/// Drops the databases of earlier runs that died before their clean-up.
+async fn drop_leftovers(admin: &mut AsyncPgConnection) {
+    use diesel::{QueryDsl, TextExpressionMethods};
+    use diesel_async::RunQueryDsl;
+    diesel::table! { pg_database (datname) { datname -> Text, } }
+    let names: Vec<String> = pg_database::table
+        .filter(pg_database::datname.like("test\\_%"))
+        .select(pg_database::datname)
+        .load(admin)
+        .await
+        .unwrap();
+    for name in names {
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+}
+
+fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        identity::telemetry::init(identity::config::LogFormat::Text);
+    }
+}
+
+/// A database of one test, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A copy of the migrated template.
+    pub async fn migrated() -> Self {
+        Self::create(Some(TEMPLATE)).await
+    }
+
+    /// An empty database, with no schema.
+    pub async fn empty() -> Self {
+        Self::create(None).await
+    }
+
+    async fn create(template: Option<&str>) -> Self {
+        let cluster = cluster();
+        let name = format!("test_{}", Uuid::now_v7().simple());
+        let mut admin = AsyncPgConnection::establish(&cluster.admin_url)
+            .await
+            .unwrap();
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t} STRATEGY FILE_COPY"),
+            None => format!("CREATE DATABASE {name}"),
+        };
+        admin
+            .batch_execute(&sql)
+            .await
+            .expect("create the test database");
+        let url = cluster.template_url.replacen(TEMPLATE, &name, 1);
+        Self { name, url }
+    }
+
+    /// A connection to this database.
+    pub async fn connect(&self) -> AsyncPgConnection {
+        AsyncPgConnection::establish(&self.url).await.unwrap()
+    }
+
+    /// Runs SQL as the cluster's superuser on the admin database.
+    pub async fn admin(&self, sql: &str) {
+        let mut admin = AsyncPgConnection::establish(&cluster().admin_url)
+            .await
+            .unwrap();
+        admin.batch_execute(sql).await.unwrap();
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let admin_url = cluster().admin_url.clone();
+        // Drop runs inside the test's runtime; the async driver needs one of
+        // its own, on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut admin) = AsyncPgConnection::establish(&admin_url).await {
+                    let _ = admin.batch_execute(&sql).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The settings of a test server: port 0, cheaper argon2 (tests hash a lot;
+/// the production parameters are checked in unit tests).
+pub fn test_config(database_url: &str) -> Config {
+    Config::from_args([
+        "--database-url",
+        database_url,
+        "--listen-addr",
+        "127.0.0.1:0",
+        "--argon2-memory-kib",
+        "4096",
+        "--argon2-iterations",
+        "1",
+        "--db-pool-size",
+        "8",
+    ])
+    .expect("test config")
+}
+
+/// A running server on its own database.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    pub users: UserServiceClient<Channel>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    // Last, so that it is dropped after the server has stopped.
+    pub db: TestDb,
+}
+
+/// Starts a server on a fresh database and connects the clients.
+pub async fn spawn_app() -> TestApp {
+    let db = TestDb::migrated().await;
+    spawn_app_on(db, |_| {}).await
+}
+
+/// Starts a server on `db`, with settings adjusted by `tweak`.
+pub async fn spawn_app_on(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = test_config(&db.url);
+    tweak(&mut config);
+    let app = Application::build(&config).await.expect("build the app");
+    let addr = app.local_addr();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        app.run_until_stopped(async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("server run");
+    });
+    // The listener is bound already: connecting needs no wait.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the test server");
+    TestApp {
+        addr,
+        users: UserServiceClient::new(channel.clone()),
+        channel,
+        stop: Some(stop),
+        server: Some(server),
+        db,
+    }
+}
+
+impl TestApp {
+    /// Stops the server and waits until in-flight calls have finished.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task");
+        }
+    }
+
+    /// Creates a user with a password and returns it.
+    pub async fn create_user(&self, username: &str) -> pb::User {
+        self.users
+            .clone()
+            .create_user(TestUser::named(username).request())
+            .await
+            .expect("create user")
+            .into_inner()
+            .user
+            .expect("user in response")
+    }
+}
+
+/// A valid CreateUser request, to vary field by field.
+pub struct TestUser {
+    pub username: String,
+    pub email: String,
+    pub password: String,
+}
+
+impl TestUser {
+    /// A user with a unique-enough email derived from the username.
+    pub fn named(username: &str) -> Self {
+        let local: String = username
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { 'x' })
+            .take(40)
+            .collect();
+        Self {
+            username: username.to_owned(),
+            email: format!(
+                "{local}.{}@example.com",
+                &Uuid::now_v7().simple().to_string()[20..]
+            ),
+            password: "correct horse battery staple".to_owned(),
+        }
+    }
+
+    /// The CreateUser request of this user.
+    pub fn request(&self) -> pb::CreateUserRequest {
+        pb::CreateUserRequest {
+            username: self.username.clone(),
+            email: self.email.clone(),
+            password: self.password.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The fields named by a status's BadRequest details.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,197 @@
+//! The `identity serve` binary on its embedded cluster: first start, clean
+//! shutdown on SIGTERM, restart with data kept, recovery after kill -9 and
+//! from a stale postmaster.pid, and one process per DATA_DIR.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use tonic::transport::Channel;
+
+use crate::helpers::{TestUser, UserServiceClient};
+use identity::proto::identity::v1 as pb;
+
+/// A running `identity serve` and the address it reported when ready.
+struct Serve {
+    child: Child,
+    addr: SocketAddr,
+}
+
+fn command(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_identity"));
+    cmd.arg("serve")
+        .env_remove("DATABASE_URL")
+        .env("DATA_DIR", data_dir)
+        .env("LISTEN_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("ARGON2_MEMORY_KIB", "4096")
+        .env("ARGON2_ITERATIONS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+impl Serve {
+    /// Starts the binary and waits for its "ready" log line (an event, not a
+    /// sleep); its later output keeps being drained.
+    fn start(data_dir: &Path) -> Self {
+        let mut child = command(data_dir).spawn().expect("spawn identity");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("TEST_LOG").is_some() {
+                    eprintln!("[serve] {line}");
+                }
+                if !sent {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                        if v["fields"]["message"] == "identity ready" {
+                            let addr = v["fields"]["listen_addr"].as_str().unwrap().to_owned();
+                            let _ = tx.send(Ok(addr));
+                            sent = true;
+                        }
+                    } else if line.starts_with("identity:") {
+                        let _ = tx.send(Err(line));
+                        sent = true;
+                    }
+                }
+            }
+            if !sent {
+                let _ = tx.send(Err("exited before it was ready".into()));
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("a ready line within 2 minutes")
+            .expect("identity serve started");
+        Self {
+            child,
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    async fn users(&self) -> UserServiceClient<Channel> {
+        UserServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// SIGTERM, then the exit code.
+    fn terminate(mut self) -> i32 {
+        self.signal(Signal::SIGTERM);
+        let status = self.child.wait().unwrap();
+        status.code().unwrap_or(-1)
+    }
+}
+
+fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("pg/postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Whether a process runs (a zombie waiting for its parent does not count).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn find(serve: &Serve, username: &str) -> Option<pb::User> {
+    let req = pb::GetUserRequest {
+        lookup: Some(pb::get_user_request::Lookup::Username(username.into())),
+    };
+    serve
+        .users()
+        .await
+        .get_user(req)
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().user)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_cluster_survives_restarts_kills_and_stale_pid_files() {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "identity-lc-{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    )));
+    let data = dir.0.clone();
+
+    // First start: initdb, migrations, a user.
+    let serve = Serve::start(&data);
+    let created = serve
+        .users()
+        .await
+        .create_user(TestUser::named("survivor").request())
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let postmaster = postmaster_pid(&data).expect("a running cluster");
+    assert!(alive(postmaster));
+
+    // A second service on the same DATA_DIR is refused.
+    let second = command(&data).output().unwrap();
+    assert_ne!(second.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use"));
+
+    // SIGTERM: exit 0, no process and no postmaster.pid left behind.
+    assert_eq!(serve.terminate(), 0);
+    assert!(!alive(postmaster), "postmaster stopped");
+    assert!(!data.join("pg/postmaster.pid").exists());
+
+    // Restart: the data is still there.
+    let serve = Serve::start(&data);
+    assert_eq!(find(&serve, "survivor").await.unwrap().id, created.id);
+
+    // kill -9: the postmaster is orphaned; the next start deals with it.
+    let postmaster = postmaster_pid(&data).unwrap();
+    serve.signal(Signal::SIGKILL);
+    let mut serve = serve;
+    serve.child.wait().unwrap();
+    assert!(alive(postmaster), "an orphan is left by kill -9");
+    let serve = Serve::start(&data);
+    assert!(!alive(postmaster), "the orphan was stopped");
+    assert_eq!(find(&serve, "survivor").await.unwrap().id, created.id);
+    assert_eq!(serve.terminate(), 0);
+
+    // A stale postmaster.pid naming a dead process.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let dead_pid = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(
+        data.join("pg/postmaster.pid"),
+        format!("{dead_pid}\n{}\n", data.join("pg").display()),
+    )
+    .unwrap();
+    let serve = Serve::start(&data);
+    assert_eq!(find(&serve, "survivor").await.unwrap().id, created.id);
+    assert_eq!(serve.terminate(), 0);
+    assert!(!data.join("pg/postmaster.pid").exists());
+}

@@ -1,0 +1,166 @@
+//! The server around the services: health, reflection, the surface not built
+//! yet, and health following the database.
+
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+use crate::helpers::{AuthServiceClient, GroupServiceClient, spawn_app};
+use identity::proto::identity::v1 as pb;
+
+#[tokio::test]
+async fn health_is_serving_for_the_server_and_each_service() {
+    let app = spawn_app().await;
+    let mut health = HealthClient::new(app.channel.clone());
+    for service in [
+        "",
+        "identity.v1.UserService",
+        "identity.v1.GroupService",
+        "identity.v1.AuthService",
+    ] {
+        let mut watch = health
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Wait for the first database check rather than sleeping.
+        loop {
+            let status = watch.next().await.unwrap().unwrap().status;
+            if status == ServingStatus::Serving as i32 {
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn health_turns_not_serving_while_the_database_is_away_and_back() {
+    let app = spawn_app().await;
+    let mut health = HealthClient::new(app.channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || -> i32 { watch.next().await.unwrap().unwrap().status };
+    while next_status().await != ServingStatus::Serving as i32 {}
+
+    let db = &app.db.name;
+    app.db
+        .admin(&format!(
+            "ALTER DATABASE {db} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+        ))
+        .await;
+    while next_status().await != ServingStatus::NotServing as i32 {}
+
+    // Calls meanwhile are UNAVAILABLE, not INTERNAL.
+    let status = app
+        .users
+        .clone()
+        .get_user(pb::GetUserRequest {
+            lookup: Some(pb::get_user_request::Lookup::Username("nobody".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    app.db
+        .admin(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .await;
+    while next_status().await != ServingStatus::Serving as i32 {}
+    app.create_user("back").await;
+}
+
+#[tokio::test]
+async fn reflection_lists_every_service_in_both_versions() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let app = spawn_app().await;
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.next().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message_response
+    else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "identity.v1.UserService",
+        "identity.v1.GroupService",
+        "identity.v1.AuthService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "identity.v1.UserService".into(),
+            ),
+        ),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.next().await.unwrap().unwrap();
+    assert!(matches!(
+        resp.message_response,
+        Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
+}
+
+#[tokio::test]
+async fn rpcs_not_built_yet_answer_unimplemented() {
+    let app = spawn_app().await;
+    let status = AuthServiceClient::new(app.channel.clone())
+        .login(pb::LoginRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+    let status = GroupServiceClient::new(app.channel.clone())
+        .list_groups(pb::ListGroupsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn stopping_lets_the_server_finish_and_refuses_new_calls() {
+    let app = spawn_app().await;
+    let user = app.create_user("stopper").await;
+    assert!(!user.id.is_empty());
+    let addr = app.addr;
+    app.stop().await;
+    let refused = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(refused.is_err(), "the listener is closed after shutdown");
+}

@@ -31,6 +31,27 @@ enum Command {
     /// standard input, never from a flag.
     #[command(name = "createsuperuser")]
     CreateSuperuser(CreateSuperuserArgs),
+    /// Manages the signing keys in KEYS_DIR.
+    Keys(KeysArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeysArgs {
+    #[command(subcommand)]
+    action: KeysAction,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Writes a key of JWT_ALGORITHM when KEYS_DIR has none of it yet.
+    Generate,
+    /// Writes a new key of JWT_ALGORITHM; it signs from the next start on,
+    /// and the older keys keep verifying the tokens they signed.
+    Rotate,
+    /// Lists the keys: id, algorithm, file, and which one signs.
+    List,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +106,7 @@ impl Cli {
             Command::Serve(config) => config,
             Command::Migrate(args) => &args.config,
             Command::CreateSuperuser(args) => &args.config,
+            Command::Keys(args) => &args.config,
         }
     }
 
@@ -99,6 +121,7 @@ impl Cli {
             Command::Serve(config) => serve(config).await,
             Command::Migrate(args) => migrate(args).await,
             Command::CreateSuperuser(args) => create_superuser(args).await,
+            Command::Keys(args) => keys(args),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -239,4 +262,38 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
         Err(e) => return Err(StartupError::Database(e)),
     }
     closed
+}
+
+fn keys(args: KeysArgs) -> Result<(), StartupError> {
+    use crate::token::keys;
+    let dir = &args.config.keys_dir;
+    let alg = args.config.jwt_algorithm;
+    match args.action {
+        KeysAction::Generate => {
+            let before = keys::KeyStore::load(dir, alg).ok();
+            let store = keys::KeyStore::load_or_generate(dir, alg)?;
+            match before {
+                Some(_) => println!("a {alg:?} key exists already: {}", store.signing().kid),
+                None => println!("generated {}", store.signing().kid),
+            }
+        }
+        KeysAction::Rotate => {
+            let path = keys::generate(dir, alg)?;
+            let store = keys::KeyStore::load(dir, alg)?;
+            println!("generated {} ({})", store.signing().kid, path.display());
+        }
+        KeysAction::List => {
+            let store = keys::KeyStore::load(dir, alg)?;
+            for (i, key) in store.keys().iter().enumerate() {
+                let role = if i == 0 { "signs" } else { "verifies" };
+                println!(
+                    "{}  {:?}  {role}  {}",
+                    key.kid,
+                    key.algorithm,
+                    key.path.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }

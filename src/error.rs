@@ -172,7 +172,11 @@ impl From<Error> for Status {
             ),
             Error::InvalidToken(reason) => Status::with_error_details(
                 Code::Unauthenticated,
-                "invalid or expired token",
+                if reason == crate::token::jwt::reason::MISSING {
+                    "authentication required: send authorization: Bearer <access token>"
+                } else {
+                    "invalid or expired token"
+                },
                 ErrorDetails::with_error_info(reason, ERROR_DOMAIN, []),
             ),
             Error::PermissionDenied => Status::permission_denied("permission denied"),

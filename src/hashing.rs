@@ -121,6 +121,25 @@ impl Hasher {
         .await
     }
 
+    /// Whether a stored hash is weaker than the configured parameters (or
+    /// not argon2id at all), so that a successful login should rewrite it.
+    pub fn needs_rehash(&self, hash: &str) -> bool {
+        let Ok(parsed) = PasswordHash::new(hash) else {
+            return true;
+        };
+        if parsed.algorithm != argon2::ARGON2ID_IDENT {
+            return true;
+        }
+        let Ok(stored) = Params::try_from(&parsed) else {
+            return true;
+        };
+        let wanted = self.inner.argon2.params();
+        stored.m_cost() < wanted.m_cost()
+            || stored.t_cost() < wanted.t_cost()
+            || stored.p_cost() < wanted.p_cost()
+            || parsed.version.is_some_and(|v| v < Version::V0x13 as u32)
+    }
+
     /// How many callers wait for a slot now.
     pub fn queue_depth(&self) -> usize {
         self.inner.waiting.load(Ordering::Relaxed)
@@ -168,6 +187,26 @@ mod tests {
         assert!(hasher.verify("correct horse", Some(&hash)).await.unwrap());
         assert!(!hasher.verify("wrong horse", Some(&hash)).await.unwrap());
         assert!(!hasher.verify("correct horse", None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn weaker_hashes_need_a_rehash() {
+        let weak = Hasher::new(CHEAP, 1, 8).unwrap();
+        let strong = Hasher::new(
+            HashParams {
+                memory_kib: 128,
+                ..CHEAP
+            },
+            1,
+            8,
+        )
+        .unwrap();
+        let pw = Password::parse("correct horse", &[]).unwrap();
+        let weak_hash = weak.hash(&pw).await.unwrap();
+        let strong_hash = strong.hash(&pw).await.unwrap();
+        assert!(strong.needs_rehash(&weak_hash));
+        assert!(!strong.needs_rehash(&strong_hash));
+        assert!(!weak.needs_rehash(&strong_hash), "a stronger hash is kept");
     }
 
     #[tokio::test]

@@ -16,6 +16,8 @@ pub mod error;
 pub mod grpc;
 /// argon2id hashing off the async workers, with bounded concurrency.
 pub mod hashing;
+/// Plain HTTP beside gRPC: the public key and the JWKS.
+pub mod http;
 /// Code generated from `proto/`, and its descriptor set.
 pub mod proto;
 /// Use cases; they own transactions.
@@ -24,3 +26,5 @@ pub mod service;
 pub mod startup;
 /// Log output.
 pub mod telemetry;
+/// Signing keys, access tokens (JWT) and refresh tokens.
+pub mod token;

@@ -17,10 +17,11 @@ use crate::db::{
     embedded::{Durability, EmbeddedError, EmbeddedPostgres},
 };
 use crate::error::Error;
-use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc};
+use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::{HashParams, Hasher};
 use crate::proto::{self, identity::v1 as pb};
-use crate::service::UserService;
+use crate::service::{AuthService, UserService};
+use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
 
 /// The database of the embedded cluster.
 const EMBEDDED_DATABASE: &str = "identity";
@@ -39,6 +40,9 @@ pub enum StartupError {
     /// The listener could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
+    /// The signing keys could not be loaded.
+    #[error("keys: {0}")]
+    Keys(#[from] KeyError),
     /// The server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -124,6 +128,8 @@ pub struct Application {
     pool: Pool,
     database: Database,
     users: UserService,
+    auth: AuthService,
+    registration_open: bool,
 }
 
 impl Application {
@@ -148,7 +154,21 @@ impl Application {
             config.hash_queue,
         )
         .map_err(StartupError::Database)?;
-        let users = UserService::new(pool.clone(), hasher);
+        let keys_dir = config.keys_dir.clone();
+        let alg = config.jwt_algorithm;
+        let keys = tokio::task::spawn_blocking(move || KeyStore::load_or_generate(&keys_dir, alg))
+            .await
+            .map_err(|e| StartupError::Other(e.to_string()))??;
+        let kids: Vec<&str> = keys.keys().iter().map(|k| k.kid.as_str()).collect();
+        tracing::info!(signing_kid = %keys.signing().kid, kids = ?kids, "keys loaded");
+        let tokens = TokenIssuer::new(
+            std::sync::Arc::new(keys),
+            config.jwt_issuer.clone(),
+            config.jwt_audience.clone(),
+            config.access_token_ttl,
+        );
+        let users = UserService::new(pool.clone(), hasher.clone());
+        let auth = AuthService::new(pool.clone(), hasher, tokens, config.refresh_token_ttl);
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|e| StartupError::Bind(config.listen_addr, e))?;
@@ -169,6 +189,8 @@ impl Application {
             pool,
             database,
             users,
+            auth,
+            registration_open: config.allow_registration,
         })
     }
 
@@ -206,18 +228,27 @@ impl Application {
             health_stopped,
         ));
 
-        let result = tonic::transport::Server::builder()
-            .accept_http1(true)
+        let mut routes = tonic::service::Routes::builder();
+        routes
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(pb::user_service_server::UserServiceServer::new(
-                UsersGrpc::new(self.users),
+                UsersGrpc::new(self.users, self.registration_open),
             ))
             .add_service(pb::group_service_server::GroupServiceServer::new(
                 GroupsGrpc,
             ))
-            .add_service(pb::auth_service_server::AuthServiceServer::new(AuthGrpc))
+            .add_service(pb::auth_service_server::AuthServiceServer::new(
+                AuthGrpc::new(self.auth.clone()),
+            ));
+        let http = crate::http::routes(self.auth.tokens().clone());
+        let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
+
+        let result = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .layer(AuthLayer::new(self.auth))
+            .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
             .await;
         tracing::info!("stopped serving; in-flight calls finished");

@@ -3,8 +3,10 @@
 //! `Result<_, Error>`; the caller (a `service`) owns the transaction.
 
 pub mod embedded;
+pub mod groups;
 pub mod migrations;
 pub mod schema;
+pub mod sessions;
 pub mod users;
 
 use std::time::Duration;

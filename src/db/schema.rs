@@ -43,4 +43,44 @@ diesel::table! {
 
 diesel::joinable!(group_members -> groups (group_id));
 diesel::joinable!(group_members -> users (user_id));
-diesel::allow_tables_to_appear_in_same_query!(users, groups, group_members);
+
+diesel::table! {
+    sessions (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        refresh_hash -> Bytea,
+        refresh_expire_time -> Timestamptz,
+        create_time -> Timestamptz,
+        refresh_time -> Timestamptz,
+        end_time -> Nullable<Timestamptz>,
+        end_reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    retired_refresh_tokens (hash) {
+        hash -> Bytea,
+        session_id -> Uuid,
+        retire_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    login_failures (key) {
+        key -> Text,
+        failures -> Int4,
+        locked_until -> Nullable<Timestamptz>,
+        update_time -> Timestamptz,
+    }
+}
+
+diesel::joinable!(sessions -> users (user_id));
+diesel::joinable!(retired_refresh_tokens -> sessions (session_id));
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    groups,
+    group_members,
+    sessions,
+    retired_refresh_tokens,
+    login_failures
+);

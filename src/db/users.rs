@@ -236,3 +236,62 @@ pub async fn group_exists(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool
         .get_result(conn)
         .await?)
 }
+
+/// What a login needs of a user: the row, its hash, and whether it may log in.
+pub async fn for_login(
+    conn: &mut AsyncPgConnection,
+    canonical_login: &str,
+) -> Result<Option<(UserRow, String)>, Error> {
+    Ok(users::table
+        .filter(
+            users::username_canonical
+                .eq(canonical_login)
+                .or(users::email_canonical.eq(canonical_login)),
+        )
+        // A username may look like an email: its own name wins.
+        .order(users::username_canonical.eq(canonical_login).desc())
+        .select((UserRow::as_select(), users::password_hash))
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The password hash of a user.
+pub async fn password_hash(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> Result<Option<String>, Error> {
+    Ok(users::table
+        .find(id)
+        .select(users::password_hash)
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Rewrites a hash with stronger parameters, unless the password changed
+/// meanwhile (the old hash is no longer there).
+pub async fn upgrade_password_hash(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    old: &str,
+    new: &str,
+) -> Result<(), Error> {
+    diesel::update(users::table.find(id).filter(users::password_hash.eq(old)))
+        .set(users::password_hash.eq(new))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The ids of the active superusers, locked until the transaction ends, so
+/// that two concurrent demotions cannot both pass the "last one" check.
+pub async fn lock_active_superusers(conn: &mut AsyncPgConnection) -> Result<Vec<Uuid>, Error> {
+    Ok(users::table
+        .filter(users::is_superuser.eq(true).and(users::is_active.eq(true)))
+        .select(users::id)
+        .order(users::id)
+        .for_update()
+        .load(conn)
+        .await?)
+}

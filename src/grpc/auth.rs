@@ -1,10 +1,137 @@
-//! AuthService. Not built yet: every RPC answers UNIMPLEMENTED (the
-//! generated default), so clients can be generated against the whole API.
+//! AuthService: decodes each request, calls [`AuthService`].
 
+use tonic::{Request, Response, Status};
+
+use super::authz::Caller;
+use super::convert::timestamp;
+use crate::error::Error;
 use crate::proto::identity::v1 as pb;
+use crate::service::{AuthService, auth::IssuedTokens};
 
-/// The gRPC face of logins and tokens.
-#[derive(Debug, Clone, Default)]
-pub struct AuthGrpc;
+/// The gRPC face of [`AuthService`].
+#[derive(Debug, Clone)]
+pub struct AuthGrpc {
+    auth: AuthService,
+}
 
-impl pb::auth_service_server::AuthService for AuthGrpc {}
+impl AuthGrpc {
+    /// Serves `auth`.
+    pub fn new(auth: AuthService) -> Self {
+        Self { auth }
+    }
+}
+
+impl From<IssuedTokens> for pb::Tokens {
+    fn from(t: IssuedTokens) -> Self {
+        pb::Tokens {
+            access_token: t.access_token,
+            refresh_token: t.refresh_token,
+            token_type: "Bearer".to_owned(),
+            access_token_expire_time: Some(timestamp(t.access_expire)),
+            refresh_token_expire_time: Some(timestamp(t.refresh_expire)),
+        }
+    }
+}
+
+fn seconds(s: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::auth_service_server::AuthService for AuthGrpc {
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let req = request.into_inner();
+        let (tokens, user) = self.auth.login(&req.login, &req.password).await?;
+        Ok(Response::new(pb::LoginResponse {
+            tokens: Some(tokens.into()),
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn refresh(
+        &self,
+        request: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
+        let (tokens, user) = self
+            .auth
+            .refresh(&request.into_inner().refresh_token)
+            .await?;
+        Ok(Response::new(pb::RefreshResponse {
+            tokens: Some(tokens.into()),
+            user: Some(user.into()),
+        }))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let req = request.into_inner();
+        self.auth
+            .logout(&req.refresh_token, req.all_sessions)
+            .await?;
+        Ok(Response::new(pb::LogoutResponse {}))
+    }
+
+    async fn verify_token(
+        &self,
+        request: Request<pb::VerifyTokenRequest>,
+    ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
+        let verified = self.auth.verify(&request.into_inner().access_token).await?;
+        let claims = verified.claims;
+        Ok(Response::new(pb::VerifyTokenResponse {
+            user: Some(verified.user.into()),
+            groups: verified.groups.into_iter().map(Into::into).collect(),
+            claims: Some(pb::TokenClaims {
+                subject: claims.sub,
+                token_id: claims.jti,
+                session_id: claims.sid,
+                issue_time: seconds(claims.iat),
+                expire_time: seconds(claims.exp),
+                issuer: claims.iss,
+                audience: claims.aud.to_vec(),
+            }),
+        }))
+    }
+
+    async fn get_public_keys(
+        &self,
+        _request: Request<pb::GetPublicKeysRequest>,
+    ) -> Result<Response<pb::GetPublicKeysResponse>, Status> {
+        let keys = self.auth.tokens().keys();
+        Ok(Response::new(pb::GetPublicKeysResponse {
+            keys: keys
+                .keys()
+                .iter()
+                .map(|k| pb::PublicKey {
+                    key_id: k.kid.clone(),
+                    algorithm: format!("{:?}", k.algorithm),
+                    pem: k.public_pem.clone(),
+                })
+                .collect(),
+            jwks_json: keys.jwks_json().to_owned(),
+        }))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        let caller = Caller::of(&request);
+        let caller = caller.signed_in()?;
+        let req = request.into_inner();
+        if req.current_password.is_empty() {
+            return Err(Error::invalid("current_password", "is required").into());
+        }
+        self.auth
+            .change_password(caller, &req.current_password, &req.new_password)
+            .await?;
+        Ok(Response::new(pb::ChangePasswordResponse {}))
+    }
+}

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::db::users::UserRow;
+use crate::db::{groups::GroupRow, users::UserRow};
 use crate::error::Error;
 use crate::proto::identity::v1 as pb;
 
@@ -68,6 +68,17 @@ impl From<UserRow> for pb::User {
             create_time: Some(timestamp(row.create_time)),
             update_time: Some(timestamp(row.update_time)),
             attributes,
+        }
+    }
+}
+
+impl From<GroupRow> for pb::Group {
+    fn from(row: GroupRow) -> Self {
+        pb::Group {
+            id: row.id.to_string(),
+            groupname: row.groupname,
+            slug: row.slug,
+            create_time: Some(timestamp(row.create_time)),
         }
     }
 }

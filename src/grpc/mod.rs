@@ -2,6 +2,7 @@
 //! the answer. No SQL and no rules beyond the shape of the messages.
 
 pub mod auth;
+pub mod authz;
 pub mod convert;
 pub mod groups;
 pub mod users;

@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::authz::{self, Caller};
 use super::convert::{parse_id, parse_optional_id};
 use crate::db::users::UserFilter;
 use crate::domain::{
@@ -17,12 +18,17 @@ use crate::service::users::{Lookup, NewUser, UserService, UserUpdate};
 #[derive(Debug, Clone)]
 pub struct UsersGrpc {
     users: UserService,
+    registration_open: bool,
 }
 
 impl UsersGrpc {
-    /// Serves `users`.
-    pub fn new(users: UserService) -> Self {
-        Self { users }
+    /// Serves `users`; anonymous callers may register when
+    /// `registration_open`.
+    pub fn new(users: UserService, registration_open: bool) -> Self {
+        Self {
+            users,
+            registration_open,
+        }
     }
 }
 
@@ -91,7 +97,7 @@ fn lookup(req: pb::GetUserRequest) -> Result<Lookup, Error> {
     }
 }
 
-fn update(req: pb::UpdateUserRequest) -> Result<(uuid::Uuid, UserUpdate), Error> {
+fn update(req: pb::UpdateUserRequest) -> Result<(uuid::Uuid, UserUpdate, Vec<String>), Error> {
     let user = req
         .user
         .ok_or_else(|| Error::invalid("user", "is required"))?;
@@ -127,7 +133,7 @@ fn update(req: pb::UpdateUserRequest) -> Result<(uuid::Uuid, UserUpdate), Error>
         }
     }
     v.finish()?;
-    Ok((id, out))
+    Ok((id, out, paths))
 }
 
 fn filter(req: &pb::ListUsersRequest) -> Result<UserFilter, Error> {
@@ -176,7 +182,16 @@ impl pb::user_service_server::UserService for UsersGrpc {
         &self,
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
-        let new = new_user(request.into_inner())?;
+        let caller = Caller::of(&request);
+        let req = request.into_inner();
+        authz::create_user(
+            &caller,
+            self.registration_open,
+            req.is_superuser,
+            req.is_active,
+            req.is_verified,
+        )?;
+        let new = new_user(req)?;
         let user = self.users.create(new).await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user.into()),
@@ -187,7 +202,13 @@ impl pb::user_service_server::UserService for UsersGrpc {
         &self,
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let caller = Caller::of(&request);
         let lookup = lookup(request.into_inner())?;
+        authz::read_user(&caller, |me| match &lookup {
+            Lookup::Id(id) => me.user.id == *id,
+            Lookup::Username(canonical) => fold(&me.user.username) == *canonical,
+            Lookup::Email(canonical) => fold(&me.user.email) == *canonical,
+        })?;
         let user = self.users.get(&lookup).await?;
         Ok(Response::new(pb::GetUserResponse {
             user: Some(user.into()),
@@ -216,7 +237,9 @@ impl pb::user_service_server::UserService for UsersGrpc {
         &self,
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
-        let (id, changes) = update(request.into_inner())?;
+        let caller = Caller::of(&request);
+        let (id, changes, paths) = update(request.into_inner())?;
+        authz::update_user(&caller, id, &paths)?;
         let user = self.users.update(id, changes).await?;
         Ok(Response::new(pb::UpdateUserResponse {
             user: Some(user.into()),

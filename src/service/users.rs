@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use crate::db::{
     self, Pool,
+    sessions::end_reason,
     users::{NewUserRow, UserChangesRow, UserFilter, UserRow},
 };
 use crate::domain::{Attributes, Email, PageRequest, Password, Username, text};
@@ -137,6 +138,10 @@ impl UserService {
         let mut conn = db::conn(&self.pool).await?;
         let user = conn
             .transaction(async |conn| {
+                let demotes = update.is_superuser == Some(false) || update.is_active == Some(false);
+                if demotes {
+                    keep_a_superuser(conn, id).await?;
+                }
                 let Some(current) = db::users::by_id_for_update(conn, id).await? else {
                     return Err(Error::NotFound("user"));
                 };
@@ -174,9 +179,15 @@ impl UserService {
     #[tracing::instrument(skip(self))]
     pub async fn delete(&self, id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
-        if !db::users::delete(&mut conn, id).await? {
-            return Err(Error::NotFound("user"));
-        }
+        conn.transaction(async |conn| {
+            keep_a_superuser(conn, id).await?;
+            if db::users::delete(conn, id).await? {
+                Ok(())
+            } else {
+                Err(Error::NotFound("user"))
+            }
+        })
+        .await?;
         tracing::info!(user_id = %id, "user deleted");
         Ok(())
     }
@@ -195,12 +206,34 @@ impl UserService {
             .map_err(|e| Error::invalid("new_password", e))?;
         let hash = self.hasher.hash(&password).await?;
         let mut conn = db::conn(&self.pool).await?;
-        if !db::users::set_password_hash(&mut conn, id, &hash).await? {
-            return Err(Error::NotFound("user"));
-        }
-        tracing::info!(user_id = %id, "password set");
+        let ended = conn
+            .transaction(async |conn| {
+                if !db::users::set_password_hash(conn, id, &hash).await? {
+                    return Err(Error::NotFound("user"));
+                }
+                db::sessions::end_all_of_user(conn, id, None, end_reason::PASSWORD_SET).await
+            })
+            .await?;
+        tracing::info!(user_id = %id, sessions_ended = ended, "password set");
         Ok(())
     }
+}
+
+/// Refuses to demote, deactivate or delete `id` when it is the last active
+/// superuser: nobody could administer the service afterwards. The active
+/// superusers stay locked until the transaction ends, so two superusers
+/// cannot demote each other at once.
+async fn keep_a_superuser(
+    conn: &mut diesel_async::AsyncPgConnection,
+    id: Uuid,
+) -> Result<(), Error> {
+    let supers = db::users::lock_active_superusers(conn).await?;
+    if supers == [id] {
+        return Err(Error::FailedPrecondition(
+            "the last active superuser cannot be demoted, deactivated or deleted",
+        ));
+    }
+    Ok(())
 }
 
 fn attributes_json(attributes: &Attributes) -> serde_json::Value {

@@ -16,6 +16,7 @@ fn identity(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output 
         .env("ARGON2_MEMORY_KIB", "4096")
         .env("ARGON2_ITERATIONS", "1")
         .env("DATA_DIR", "/nonexistent/never-used")
+        .env("KEYS_DIR", "/nonexistent/never-used")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -79,7 +80,7 @@ async fn createsuperuser_reads_the_password_from_env_or_stdin() {
             "--username",
             "root.admin",
             "--email",
-            "root@example.com",
+            "admin1@example.com",
         ],
         &[
             ("DATABASE_URL", &url),
@@ -155,6 +156,6 @@ async fn createsuperuser_reads_the_password_from_env_or_stdin() {
         .into_inner();
     let mut names: Vec<_> = list.users.iter().map(|u| u.username.as_str()).collect();
     names.sort();
-    assert_eq!(names, ["root.admin", "second.admin"]);
+    assert_eq!(names, ["root", "root.admin", "second.admin"]);
     assert!(list.users.iter().all(|u| u.is_active && u.is_verified));
 }

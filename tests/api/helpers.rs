@@ -23,6 +23,56 @@ pub use pb::{
     user_service_client::UserServiceClient,
 };
 
+/// Adds `authorization: Bearer <token>` to every call, when there is one.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// Sends `token`.
+    pub fn from_token(token: &str) -> Self {
+        Self(Some(
+            format!("Bearer {token}").parse().expect("ascii token"),
+        ))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            req.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that calls as someone (or as nobody).
+pub type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// The three clients, calling as one caller.
+#[derive(Clone)]
+pub struct Clients {
+    pub users: UserServiceClient<Authed>,
+    pub groups: GroupServiceClient<Authed>,
+    pub auth: AuthServiceClient<Authed>,
+}
+
+impl Clients {
+    /// Clients that send `token` (or no token).
+    pub fn new(channel: &Channel, token: Option<&str>) -> Self {
+        let bearer = Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")));
+        Self {
+            users: UserServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            groups: GroupServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            auth: AuthServiceClient::with_interceptor(channel.clone(), bearer),
+        }
+    }
+}
+
+/// The superuser every test server starts with.
+pub const ROOT_USERNAME: &str = "root";
+/// Its password.
+pub const ROOT_PASSWORD: &str = "root password for tests";
+
 const TEMPLATE: &str = "identity_template";
 
 /// The shared test cluster.
@@ -215,7 +265,15 @@ pub fn test_config(database_url: &str) -> Config {
 pub struct TestApp {
     pub addr: SocketAddr,
     pub channel: Channel,
-    pub users: UserServiceClient<Channel>,
+    /// UserService as the superuser `root`.
+    pub users: UserServiceClient<Authed>,
+    /// All clients as `root`.
+    pub admin: Clients,
+    /// All clients as nobody.
+    pub anon: Clients,
+    /// The superuser `root`.
+    pub root: pb::User,
+    pub keys_dir: TempDir,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     // Last, so that it is dropped after the server has stopped.
@@ -228,10 +286,73 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_on(db, |_| {}).await
 }
 
+/// A folder removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new empty folder under the temp dir.
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates the superuser `root` directly through the service layer, as
+/// `identity createsuperuser` does.
+async fn bootstrap_root(config: &Config) {
+    use identity::{
+        domain::{Attributes, Email, Password, Username},
+        hashing::{HashParams, Hasher},
+        service::users::{NewUser, UserService},
+    };
+    let params = HashParams {
+        memory_kib: config.argon2_memory_kib,
+        iterations: config.argon2_iterations,
+        parallelism: config.argon2_parallelism,
+    };
+    let pool = identity::db::pool(config.database_url.as_deref().unwrap(), 1);
+    let service = UserService::new(pool, Hasher::new(params, 1, 4).unwrap());
+    let result = service
+        .create(NewUser {
+            username: Username::parse(ROOT_USERNAME).unwrap(),
+            email: Email::parse("root@example.com").unwrap(),
+            password: Password::parse(ROOT_PASSWORD, &[]).unwrap(),
+            first_name: String::new(),
+            last_name: String::new(),
+            is_superuser: true,
+            is_active: true,
+            is_verified: true,
+            attributes: Attributes::default(),
+        })
+        .await;
+    match result {
+        Ok(_) | Err(identity::error::Error::AlreadyExists(_)) => {}
+        Err(e) => panic!("bootstrap root: {e:?}"),
+    }
+}
+
 /// Starts a server on `db`, with settings adjusted by `tweak`.
 pub async fn spawn_app_on(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_with(db, TempDir::new("identity-keys"), tweak).await
+}
+
+/// Starts a server on `db` and `keys_dir`, with settings adjusted by `tweak`.
+pub async fn spawn_app_with(
+    db: TestDb,
+    keys_dir: TempDir,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
     let mut config = test_config(&db.url);
+    config.keys_dir = keys_dir.0.clone();
     tweak(&mut config);
+    bootstrap_root(&config).await;
     let app = Application::build(&config).await.expect("build the app");
     let addr = app.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -248,9 +369,26 @@ pub async fn spawn_app_on(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestAp
         .connect()
         .await
         .expect("connect to the test server");
+    let anon = Clients::new(&channel, None);
+    let login = anon
+        .auth
+        .clone()
+        .login(pb::LoginRequest {
+            login: ROOT_USERNAME.into(),
+            password: ROOT_PASSWORD.into(),
+        })
+        .await
+        .expect("root logs in")
+        .into_inner();
+    let token = login.tokens.unwrap().access_token;
+    let admin = Clients::new(&channel, Some(&token));
     TestApp {
         addr,
-        users: UserServiceClient::new(channel.clone()),
+        users: admin.users.clone(),
+        admin,
+        anon,
+        root: login.user.unwrap(),
+        keys_dir,
         channel,
         stop: Some(stop),
         server: Some(server),
@@ -261,12 +399,57 @@ pub async fn spawn_app_on(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestAp
 impl TestApp {
     /// Stops the server and waits until in-flight calls have finished.
     pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(server) = self.server.take() {
             server.await.expect("server task");
         }
+    }
+
+    /// Stops this server and starts another on the same database and keys,
+    /// with settings adjusted by `tweak`.
+    pub async fn restart(mut self, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        self.shutdown().await;
+        let TestApp { db, keys_dir, .. } = self;
+        spawn_app_with(db, keys_dir, tweak).await
+    }
+
+    /// Clients calling with `token`.
+    pub fn as_token(&self, token: &str) -> Clients {
+        Clients::new(&self.channel, Some(token))
+    }
+
+    /// Logs in; the tokens and the user.
+    pub async fn login(
+        &self,
+        login: &str,
+        password: &str,
+    ) -> Result<pb::LoginResponse, tonic::Status> {
+        self.anon
+            .auth
+            .clone()
+            .login(pb::LoginRequest {
+                login: login.into(),
+                password: password.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Creates a user (with [`TestUser`]'s password), logs it in, and
+    /// returns it with its tokens.
+    pub async fn signed_in_user(&self, username: &str) -> (pb::User, pb::Tokens) {
+        let user = self.create_user(username).await;
+        let login = self
+            .login(username, &TestUser::named(username).password)
+            .await
+            .expect("login");
+        (user, login.tokens.unwrap())
     }
 
     /// Creates a user with a password and returns it.

@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -14,20 +14,24 @@ use std::{
 use nix::{sys::signal::Signal, unistd::Pid};
 use tonic::transport::Channel;
 
-use crate::helpers::{TestUser, UserServiceClient};
+use crate::helpers::{AuthServiceClient, TempDir, TestUser, UserServiceClient};
 use identity::proto::identity::v1 as pb;
 
 /// A running `identity serve` and the address it reported when ready.
-struct Serve {
+pub struct Serve {
     child: Child,
-    addr: SocketAddr,
+    pub addr: SocketAddr,
+    /// Every line written to standard error so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    drain: Option<std::thread::JoinHandle<()>>,
 }
 
-fn command(data_dir: &Path) -> Command {
+pub fn command(data_dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_identity"));
     cmd.arg("serve")
         .env_remove("DATABASE_URL")
         .env("DATA_DIR", data_dir)
+        .env("KEYS_DIR", data_dir.with_file_name("keys"))
         .env("LISTEN_ADDR", "127.0.0.1:0")
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
@@ -42,16 +46,24 @@ fn command(data_dir: &Path) -> Command {
 impl Serve {
     /// Starts the binary and waits for its "ready" log line (an event, not a
     /// sleep); its later output keeps being drained.
-    fn start(data_dir: &Path) -> Self {
-        let mut child = command(data_dir).spawn().expect("spawn identity");
+    pub fn start(data_dir: &Path) -> Self {
+        Self::start_with(command(data_dir))
+    }
+
+    /// Starts `cmd` (see [`command`]) and waits for it to be ready.
+    pub fn start_with(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().expect("spawn identity");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = log.clone();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
+        let drain = std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("TEST_LOG").is_some() {
                     eprintln!("[serve] {line}");
                 }
+                sink.lock().unwrap().push(line.clone());
                 if !sent {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         if v["fields"]["message"] == "identity ready" {
@@ -76,6 +88,8 @@ impl Serve {
         Self {
             child,
             addr: addr.parse().unwrap(),
+            log,
+            drain: Some(drain),
         }
     }
 
@@ -90,9 +104,13 @@ impl Serve {
     }
 
     /// SIGTERM, then the exit code.
-    fn terminate(mut self) -> i32 {
+    pub fn terminate(mut self) -> i32 {
         self.signal(Signal::SIGTERM);
         let status = self.child.wait().unwrap();
+        // The log is complete once the pipe is drained.
+        if let Some(drain) = self.drain.take() {
+            drain.join().unwrap();
+        }
         status.code().unwrap_or(-1)
     }
 }
@@ -113,34 +131,22 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
+/// The user, found by logging in as it (a public RPC).
 async fn find(serve: &Serve, username: &str) -> Option<pb::User> {
-    let req = pb::GetUserRequest {
-        lookup: Some(pb::get_user_request::Lookup::Username(username.into())),
+    let req = pb::LoginRequest {
+        login: username.into(),
+        password: TestUser::named(username).password,
     };
-    serve
-        .users()
+    let mut auth = AuthServiceClient::connect(format!("http://{}", serve.addr))
         .await
-        .get_user(req)
-        .await
-        .ok()
-        .and_then(|r| r.into_inner().user)
+        .unwrap();
+    auth.login(req).await.ok().and_then(|r| r.into_inner().user)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_cluster_survives_restarts_kills_and_stale_pid_files() {
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "identity-lc-{}",
-        &uuid::Uuid::now_v7().simple().to_string()[20..]
-    )));
-    let data = dir.0.clone();
+    let dir = TempDir::new("identity-lc");
+    let data = dir.0.join("data");
 
     // First start: initdb, migrations, a user.
     let serve = Serve::start(&data);

@@ -5,8 +5,11 @@
 
 mod helpers;
 
+mod auth;
+mod authz;
 mod cli;
 mod lifecycle;
+mod logs;
 mod migrations;
 mod server;
 mod users;

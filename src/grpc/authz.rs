@@ -1,0 +1,284 @@
+//! Who may call what: API.md's authorization table, in one place.
+//!
+//! [`AuthLayer`] is a tower layer around every route. For each call it looks
+//! up the RPC's [`Access`], verifies the bearer token when the RPC needs or
+//! accepts one (the same check as VerifyToken: signature, claims, and the
+//! user and session read fresh), refuses what the table refuses, and puts
+//! the [`Caller`] into the request's extensions. Rules that depend on the
+//! request's content (self or others, which fields) are the functions below,
+//! called by the handlers with the caller the layer found.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{HeaderMap, Request, Response};
+use tower::{Layer, Service};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::service::{AuthService, auth::Verified};
+use crate::token::jwt::reason;
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// No token (on an RPC that allows that).
+    Anonymous,
+    /// A verified token, and its user as it is now.
+    User(Arc<Verified>),
+}
+
+impl Caller {
+    /// The caller of a request, as the layer put it there.
+    pub fn of<T>(request: &tonic::Request<T>) -> Caller {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or(Caller::Anonymous)
+    }
+
+    /// Whether the caller is an active superuser now.
+    pub fn is_superuser(&self) -> bool {
+        matches!(self, Caller::User(v) if v.user.is_superuser)
+    }
+
+    /// The signed-in caller, or UNAUTHENTICATED.
+    pub fn signed_in(&self) -> Result<&Arc<Verified>, Error> {
+        match self {
+            Caller::User(v) => Ok(v),
+            Caller::Anonymous => Err(Error::InvalidToken(reason::MISSING)),
+        }
+    }
+
+    /// The refusal for this caller: UNAUTHENTICATED to the anonymous,
+    /// PERMISSION_DENIED to the signed-in.
+    pub fn refusal(&self) -> Error {
+        match self {
+            Caller::Anonymous => Error::InvalidToken(reason::MISSING),
+            Caller::User(_) => Error::PermissionDenied,
+        }
+    }
+}
+
+/// What an RPC asks of its caller before its handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone; a token is not even read.
+    Public,
+    /// Anyone; a token, when sent, must be valid (CreateUser).
+    Optional,
+    /// A signed-in user; the handler may narrow it to "self".
+    SignedIn,
+    /// A superuser.
+    Superuser,
+}
+
+/// The table. RPCs of this API that are missing here are superuser-only, so
+/// a new RPC is closed until someone opens it on purpose.
+pub fn access(path: &str) -> Access {
+    use Access::*;
+    match path {
+        "/identity.v1.AuthService/Login"
+        | "/identity.v1.AuthService/Refresh"
+        | "/identity.v1.AuthService/Logout"
+        | "/identity.v1.AuthService/VerifyToken"
+        | "/identity.v1.AuthService/GetPublicKeys" => Public,
+        "/identity.v1.UserService/CreateUser" => Optional,
+        "/identity.v1.UserService/GetUser"
+        | "/identity.v1.UserService/UpdateUser"
+        | "/identity.v1.AuthService/ChangePassword"
+        | "/identity.v1.GroupService/GetGroup"
+        | "/identity.v1.GroupService/ListGroups"
+        | "/identity.v1.GroupService/ListUserGroups" => SignedIn,
+        "/identity.v1.UserService/ListUsers"
+        | "/identity.v1.UserService/DeleteUser"
+        | "/identity.v1.UserService/SetPassword"
+        | "/identity.v1.GroupService/CreateGroup"
+        | "/identity.v1.GroupService/DeleteGroup"
+        | "/identity.v1.GroupService/AddGroupMember"
+        | "/identity.v1.GroupService/RemoveGroupMember"
+        | "/identity.v1.GroupService/ListGroupMembers" => Superuser,
+        p if p.starts_with("/identity.") => Superuser,
+        // Health, reflection, /pub-key and the JWKS are public.
+        _ => Public,
+    }
+}
+
+/// CreateUser: anonymous callers and users only while registration is open,
+/// and only with default flags; superusers always, with any flags.
+pub fn create_user(
+    caller: &Caller,
+    registration_open: bool,
+    is_superuser: bool,
+    is_active: Option<bool>,
+    is_verified: bool,
+) -> Result<(), Error> {
+    if caller.is_superuser() {
+        return Ok(());
+    }
+    let default_flags = !is_superuser && is_active.unwrap_or(true) && !is_verified;
+    if registration_open && default_flags {
+        Ok(())
+    } else {
+        Err(caller.refusal())
+    }
+}
+
+/// GetUser, ListUserGroups: a user may read itself; a superuser anyone.
+pub fn read_user(caller: &Caller, is_self: impl FnOnce(&Verified) -> bool) -> Result<(), Error> {
+    match caller {
+        Caller::User(v) if v.user.is_superuser || is_self(v) => Ok(()),
+        _ => Err(caller.refusal()),
+    }
+}
+
+/// The fields a user may change on itself.
+pub const SELF_UPDATABLE: &[&str] = &["first_name", "last_name", "attributes"];
+
+/// UpdateUser: a user may change its own names and attributes; a superuser
+/// any mutable field of anyone.
+pub fn update_user(caller: &Caller, target: Uuid, paths: &[String]) -> Result<(), Error> {
+    match caller {
+        Caller::User(v) if v.user.is_superuser => Ok(()),
+        Caller::User(v)
+            if v.user.id == target
+                && paths.iter().all(|p| SELF_UPDATABLE.contains(&p.as_str())) =>
+        {
+            Ok(())
+        }
+        _ => Err(caller.refusal()),
+    }
+}
+
+/// The bearer token of a request: `None` when there is no Authorization
+/// header, `Some(Err)` when it is not a bearer token.
+fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
+    let value = headers.get(http::header::AUTHORIZATION)?;
+    let value = value.to_str().map_err(|_| ());
+    Some(value.and_then(|v| {
+        let (scheme, token) = v.split_once(' ').ok_or(())?;
+        let token = token.trim();
+        if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
+            Ok(token)
+        } else {
+            Err(())
+        }
+    }))
+}
+
+/// The tower layer that enforces [`access`] and finds the [`Caller`].
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    auth: AuthService,
+}
+
+impl AuthLayer {
+    /// Verifies tokens with `auth`.
+    pub fn new(auth: AuthService) -> Self {
+        Self { auth }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthMiddleware<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthMiddleware {
+            inner,
+            auth: self.auth.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] wraps around the routes.
+#[derive(Debug, Clone)]
+pub struct AuthMiddleware<S> {
+    inner: S,
+    auth: AuthService,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthMiddleware<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        // The clone is ready only if polled; keep the polled one for this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let auth = self.auth.clone();
+        Box::pin(async move {
+            let access = access(request.uri().path());
+            let token = match access {
+                Access::Public => None,
+                _ => bearer(request.headers()),
+            };
+            let caller = match token {
+                None => Caller::Anonymous,
+                Some(Err(())) => return Ok(refuse(Error::InvalidToken(reason::MALFORMED))),
+                Some(Ok(token)) => match auth.verify(token).await {
+                    Ok(verified) => Caller::User(Arc::new(verified)),
+                    Err(e) => return Ok(refuse(e)),
+                },
+            };
+            let allowed = match access {
+                Access::Public | Access::Optional => true,
+                Access::SignedIn => matches!(caller, Caller::User(_)),
+                Access::Superuser => caller.is_superuser(),
+            };
+            if !allowed {
+                return Ok(refuse(caller.refusal()));
+            }
+            request.extensions_mut().insert(caller);
+            inner.call(request).await
+        })
+    }
+}
+
+fn refuse<B: Default>(error: Error) -> Response<B> {
+    tonic::Status::from(error).into_http()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_rpcs_of_the_api_are_closed_and_others_are_open() {
+        assert_eq!(
+            access("/identity.v1.UserService/SomethingNew"),
+            Access::Superuser
+        );
+        assert_eq!(access("/grpc.health.v1.Health/Check"), Access::Public);
+        assert_eq!(access("/pub-key"), Access::Public);
+    }
+
+    #[test]
+    fn only_bearer_tokens_are_read() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some(Ok("abc")));
+        h.insert("authorization", "bearer  abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Some(Ok("abc")));
+        h.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some(Err(())));
+        h.insert("authorization", "Bearer".parse().unwrap());
+        assert_eq!(bearer(&h), Some(Err(())));
+    }
+}

@@ -1,0 +1,337 @@
+//! The AuthService use cases: login, refresh, logout, token verification,
+//! password change; and the fresh check behind every authenticated call.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use diesel_async::AsyncConnection;
+use uuid::Uuid;
+
+use crate::db::{
+    self, Pool,
+    groups::GroupRow,
+    sessions::{self, NewSessionRow, Rotation, end_reason},
+    users::UserRow,
+};
+use crate::domain::{Password, text};
+use crate::error::Error;
+use crate::hashing::Hasher;
+use crate::token::{
+    AccessClaims, TokenIssuer,
+    jwt::{Subject, reason},
+    refresh,
+};
+
+/// Consecutive failures allowed before a login key is locked.
+pub const FREE_FAILURES: i32 = 5;
+/// The longest lock, in seconds.
+pub const MAX_LOCK_SECONDS: i32 = 15 * 60;
+
+/// A pair of tokens and their lifetimes.
+#[derive(Debug)]
+pub struct IssuedTokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub access_expire: chrono::DateTime<Utc>,
+    pub refresh_expire: chrono::DateTime<Utc>,
+}
+
+/// A verified access token and the state it stands for now.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub user: UserRow,
+    pub groups: Vec<GroupRow>,
+    pub claims: AccessClaims,
+    pub session_id: Uuid,
+}
+
+/// Logins, sessions and tokens.
+#[derive(Debug, Clone)]
+pub struct AuthService {
+    pool: Pool,
+    hasher: Hasher,
+    tokens: TokenIssuer,
+    refresh_ttl: Duration,
+}
+
+impl AuthService {
+    /// The service over `pool`.
+    pub fn new(pool: Pool, hasher: Hasher, tokens: TokenIssuer, refresh_ttl: Duration) -> Self {
+        Self {
+            pool,
+            hasher,
+            tokens,
+            refresh_ttl,
+        }
+    }
+
+    /// The token issuer (and its keys).
+    pub fn tokens(&self) -> &TokenIssuer {
+        &self.tokens
+    }
+
+    /// Logs in by username or email. An unknown login costs the same hash as
+    /// a wrong password and gets the same answer, and is throttled the same
+    /// way, so that neither the answer, its timing nor the throttle tells
+    /// whether an account exists.
+    #[tracing::instrument(skip_all)]
+    pub async fn login(
+        &self,
+        login: &str,
+        password: &str,
+    ) -> Result<(IssuedTokens, UserRow), Error> {
+        text::no_control(login).map_err(|e| Error::invalid("login", e))?;
+        if login.trim().is_empty() {
+            return Err(Error::invalid("login", "is required"));
+        }
+        let canonical = text::fold(&text::nfkc_trimmed(login));
+        let (found, key) = {
+            let mut conn = db::conn(&self.pool).await?;
+            let found = db::users::for_login(&mut conn, &canonical).await?;
+            let key = match &found {
+                Some((user, _)) => format!("user:{}", user.id),
+                None => format!("login:{canonical}"),
+            };
+            if let Some(until) = sessions::locked_until(&mut conn, &key).await? {
+                return Err(throttled(until));
+            }
+            (found, key)
+        };
+
+        let hash = found.as_ref().map(|(_, h)| h.as_str());
+        let matches = self.hasher.verify(password, hash).await?;
+        let user = match found {
+            Some((user, hash)) if matches && user.is_active => (user, hash),
+            _ => {
+                let mut conn = db::conn(&self.pool).await?;
+                let failures =
+                    sessions::record_failure(&mut conn, &key, FREE_FAILURES, MAX_LOCK_SECONDS)
+                        .await?;
+                tracing::info!(failures, "login failed");
+                return Err(Error::InvalidCredentials);
+            }
+        };
+        let (user, hash) = user;
+        let mut conn = db::conn(&self.pool).await?;
+        sessions::clear_failures(&mut conn, &key).await?;
+        drop(conn);
+        if self.hasher.needs_rehash(&hash) {
+            self.upgrade_hash(user.id, &hash, password).await?;
+        }
+        let tokens = self.start_session(&user).await?;
+        tracing::info!(user_id = %user.id, "logged in");
+        Ok((tokens, user))
+    }
+
+    async fn upgrade_hash(&self, user_id: Uuid, old: &str, password: &str) -> Result<(), Error> {
+        // The password already matched the stored hash; only its length rule
+        // may differ from today's, so hash it as given.
+        let password = Password::unchecked(password);
+        let new = self.hasher.hash(&password).await?;
+        let mut conn = db::conn(&self.pool).await?;
+        db::users::upgrade_password_hash(&mut conn, user_id, old, &new).await?;
+        tracing::info!(user_id = %user_id, "password hash upgraded to the current parameters");
+        Ok(())
+    }
+
+    async fn start_session(&self, user: &UserRow) -> Result<IssuedTokens, Error> {
+        let session_id = Uuid::now_v7();
+        let refresh = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
+        let refresh_expire = Utc::now() + self.refresh_ttl;
+        let mut conn = db::conn(&self.pool).await?;
+        sessions::insert(
+            &mut conn,
+            &NewSessionRow {
+                id: session_id,
+                user_id: user.id,
+                refresh_hash: &refresh.hash,
+                refresh_expire_time: refresh_expire,
+            },
+        )
+        .await?;
+        let groups = db::groups::of_user(&mut conn, user.id).await?;
+        drop(conn);
+        self.issue(user, &groups, session_id, refresh.token, refresh_expire)
+    }
+
+    fn issue(
+        &self,
+        user: &UserRow,
+        groups: &[GroupRow],
+        session_id: Uuid,
+        refresh_token: String,
+        refresh_expire: chrono::DateTime<Utc>,
+    ) -> Result<IssuedTokens, Error> {
+        let (access_token, claims) = self.tokens.issue(Subject {
+            user_id: user.id,
+            session_id,
+            username: &user.username,
+            email: &user.email,
+            is_superuser: user.is_superuser,
+            is_active: user.is_active,
+            is_verified: user.is_verified,
+            groups: groups.iter().map(|g| g.slug.clone()).collect(),
+        })?;
+        Ok(IssuedTokens {
+            access_token,
+            refresh_token,
+            access_expire: chrono::DateTime::from_timestamp(claims.exp, 0).unwrap_or_default(),
+            refresh_expire,
+        })
+    }
+
+    /// Rotates a refresh token: the presented one is retired, a new pair is
+    /// issued for the same session with claims from the user's state now.
+    #[tracing::instrument(skip_all)]
+    pub async fn refresh(&self, refresh_token: &str) -> Result<(IssuedTokens, UserRow), Error> {
+        if refresh_token.is_empty() {
+            return Err(Error::invalid("refresh_token", "is required"));
+        }
+        let old = refresh::hash(refresh_token);
+        let new = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
+        let refresh_expire = Utc::now() + self.refresh_ttl;
+        let mut conn = db::conn(&self.pool).await?;
+        let rotation = sessions::rotate(&mut conn, &old, &new.hash, refresh_expire).await?;
+        let Rotation::Rotated {
+            session_id,
+            user_id,
+        } = rotation
+        else {
+            return Err(Error::InvalidToken(match rotation {
+                Rotation::Reused => reason::SESSION_ENDED,
+                _ => reason::MALFORMED,
+            }));
+        };
+        let fresh = sessions::fresh(&mut conn, user_id, session_id)
+            .await?
+            .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+        drop(conn);
+        let tokens = self.issue(
+            &fresh.user,
+            &fresh.groups,
+            session_id,
+            new.token,
+            refresh_expire,
+        )?;
+        tracing::info!(user_id = %user_id, session_id = %session_id, "refreshed");
+        Ok((tokens, fresh.user))
+    }
+
+    /// Ends the session of a refresh token (current or already rotated), or
+    /// with `all_sessions` every session of its user.
+    #[tracing::instrument(skip_all)]
+    pub async fn logout(&self, refresh_token: &str, all_sessions: bool) -> Result<(), Error> {
+        if refresh_token.is_empty() {
+            return Err(Error::invalid("refresh_token", "is required"));
+        }
+        let hash = refresh::hash(refresh_token);
+        let mut conn = db::conn(&self.pool).await?;
+        let (session_id, user_id) = sessions::owner_of(&mut conn, &hash)
+            .await?
+            .ok_or(Error::InvalidToken(reason::MALFORMED))?;
+        if all_sessions {
+            sessions::end_all_of_user(&mut conn, user_id, None, end_reason::LOGOUT).await?;
+        } else {
+            sessions::end(&mut conn, session_id, end_reason::LOGOUT).await?;
+        }
+        tracing::info!(user_id = %user_id, session_id = %session_id, all_sessions, "logged out");
+        Ok(())
+    }
+
+    /// Checks an access token offline (signature, kid, exp, nbf, iss, aud),
+    /// then the user and session as they are now, in one round trip.
+    pub async fn verify(&self, access_token: &str) -> Result<Verified, Error> {
+        let claims = self.tokens.verify(access_token)?;
+        let malformed = || Error::InvalidToken(reason::MALFORMED);
+        let user_id = Uuid::try_parse(&claims.sub).map_err(|_| malformed())?;
+        let session_id = Uuid::try_parse(&claims.sid).map_err(|_| malformed())?;
+        let mut conn = db::conn(&self.pool).await?;
+        let fresh = sessions::fresh(&mut conn, user_id, session_id)
+            .await?
+            .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+        drop(conn);
+        if !fresh.user.is_active {
+            return Err(Error::InvalidToken(reason::USER_INACTIVE));
+        }
+        if !fresh.session_live {
+            return Err(Error::InvalidToken(reason::SESSION_ENDED));
+        }
+        if issue_millis(&claims) < fresh.password_changed_at.timestamp_millis() {
+            return Err(Error::InvalidToken(reason::CREDENTIALS_CHANGED));
+        }
+        Ok(Verified {
+            user: fresh.user,
+            groups: fresh.groups,
+            claims,
+            session_id,
+        })
+    }
+
+    /// Changes the caller's own password. A wrong current password is
+    /// UNAUTHENTICATED and counts as a failed login; the caller's other
+    /// sessions end, its own lives on.
+    #[tracing::instrument(skip_all, fields(user_id = %caller.user.id))]
+    pub async fn change_password(
+        &self,
+        caller: &Verified,
+        current: &str,
+        new: &str,
+    ) -> Result<(), Error> {
+        let user = &caller.user;
+        let forbidden = [text::fold(&user.username), text::fold(&user.email)];
+        let new = Password::parse(new, &[&forbidden[0], &forbidden[1]])
+            .map_err(|e| Error::invalid("new_password", e))?;
+        let key = format!("user:{}", user.id);
+        let stored = {
+            let mut conn = db::conn(&self.pool).await?;
+            if let Some(until) = sessions::locked_until(&mut conn, &key).await? {
+                return Err(throttled(until));
+            }
+            db::users::password_hash(&mut conn, user.id)
+                .await?
+                .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?
+        };
+        if !self.hasher.verify(current, Some(&stored)).await? {
+            let mut conn = db::conn(&self.pool).await?;
+            sessions::record_failure(&mut conn, &key, FREE_FAILURES, MAX_LOCK_SECONDS).await?;
+            return Err(Error::InvalidCredentials);
+        }
+        let hash = self.hasher.hash(&new).await?;
+        let mut conn = db::conn(&self.pool).await?;
+        let (user_id, keep) = (user.id, caller.session_id);
+        let ended = conn
+            .transaction(async |conn| {
+                db::users::set_password_hash(conn, user_id, &hash).await?;
+                sessions::clear_failures(conn, &key).await?;
+                sessions::end_all_of_user(conn, user_id, Some(keep), end_reason::PASSWORD_CHANGED)
+                    .await
+            })
+            .await?;
+        tracing::info!(other_sessions_ended = ended, "password changed");
+        Ok(())
+    }
+}
+
+/// When a token was issued, to the millisecond: `iat` has whole seconds
+/// only, too coarse to tell a token issued just before a password change
+/// from one issued just after; our `jti` is a UUIDv7, which carries the
+/// millisecond (and is covered by the signature).
+fn issue_millis(claims: &AccessClaims) -> i64 {
+    Uuid::try_parse(&claims.jti)
+        .ok()
+        .filter(|id| id.get_version_num() == 7)
+        .and_then(|id| id.get_timestamp())
+        .map(|ts| {
+            let (secs, nanos) = ts.to_unix();
+            i64::try_from(secs).unwrap_or(i64::MAX) * 1000 + i64::from(nanos / 1_000_000)
+        })
+        .unwrap_or(claims.iat.saturating_mul(1000))
+}
+
+fn throttled(until: chrono::DateTime<Utc>) -> Error {
+    let wait = (until - Utc::now()).to_std().unwrap_or_default();
+    Error::Throttled {
+        message: "too many failed logins; try again later",
+        retry_after: Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+    }
+}

@@ -1,0 +1,200 @@
+//! Access tokens: JWTs per RFC 9068 (`typ: at+jwt`), signed with the
+//! store's signing key, verified with the algorithm of the key named by
+//! `kid`, never the one the token claims.
+
+use std::time::Duration;
+
+use jsonwebtoken::{Header, Validation, errors::ErrorKind};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::KeyStore;
+use crate::error::Error;
+
+/// The `typ` header of access tokens (RFC 9068).
+pub const TOKEN_TYPE: &str = "at+jwt";
+/// Clock skew tolerated on exp and nbf.
+const LEEWAY_SECONDS: u64 = 10;
+/// Longer tokens are refused unread.
+const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Why a token is refused, as `google.rpc.ErrorInfo` reasons.
+pub mod reason {
+    /// Not a JWT, not an access token, or a required claim is missing.
+    pub const MALFORMED: &str = "TOKEN_MALFORMED";
+    /// Bad signature, unknown key or wrong algorithm.
+    pub const SIGNATURE: &str = "TOKEN_SIGNATURE";
+    /// Past `exp`.
+    pub const EXPIRED: &str = "TOKEN_EXPIRED";
+    /// Before `nbf`.
+    pub const NOT_YET_VALID: &str = "TOKEN_NOT_YET_VALID";
+    /// Another `iss` or `aud`.
+    pub const ISSUER_OR_AUDIENCE: &str = "TOKEN_ISSUER_OR_AUDIENCE";
+    /// The subject no longer exists.
+    pub const USER_NOT_FOUND: &str = "USER_NOT_FOUND";
+    /// The subject is deactivated.
+    pub const USER_INACTIVE: &str = "USER_INACTIVE";
+    /// The session was ended (logout, password change, reuse detection).
+    pub const SESSION_ENDED: &str = "SESSION_ENDED";
+    /// The token predates the user's last password change.
+    pub const CREDENTIALS_CHANGED: &str = "CREDENTIALS_CHANGED";
+    /// No bearer token where one is needed.
+    pub const MISSING: &str = "TOKEN_MISSING";
+}
+
+/// `aud` may be one string or an array (RFC 7519 §4.1.3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Audience {
+    /// A single audience.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl Audience {
+    /// The audiences as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Audience::One(a) => vec![a.clone()],
+            Audience::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// The claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub aud: Audience,
+    pub sub: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub nbf: i64,
+    pub jti: String,
+    pub sid: String,
+    pub username: String,
+    pub email: String,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub groups: Vec<String>,
+}
+
+/// The user facts an access token carries.
+#[derive(Debug, Clone)]
+pub struct Subject<'a> {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub username: &'a str,
+    pub email: &'a str,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub groups: Vec<String>,
+}
+
+/// Signs and verifies access tokens.
+#[derive(Debug, Clone)]
+pub struct TokenIssuer {
+    keys: std::sync::Arc<KeyStore>,
+    issuer: String,
+    audience: String,
+    ttl: Duration,
+}
+
+impl TokenIssuer {
+    /// An issuer with these keys, `iss`, `aud` and lifetime.
+    pub fn new(
+        keys: std::sync::Arc<KeyStore>,
+        issuer: String,
+        audience: String,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            keys,
+            issuer,
+            audience,
+            ttl,
+        }
+    }
+
+    /// The key store.
+    pub fn keys(&self) -> &KeyStore {
+        &self.keys
+    }
+
+    /// Signs an access token for `subject`; returns it with its claims.
+    pub fn issue(&self, subject: Subject<'_>) -> Result<(String, AccessClaims), Error> {
+        let now = chrono::Utc::now().timestamp();
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            aud: Audience::One(self.audience.clone()),
+            sub: subject.user_id.to_string(),
+            exp: now.saturating_add(ttl),
+            iat: now,
+            nbf: now,
+            jti: Uuid::now_v7().to_string(),
+            sid: subject.session_id.to_string(),
+            username: subject.username.to_owned(),
+            email: subject.email.to_owned(),
+            is_superuser: subject.is_superuser,
+            is_active: subject.is_active,
+            is_verified: subject.is_verified,
+            groups: subject.groups,
+        };
+        let key = self.keys.signing();
+        let mut header = Header::new(key.algorithm);
+        header.typ = Some(TOKEN_TYPE.to_owned());
+        header.kid = Some(key.kid.clone());
+        let token =
+            jsonwebtoken::encode(&header, &claims, &key.encoding).map_err(Error::internal)?;
+        Ok((token, claims))
+    }
+
+    /// Checks signature, kid, typ, exp and nbf (with a small leeway), iss
+    /// and aud. Says nothing of the user or session: see the auth service.
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, Error> {
+        let refuse = |r: &'static str| Error::InvalidToken(r);
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+            return Err(refuse(reason::MALFORMED));
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse(reason::MALFORMED))?;
+        let typ_ok = header.typ.as_deref().is_some_and(|t| {
+            t.eq_ignore_ascii_case(TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt")
+        });
+        if !typ_ok {
+            return Err(refuse(reason::MALFORMED));
+        }
+        let kid = header.kid.as_deref().ok_or(refuse(reason::MALFORMED))?;
+        let key = self.keys.find(kid).ok_or(refuse(reason::SIGNATURE))?;
+        // The key decides the algorithm; a token naming another is refused.
+        if header.alg != key.algorithm {
+            return Err(refuse(reason::SIGNATURE));
+        }
+        let mut validation = Validation::new(key.algorithm);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
+            .map_err(|e| {
+                refuse(match e.kind() {
+                    ErrorKind::InvalidSignature
+                    | ErrorKind::InvalidAlgorithm
+                    | ErrorKind::InvalidAlgorithmName
+                    | ErrorKind::InvalidKeyFormat => reason::SIGNATURE,
+                    ErrorKind::ExpiredSignature => reason::EXPIRED,
+                    ErrorKind::ImmatureSignature => reason::NOT_YET_VALID,
+                    ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                        reason::ISSUER_OR_AUDIENCE
+                    }
+                    _ => reason::MALFORMED,
+                })
+            })?;
+        Ok(data.claims)
+    }
+}

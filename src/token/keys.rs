@@ -1,0 +1,307 @@
+//! Signing keys: PKCS#8 PEM files in `KEYS_DIR`, one key a file, named
+//! `<UTC time>-<algorithm>.pem` so that names sort by age.
+//!
+//! The newest key of the configured algorithm signs; every key verifies, so
+//! that a rotation never breaks tokens already out. A key's id (`kid`) is its
+//! RFC 7638 JWK thumbprint. Private key files are written with mode 0600.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use aws_lc_rs::{
+    encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der},
+    rsa::KeySize,
+    signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair},
+};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, EncodingKey,
+    jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse, ThumbprintHash},
+};
+
+use crate::config::JwtAlgorithm;
+
+/// Why keys could not be loaded or written.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A file-system step failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// Which step.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file is not a key identity can use.
+    #[error("{path}: {reason}")]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Key generation failed.
+    #[error("generating a {0:?} key failed")]
+    Generate(JwtAlgorithm),
+    /// No key, and none may be generated.
+    #[error("no signing key in {0}")]
+    Empty(PathBuf),
+}
+
+/// A key, as loaded from its file.
+#[derive(Clone)]
+pub struct Key {
+    /// RFC 7638 thumbprint (SHA-256, base64url).
+    pub kid: String,
+    /// Its JWS algorithm.
+    pub algorithm: Algorithm,
+    /// The public key, SubjectPublicKeyInfo in PEM.
+    pub public_pem: String,
+    /// The public key as a JWK, with `kid`, `alg` and `use`.
+    pub jwk: Jwk,
+    /// The file it came from.
+    pub path: PathBuf,
+    pub(crate) encoding: EncodingKey,
+    pub(crate) decoding: DecodingKey,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every key of `KEYS_DIR`, and which one signs.
+#[derive(Debug, Clone)]
+pub struct KeyStore {
+    /// The signing key first, then the others, newest first.
+    keys: Vec<Key>,
+    by_kid: HashMap<String, usize>,
+    jwks_json: String,
+}
+
+/// The JWS algorithm of a setting.
+pub fn algorithm(alg: JwtAlgorithm) -> Algorithm {
+    match alg {
+        JwtAlgorithm::EdDsa => Algorithm::EdDSA,
+        JwtAlgorithm::Rs256 => Algorithm::RS256,
+        JwtAlgorithm::Es256 => Algorithm::ES256,
+    }
+}
+
+impl KeyStore {
+    /// Loads `dir`; when it holds no key of `alg` (first start, or a new
+    /// algorithm), generates one first.
+    pub fn load_or_generate(dir: &Path, alg: JwtAlgorithm) -> Result<Self, KeyError> {
+        let keys = read_keys(dir)?;
+        if !keys.iter().any(|k| k.algorithm == algorithm(alg)) {
+            let path = generate(dir, alg)?;
+            tracing::info!(path = %path.display(), "generated a signing key");
+        }
+        Self::load(dir, alg)
+    }
+
+    /// Loads `dir` without writing anything.
+    pub fn load(dir: &Path, alg: JwtAlgorithm) -> Result<Self, KeyError> {
+        let mut keys = read_keys(dir)?;
+        // Newest first; the newest of the configured algorithm to the front.
+        keys.reverse();
+        let signer = keys
+            .iter()
+            .position(|k| k.algorithm == algorithm(alg))
+            .ok_or_else(|| KeyError::Empty(dir.to_owned()))?;
+        let signing = keys.remove(signer);
+        keys.insert(0, signing);
+        let by_kid = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.kid.clone(), i))
+            .collect();
+        let set = JwkSet {
+            keys: keys.iter().map(|k| k.jwk.clone()).collect(),
+        };
+        let jwks_json = serde_json::to_string(&set).map_err(|e| KeyError::BadKey {
+            path: dir.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            keys,
+            by_kid,
+            jwks_json,
+        })
+    }
+
+    /// The key that signs new tokens.
+    pub fn signing(&self) -> &Key {
+        &self.keys[0]
+    }
+
+    /// Every key, the signing key first.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
+    /// The key with this `kid`.
+    pub fn find(&self, kid: &str) -> Option<&Key> {
+        self.by_kid.get(kid).map(|&i| &self.keys[i])
+    }
+
+    /// The public keys as a JSON Web Key Set (RFC 7517).
+    pub fn jwks_json(&self) -> &str {
+        &self.jwks_json
+    }
+}
+
+/// Writes a new private key of `alg` into `dir` (created with mode 0700 if
+/// missing); returns its path. It becomes the signing key at the next load.
+pub fn generate(dir: &Path, alg: JwtAlgorithm) -> Result<PathBuf, KeyError> {
+    if !dir.exists() {
+        fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(io("setting the mode of", dir))?;
+    }
+    let der: Vec<u8> = match alg {
+        JwtAlgorithm::EdDsa => {
+            let pair = Ed25519KeyPair::generate().map_err(|_| KeyError::Generate(alg))?;
+            AsDer::<Pkcs8V1Der>::as_der(&pair)
+                .map_err(|_| KeyError::Generate(alg))?
+                .as_ref()
+                .to_vec()
+        }
+        JwtAlgorithm::Es256 => {
+            let pair = EcdsaKeyPair::generate(&signature::ECDSA_P256_SHA256_FIXED_SIGNING)
+                .map_err(|_| KeyError::Generate(alg))?;
+            pair.to_pkcs8v1()
+                .map_err(|_| KeyError::Generate(alg))?
+                .as_ref()
+                .to_vec()
+        }
+        JwtAlgorithm::Rs256 => {
+            let pair = aws_lc_rs::rsa::KeyPair::generate(KeySize::Rsa2048)
+                .map_err(|_| KeyError::Generate(alg))?;
+            AsDer::<Pkcs8V1Der>::as_der(&pair)
+                .map_err(|_| KeyError::Generate(alg))?
+                .as_ref()
+                .to_vec()
+        }
+    };
+    let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der));
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
+    let name = format!(
+        "{stamp}-{}.pem",
+        format!("{:?}", algorithm(alg)).to_lowercase()
+    );
+    let path = dir.join(name);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io("creating", &path))?;
+    file.write_all(pem.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io("writing", &path))?;
+    Ok(path)
+}
+
+/// Every key file of `dir`, oldest first (by name).
+fn read_keys(dir: &Path) -> Result<Vec<Key>, KeyError> {
+    let mut paths: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "pem"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io("reading", dir)(e)),
+    };
+    paths.sort();
+    paths.iter().map(|p| read_key(p)).collect()
+}
+
+fn read_key(path: &Path) -> Result<Key, KeyError> {
+    let bad = |reason: &str| KeyError::BadKey {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let text = fs::read(path).map_err(io("reading", path))?;
+    let block = pem::parse(&text).map_err(|e| bad(&format!("not PEM: {e}")))?;
+    if block.tag() != "PRIVATE KEY" {
+        return Err(bad("expected a PKCS#8 \"PRIVATE KEY\""));
+    }
+    let der = block.contents();
+    let (algorithm, public_der, encoding) =
+        if let Ok(pair) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
+            let spki = AsDer::<PublicKeyX509Der>::as_der(pair.public_key())
+                .map_err(|_| bad("Ed25519 public key"))?;
+            (
+                Algorithm::EdDSA,
+                spki.as_ref().to_vec(),
+                EncodingKey::from_ed_pem(&text),
+            )
+        } else if let Ok(pair) =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, der)
+        {
+            let spki = AsDer::<PublicKeyX509Der>::as_der(pair.public_key())
+                .map_err(|_| bad("P-256 public key"))?;
+            (
+                Algorithm::ES256,
+                spki.as_ref().to_vec(),
+                EncodingKey::from_ec_pem(&text),
+            )
+        } else if let Ok(pair) = aws_lc_rs::rsa::KeyPair::from_pkcs8(der) {
+            let spki = AsDer::<PublicKeyX509Der>::as_der(pair.public_key())
+                .map_err(|_| bad("RSA public key"))?;
+            (
+                Algorithm::RS256,
+                spki.as_ref().to_vec(),
+                EncodingKey::from_rsa_pem(&text),
+            )
+        } else {
+            return Err(bad("not an Ed25519, P-256 or RSA private key"));
+        };
+    let encoding = encoding.map_err(|e| bad(&format!("private key: {e}")))?;
+    let public_pem = pem::encode(&pem::Pem::new("PUBLIC KEY", public_der.clone()));
+    let decoding = match algorithm {
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(public_pem.as_bytes()),
+        Algorithm::ES256 => DecodingKey::from_ec_pem(public_pem.as_bytes()),
+        _ => DecodingKey::from_rsa_pem(public_pem.as_bytes()),
+    }
+    .map_err(|e| bad(&format!("public key: {e}")))?;
+    let mut jwk =
+        Jwk::from_encoding_key(&encoding, algorithm).map_err(|e| bad(&format!("JWK: {e}")))?;
+    let kid = jwk
+        .thumbprint(ThumbprintHash::SHA256)
+        .map_err(|e| bad(&format!("thumbprint: {e}")))?;
+    jwk.common.key_id = Some(kid.clone());
+    jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+    jwk.common.key_algorithm = Some(match algorithm {
+        Algorithm::EdDSA => KeyAlgorithm::EdDSA,
+        Algorithm::ES256 => KeyAlgorithm::ES256,
+        _ => KeyAlgorithm::RS256,
+    });
+    Ok(Key {
+        kid,
+        algorithm,
+        public_pem,
+        jwk,
+        path: path.to_owned(),
+        encoding,
+        decoding,
+    })
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeyError {
+    let path = path.to_owned();
+    move |source| KeyError::Io { what, path, source }
+}

@@ -199,7 +199,7 @@ impl AuthService {
         else {
             return Err(Error::InvalidToken(match rotation {
                 Rotation::Reused => reason::SESSION_ENDED,
-                _ => reason::MALFORMED,
+                _ => reason::REFRESH_INVALID,
             }));
         };
         let fresh = sessions::fresh(&mut conn, user_id, session_id)
@@ -228,7 +228,7 @@ impl AuthService {
         let mut conn = db::conn(&self.pool).await?;
         let (session_id, user_id) = sessions::owner_of(&mut conn, &hash)
             .await?
-            .ok_or(Error::InvalidToken(reason::MALFORMED))?;
+            .ok_or(Error::InvalidToken(reason::REFRESH_INVALID))?;
         if all_sessions {
             sessions::end_all_of_user(&mut conn, user_id, None, end_reason::LOGOUT).await?;
         } else {

@@ -40,6 +40,9 @@ pub mod reason {
     pub const CREDENTIALS_CHANGED: &str = "CREDENTIALS_CHANGED";
     /// No bearer token where one is needed.
     pub const MISSING: &str = "TOKEN_MISSING";
+    /// A refresh token that is unknown, expired, or of an ended session or
+    /// an inactive user.
+    pub const REFRESH_INVALID: &str = "REFRESH_TOKEN_INVALID";
 }
 
 /// `aud` may be one string or an array (RFC 7519 §4.1.3).

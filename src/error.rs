@@ -26,6 +26,10 @@ pub enum Error {
     #[error("{0} already exists")]
     AlreadyExists(&'static str),
 
+    /// ALREADY_EXISTS naming the field, with advice on what to do instead.
+    #[error("{0} already exists: {1}")]
+    AlreadyExistsHint(&'static str, &'static str),
+
     /// UNAUTHENTICATED: wrong login or password. One message for an unknown
     /// login and a wrong password, so that the answer enumerates nobody.
     #[error("invalid login or password")]
@@ -130,6 +134,17 @@ impl From<diesel::result::Error> for Error {
                 let field = info.constraint_name().and_then(crate::db::unique_field);
                 Error::AlreadyExists(field.unwrap_or("value"))
             }
+            D::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, ref info)
+                if info
+                    .constraint_name()
+                    .and_then(crate::db::missing_reference)
+                    .is_some() =>
+            {
+                let what = info
+                    .constraint_name()
+                    .and_then(crate::db::missing_reference);
+                Error::NotFound(what.unwrap_or("row"))
+            }
             D::DatabaseError(
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 _,
@@ -164,6 +179,9 @@ impl From<Error> for Status {
             Error::NotFound(what) => Status::not_found(format!("{what} not found")),
             Error::AlreadyExists(field) => {
                 Status::already_exists(format!("{field} already exists"))
+            }
+            Error::AlreadyExistsHint(field, hint) => {
+                Status::already_exists(format!("{field} already exists: {hint}"))
             }
             Error::InvalidCredentials => Status::with_error_details(
                 Code::Unauthenticated,
@@ -228,6 +246,10 @@ mod tests {
             ),
             (Error::NotFound("user"), Code::NotFound),
             (Error::AlreadyExists("email"), Code::AlreadyExists),
+            (
+                Error::AlreadyExistsHint("slug", "pass one"),
+                Code::AlreadyExists,
+            ),
             (Error::InvalidCredentials, Code::Unauthenticated),
             (Error::InvalidToken("TOKEN_EXPIRED"), Code::Unauthenticated),
             (Error::PermissionDenied, Code::PermissionDenied),

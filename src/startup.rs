@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::{HashParams, Hasher};
 use crate::proto::{self, identity::v1 as pb};
-use crate::service::{AuthService, UserService};
+use crate::service::{AuthService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
 
 /// The database of the embedded cluster.
@@ -129,6 +129,7 @@ pub struct Application {
     database: Database,
     users: UserService,
     auth: AuthService,
+    groups: GroupService,
     registration_open: bool,
 }
 
@@ -169,6 +170,7 @@ impl Application {
         );
         let users = UserService::new(pool.clone(), hasher.clone());
         let auth = AuthService::new(pool.clone(), hasher, tokens, config.refresh_token_ttl);
+        let groups = GroupService::new(pool.clone());
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|e| StartupError::Bind(config.listen_addr, e))?;
@@ -190,6 +192,7 @@ impl Application {
             database,
             users,
             auth,
+            groups,
             registration_open: config.allow_registration,
         })
     }
@@ -237,7 +240,7 @@ impl Application {
                 UsersGrpc::new(self.users, self.registration_open),
             ))
             .add_service(pb::group_service_server::GroupServiceServer::new(
-                GroupsGrpc,
+                GroupsGrpc::new(self.groups),
             ))
             .add_service(pb::auth_service_server::AuthServiceServer::new(
                 AuthGrpc::new(self.auth.clone()),

@@ -28,3 +28,142 @@ pub async fn of_user(conn: &mut AsyncPgConnection, user_id: Uuid) -> Result<Vec<
         .load(conn)
         .await?)
 }
+
+/// A group about to be inserted.
+#[derive(Debug, Insertable)]
+#[diesel(table_name = groups)]
+pub struct NewGroupRow<'a> {
+    pub id: Uuid,
+    pub groupname: &'a str,
+    pub groupname_canonical: &'a str,
+    pub slug: &'a str,
+    pub search: &'a str,
+}
+
+/// Inserts a group; ALREADY_EXISTS names `groupname` or `slug`.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    row: &NewGroupRow<'_>,
+) -> Result<GroupRow, Error> {
+    Ok(diesel::insert_into(groups::table)
+        .values(row)
+        .returning(GroupRow::as_returning())
+        .get_result(conn)
+        .await?)
+}
+
+/// The group with this id.
+pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<GroupRow>, Error> {
+    Ok(groups::table
+        .find(id)
+        .select(GroupRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The group whose groupname has this canonical form.
+pub async fn by_groupname(
+    conn: &mut AsyncPgConnection,
+    canonical: &str,
+) -> Result<Option<GroupRow>, Error> {
+    Ok(groups::table
+        .filter(groups::groupname_canonical.eq(canonical))
+        .select(GroupRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The group with this slug.
+pub async fn by_slug(conn: &mut AsyncPgConnection, slug: &str) -> Result<Option<GroupRow>, Error> {
+    Ok(groups::table
+        .filter(groups::slug.eq(slug))
+        .select(GroupRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+fn filtered(search: Option<&str>) -> groups::BoxedQuery<'static, diesel::pg::Pg> {
+    let mut query = groups::table.into_boxed();
+    if let Some(pattern) = search {
+        query = query.filter(groups::search.like(pattern.to_owned()));
+    }
+    query
+}
+
+/// One page of the groups matching `search`, by id, and how many match.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    search: Option<&str>,
+    page: crate::domain::PageRequest,
+) -> Result<(Vec<GroupRow>, i64), Error> {
+    let mut query = filtered(search);
+    if let Some(after) = page.after {
+        query = query.filter(groups::id.gt(after));
+    }
+    let rows = query
+        .order(groups::id)
+        .limit(page.size)
+        .select(GroupRow::as_select())
+        .load(conn)
+        .await?;
+    let total = filtered(search).count().get_result(conn).await?;
+    Ok((rows, total))
+}
+
+/// Deletes a group (its memberships go with it); whether there was one.
+pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool, Error> {
+    Ok(diesel::delete(groups::table.find(id)).execute(conn).await? > 0)
+}
+
+/// Whether the group and the user exist, in one round trip.
+pub async fn both_exist(
+    conn: &mut AsyncPgConnection,
+    group_id: Uuid,
+    user_id: Uuid,
+) -> Result<(bool, bool), Error> {
+    use super::schema::users;
+    Ok(diesel::select((
+        diesel::dsl::exists(groups::table.find(group_id)),
+        diesel::dsl::exists(users::table.find(user_id)),
+    ))
+    .get_result(conn)
+    .await?)
+}
+
+/// Adds a membership; nothing when it exists (concurrent adds of one pair
+/// both succeed, with one row). A missing group or user is a foreign-key
+/// violation, mapped to NOT_FOUND.
+pub async fn add_member(
+    conn: &mut AsyncPgConnection,
+    group_id: Uuid,
+    user_id: Uuid,
+) -> Result<(), Error> {
+    diesel::insert_into(group_members::table)
+        .values((
+            group_members::group_id.eq(group_id),
+            group_members::user_id.eq(user_id),
+        ))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Removes a membership, if there is one.
+pub async fn remove_member(
+    conn: &mut AsyncPgConnection,
+    group_id: Uuid,
+    user_id: Uuid,
+) -> Result<(), Error> {
+    diesel::delete(
+        group_members::table
+            .filter(group_members::group_id.eq(group_id))
+            .filter(group_members::user_id.eq(user_id)),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}

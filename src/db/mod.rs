@@ -54,6 +54,16 @@ pub fn unique_field(constraint: &str) -> Option<&'static str> {
     }
 }
 
+/// The missing row a foreign key points at, so that a violation (a row
+/// deleted meanwhile, too) answers NOT_FOUND naming it.
+pub fn missing_reference(constraint: &str) -> Option<&'static str> {
+    match constraint {
+        "group_members_group_id_fkey" => Some("group"),
+        "group_members_user_id_fkey" => Some("user"),
+        _ => None,
+    }
+}
+
 /// Borrows a connection; UNAVAILABLE when none can be had in time.
 pub async fn conn(pool: &Pool) -> Result<Conn<'_>, Error> {
     Ok(pool.get().await?)

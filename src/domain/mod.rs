@@ -2,9 +2,11 @@
 //! a value of a type here has passed its rules, so later layers need not
 //! check again.
 
+pub mod group;
 pub mod page;
 pub mod text;
 pub mod user;
 
+pub use group::{Groupname, Slug};
 pub use page::{PageRequest, Pager};
 pub use user::{Attributes, Email, Password, Username};

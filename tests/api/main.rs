@@ -8,6 +8,7 @@ mod helpers;
 mod auth;
 mod authz;
 mod cli;
+mod groups;
 mod lifecycle;
 mod logs;
 mod migrations;

@@ -137,19 +137,6 @@ async fn reflection_lists_every_service_in_both_versions() {
 }
 
 #[tokio::test]
-async fn rpcs_not_built_yet_answer_unimplemented() {
-    let app = spawn_app().await;
-    let status = app
-        .admin
-        .groups
-        .clone()
-        .list_groups(pb::ListGroupsRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-}
-
-#[tokio::test]
 async fn stopping_lets_the_server_finish_and_refuses_new_calls() {
     let app = spawn_app().await;
     let user = app.create_user("stopper").await;

@@ -1,0 +1,176 @@
+//! The GroupService use cases.
+
+use uuid::Uuid;
+
+use crate::db::{
+    self, Pool,
+    groups::{GroupRow, NewGroupRow},
+    users::UserRow,
+};
+use crate::domain::{Groupname, PageRequest, Slug, text};
+use crate::error::Error;
+
+/// How GetGroup finds a group.
+#[derive(Debug, Clone)]
+pub enum GroupLookup {
+    /// By id.
+    Id(Uuid),
+    /// By the canonical form of a groupname.
+    Groupname(String),
+    /// By slug.
+    Slug(String),
+}
+
+/// One page of a list, and where the next starts.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The last item of a full page, from which the next page starts.
+    pub last: Option<Uuid>,
+    pub total: i64,
+}
+
+impl<T> Page<T> {
+    fn new(items: Vec<T>, total: i64, size: i64, id: impl Fn(&T) -> Uuid) -> Self {
+        let last = (items.len() as i64 == size)
+            .then(|| items.last().map(&id))
+            .flatten();
+        Self { items, last, total }
+    }
+}
+
+/// Groups and memberships.
+#[derive(Debug, Clone)]
+pub struct GroupService {
+    pool: Pool,
+}
+
+impl GroupService {
+    /// The service over `pool`.
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    /// Creates a group. Without an explicit slug, one is derived from the
+    /// groupname; if that one is taken, the answer says to pass one.
+    #[tracing::instrument(skip_all, fields(groupname = %groupname.as_str()))]
+    pub async fn create(
+        &self,
+        groupname: Groupname,
+        slug: Option<Slug>,
+    ) -> Result<GroupRow, Error> {
+        let derived = slug.is_none();
+        let slug = match slug {
+            Some(slug) => slug,
+            None => Slug::derive(&groupname).ok_or_else(|| {
+                Error::invalid(
+                    "groupname",
+                    "derives an empty slug (no letters or digits); pass slug explicitly",
+                )
+            })?,
+        };
+        let search = text::search_text(&[groupname.as_str(), slug.as_str()]);
+        let row = NewGroupRow {
+            id: Uuid::now_v7(),
+            groupname: groupname.as_str(),
+            groupname_canonical: groupname.canonical(),
+            slug: slug.as_str(),
+            search: &search,
+        };
+        let mut conn = db::conn(&self.pool).await?;
+        let group = match db::groups::insert(&mut conn, &row).await {
+            Err(Error::AlreadyExists("slug")) if derived => {
+                return Err(Error::AlreadyExistsHint(
+                    "slug",
+                    "the slug derived from this groupname is taken; pass a slug explicitly",
+                ));
+            }
+            other => other?,
+        };
+        tracing::info!(group_id = %group.id, slug = %group.slug, "group created");
+        Ok(group)
+    }
+
+    /// The group found by `lookup`.
+    pub async fn get(&self, lookup: &GroupLookup) -> Result<GroupRow, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        let found = match lookup {
+            GroupLookup::Id(id) => db::groups::by_id(&mut conn, *id).await?,
+            GroupLookup::Groupname(canonical) => {
+                db::groups::by_groupname(&mut conn, canonical).await?
+            }
+            GroupLookup::Slug(slug) => db::groups::by_slug(&mut conn, slug).await?,
+        };
+        found.ok_or(Error::NotFound("group"))
+    }
+
+    /// One page of the groups matching `search`.
+    pub async fn list(
+        &self,
+        search: Option<&str>,
+        page: PageRequest,
+    ) -> Result<Page<GroupRow>, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        let (rows, total) = db::groups::list(&mut conn, search, page).await?;
+        Ok(Page::new(rows, total, page.size, |g| g.id))
+    }
+
+    /// Deletes a group with its memberships (the foreign key cascades, in
+    /// the same statement).
+    #[tracing::instrument(skip(self))]
+    pub async fn delete(&self, id: Uuid) -> Result<(), Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        if !db::groups::delete(&mut conn, id).await? {
+            return Err(Error::NotFound("group"));
+        }
+        tracing::info!(group_id = %id, "group deleted");
+        Ok(())
+    }
+
+    /// Adds a member; adding one twice is fine.
+    #[tracing::instrument(skip(self))]
+    pub async fn add_member(&self, group_id: Uuid, user_id: Uuid) -> Result<(), Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        db::groups::add_member(&mut conn, group_id, user_id).await?;
+        tracing::info!(group_id = %group_id, user_id = %user_id, "member added");
+        Ok(())
+    }
+
+    /// Removes a member; removing a non-member is fine, but the group and
+    /// the user must exist.
+    #[tracing::instrument(skip(self))]
+    pub async fn remove_member(&self, group_id: Uuid, user_id: Uuid) -> Result<(), Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        match db::groups::both_exist(&mut conn, group_id, user_id).await? {
+            (false, _) => return Err(Error::NotFound("group")),
+            (_, false) => return Err(Error::NotFound("user")),
+            _ => {}
+        }
+        db::groups::remove_member(&mut conn, group_id, user_id).await?;
+        tracing::info!(group_id = %group_id, user_id = %user_id, "member removed");
+        Ok(())
+    }
+
+    /// One page of a group's members.
+    pub async fn members(&self, group_id: Uuid, page: PageRequest) -> Result<Page<UserRow>, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        if db::groups::by_id(&mut conn, group_id).await?.is_none() {
+            return Err(Error::NotFound("group"));
+        }
+        let filter = db::users::UserFilter {
+            group_id: Some(group_id),
+            ..Default::default()
+        };
+        let (rows, total) = db::users::list(&mut conn, &filter, page).await?;
+        Ok(Page::new(rows, total, page.size, |u| u.id))
+    }
+
+    /// The groups of a user.
+    pub async fn of_user(&self, user_id: Uuid) -> Result<Vec<GroupRow>, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        if db::users::by_id(&mut conn, user_id).await?.is_none() {
+            return Err(Error::NotFound("user"));
+        }
+        db::groups::of_user(&mut conn, user_id).await
+    }
+}

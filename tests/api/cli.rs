@@ -159,3 +159,55 @@ async fn createsuperuser_reads_the_password_from_env_or_stdin() {
     assert_eq!(names, ["root", "root.admin", "second.admin"]);
     assert!(list.users.iter().all(|u| u.is_active && u.is_verified));
 }
+
+#[test]
+fn keys_generate_rotate_and_list_manage_the_keys_dir() {
+    let dir = crate::helpers::TempDir::new("identity-cli-keys");
+    let keys = dir.0.join("keys");
+    let keys_env = keys.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = identity(args, &[("KEYS_DIR", keys_env)], None);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let first = run(&["keys", "generate"]);
+    assert!(first.starts_with("generated "));
+    let again = run(&["keys", "generate"]);
+    assert!(
+        again.contains("exists already"),
+        "generate is idempotent: {again}"
+    );
+    assert_eq!(std::fs::read_dir(&keys).unwrap().count(), 1);
+
+    run(&["keys", "rotate"]);
+    let list = run(&["keys", "list"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 2, "{list}");
+    assert!(lines[0].contains("signs") && lines[1].contains("verifies"));
+    let first_kid = first.trim_start_matches("generated ").trim();
+    assert!(
+        lines[1].starts_with(first_kid),
+        "the older key verifies: {list}"
+    );
+
+    // Another algorithm: a key of it is made, and signs; the others verify.
+    let out = identity(
+        &["keys", "generate"],
+        &[("KEYS_DIR", keys_env), ("JWT_ALGORITHM", "ES256")],
+        None,
+    );
+    assert!(out.status.success());
+    let out = identity(
+        &["keys", "list"],
+        &[("KEYS_DIR", keys_env), ("JWT_ALGORITHM", "ES256")],
+        None,
+    );
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.lines().next().unwrap().contains("ES256"), "{list}");
+    assert_eq!(list.lines().count(), 3);
+}

@@ -130,7 +130,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub argon2_parallelism: u32,
 
-    /// Password hashes computed at once (default: the number of cores). More
+    /// Password hashes computed at once (default: half the cores, at least
+    /// one, so that a flood of logins leaves cores for everything else). More
     /// requests wait in a queue; see HASH_QUEUE.
     #[arg(long, env = "HASH_CONCURRENCY", value_name = "HASH_CONCURRENCY")]
     pub hash_concurrency: Option<NonZeroUsize>,
@@ -144,6 +145,18 @@ pub struct Config {
         default_value = "256"
     )]
     pub hash_queue: usize,
+
+    /// The longest a call may take on the server; a client's shorter
+    /// `grpc-timeout` wins. Past it the call is cancelled (DEADLINE_EXCEEDED).
+    #[arg(long, env = "REQUEST_TIMEOUT", value_name = "REQUEST_TIMEOUT",
+          default_value = "30s", value_parser = parse_ttl)]
+    pub request_timeout: Duration,
+
+    /// Calls served at once, across all connections; more are refused at once
+    /// with RESOURCE_EXHAUSTED rather than queued.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", value_name = "MAX_CONCURRENT_REQUESTS",
+          default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_requests: u32,
 
     /// Folder of the PostgreSQL server binaries for the embedded cluster
     /// (default: found on PATH or under /usr/lib/postgresql/*/bin).
@@ -206,11 +219,11 @@ impl Config {
             .unwrap_or_else(|| u32::try_from(self.worker_threads() * 2).unwrap_or(u32::MAX))
     }
 
-    /// Concurrent password hashes: `HASH_CONCURRENCY` or the number of cores.
+    /// Concurrent password hashes: `HASH_CONCURRENCY` or half the cores.
     pub fn hash_concurrency(&self) -> usize {
         self.hash_concurrency
             .map(NonZeroUsize::get)
-            .unwrap_or_else(available_cores)
+            .unwrap_or_else(|| (available_cores() / 2).max(1))
     }
 }
 

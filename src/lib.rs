@@ -18,6 +18,8 @@ pub mod grpc;
 pub mod hashing;
 /// Plain HTTP beside gRPC: the public key and the JWKS.
 pub mod http;
+/// Deadlines and request-size limits, as tower layers.
+pub mod limits;
 /// Code generated from `proto/`, and its descriptor set.
 pub mod proto;
 /// Use cases; they own transactions.

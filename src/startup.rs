@@ -19,6 +19,7 @@ use crate::db::{
 use crate::error::Error;
 use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::{HashParams, Hasher};
+use crate::limits::{BodyLimitLayer, DeadlineLayer};
 use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AuthService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
@@ -131,7 +132,18 @@ pub struct Application {
     auth: AuthService,
     groups: GroupService,
     registration_open: bool,
+    limits: Limits,
 }
+
+/// The limits of [`crate::limits`], from the configuration.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    request_timeout: Duration,
+    max_concurrent_requests: usize,
+}
+
+/// The largest request message: 64 KiB is far above any valid request.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 impl Application {
     /// Opens the database, applies pending migrations, builds the services
@@ -182,7 +194,8 @@ impl Application {
             listen_addr = %local_addr,
             workers = config.worker_threads(),
             db_pool_size = config.pool_size(),
-            database = if database.embedded.is_some() { "embedded" } else { "external" },
+            database = %mask_password(&database.url),
+            embedded = database.embedded.is_some(),
             "identity ready"
         );
         Ok(Self {
@@ -194,6 +207,10 @@ impl Application {
             auth,
             groups,
             registration_open: config.allow_registration,
+            limits: Limits {
+                request_timeout: config.request_timeout,
+                max_concurrent_requests: config.max_concurrent_requests as usize,
+            },
         })
     }
 
@@ -248,9 +265,20 @@ impl Application {
         let http = crate::http::routes(self.auth.tokens().clone());
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
 
+        let layers = tower::ServiceBuilder::new()
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                self.limits.max_concurrent_requests,
+            ))
+            .layer(DeadlineLayer::new(self.limits.request_timeout))
+            .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
+            .layer(AuthLayer::new(self.auth));
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
-            .layer(AuthLayer::new(self.auth))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .layer(layers)
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
             .await;
@@ -262,6 +290,21 @@ impl Application {
         self.database.close().await?;
         result?;
         Ok(())
+    }
+}
+
+/// A database URL fit for a log line: its password replaced by `***`.
+pub fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
     }
 }
 
@@ -316,4 +359,25 @@ async fn report_database(
         }
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_password;
+
+    #[test]
+    fn database_passwords_are_masked_in_logs() {
+        assert_eq!(
+            mask_password("postgres://app:s3cr%40t@db:5432/identity?sslmode=require"),
+            "postgres://app:***@db:5432/identity?sslmode=require"
+        );
+        assert_eq!(
+            mask_password("postgres://app@db/identity"),
+            "postgres://app@db/identity"
+        );
+        assert_eq!(
+            mask_password("postgres://postgres@/identity?host=/srv/run"),
+            "postgres://postgres@/identity?host=/srv/run"
+        );
+    }
 }

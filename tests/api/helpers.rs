@@ -349,6 +349,21 @@ pub async fn spawn_app_with(
     keys_dir: TempDir,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
+    start(db, keys_dir, tweak, true).await
+}
+
+/// Starts a server whose `admin` clients are anonymous: for settings under
+/// which even root's login would not get through (tiny deadlines).
+pub async fn spawn_app_without_login(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
+    start(db, TempDir::new("identity-keys"), tweak, false).await
+}
+
+async fn start(
+    db: TestDb,
+    keys_dir: TempDir,
+    tweak: impl FnOnce(&mut Config),
+    log_root_in: bool,
+) -> TestApp {
     let mut config = test_config(&db.url);
     config.keys_dir = keys_dir.0.clone();
     tweak(&mut config);
@@ -370,24 +385,28 @@ pub async fn spawn_app_with(
         .await
         .expect("connect to the test server");
     let anon = Clients::new(&channel, None);
-    let login = anon
-        .auth
-        .clone()
-        .login(pb::LoginRequest {
-            login: ROOT_USERNAME.into(),
-            password: ROOT_PASSWORD.into(),
-        })
-        .await
-        .expect("root logs in")
-        .into_inner();
-    let token = login.tokens.unwrap().access_token;
-    let admin = Clients::new(&channel, Some(&token));
+    let (admin, root) = if log_root_in {
+        let login = anon
+            .auth
+            .clone()
+            .login(pb::LoginRequest {
+                login: ROOT_USERNAME.into(),
+                password: ROOT_PASSWORD.into(),
+            })
+            .await
+            .expect("root logs in")
+            .into_inner();
+        let token = login.tokens.unwrap().access_token;
+        (Clients::new(&channel, Some(&token)), login.user.unwrap())
+    } else {
+        (anon.clone(), pb::User::default())
+    };
     TestApp {
         addr,
         users: admin.users.clone(),
         admin,
         anon,
-        root: login.user.unwrap(),
+        root,
         keys_dir,
         channel,
         stop: Some(stop),

@@ -10,6 +10,7 @@ mod authz;
 mod cli;
 mod groups;
 mod lifecycle;
+mod limits;
 mod logs;
 mod migrations;
 mod server;

@@ -1,0 +1,193 @@
+//! Limits: message size, deadlines (server maximum and client grpc-timeout),
+//! global concurrency with load shedding, bounded hashing.
+
+use std::time::Duration;
+
+use tonic::{Code, IntoRequest};
+use tonic_types::StatusExt;
+
+use crate::helpers::{TestDb, TestUser, spawn_app, spawn_app_on, spawn_app_without_login};
+use identity::proto::identity::v1 as pb;
+
+/// argon2 parameters that make one hash take a good fraction of a second,
+/// so that a call is reliably still running when the next one arrives.
+fn slow_hashing(c: &mut identity::config::Config) {
+    c.argon2_memory_kib = 65_536;
+    c.argon2_iterations = 12;
+}
+
+#[tokio::test]
+async fn a_message_over_64_kib_is_resource_exhausted() {
+    let app = spawn_app().await;
+    let mut req = TestUser::named("big").request();
+    req.first_name = "x".repeat(70 * 1024);
+    let status = app.users.clone().create_user(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // Just under the limit, the message reaches the handler (and its rules).
+    let mut req = TestUser::named("big").request();
+    req.first_name = "x".repeat(60 * 1024);
+    let status = app.users.clone().create_user(req).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+/// Calls CreateUser over a bare h2 connection with a `grpc-timeout` header,
+/// so that only the server can enforce it (tonic's client would cancel on
+/// its own); returns the grpc-status.
+async fn create_user_with_grpc_timeout(
+    addr: std::net::SocketAddr,
+    req: pb::CreateUserRequest,
+    timeout: &str,
+) -> String {
+    use prost::Message;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let message = req.encode_to_vec();
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0);
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let request = http::Request::post(format!("http://{addr}/identity.v1.UserService/CreateUser"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    send.send_data(bytes::Bytes::from(body), true).unwrap();
+    let response = response.await.unwrap();
+    if let Some(status) = response.headers().get("grpc-status") {
+        return status.to_str().unwrap().to_owned();
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().unwrap();
+    trailers["grpc-status"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_deadline_cancels_the_call() {
+    let db = TestDb::migrated().await;
+    let app = spawn_app_on(db, |c| {
+        slow_hashing(c);
+        c.hash_concurrency = std::num::NonZeroUsize::new(1);
+    })
+    .await;
+    let status =
+        create_user_with_grpc_timeout(app.addr, TestUser::named("hurried").request(), "20m").await;
+    assert_eq!(status, (Code::DeadlineExceeded as i32).to_string());
+
+    // And with tonic's client, which also cancels on its own side.
+    let mut req = TestUser::named("hurried2").request().into_request();
+    req.set_timeout(Duration::from_millis(20));
+    let status = app.users.clone().create_user(req).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+
+    // The next hash starts only when the cancelled call's hash is done, so
+    // once this call returns, the cancelled one would have written by now.
+    app.users
+        .clone()
+        .create_user(TestUser::named("patient").request())
+        .await
+        .unwrap();
+    let status = app
+        .users
+        .clone()
+        .get_user(pb::GetUserRequest {
+            lookup: Some(pb::get_user_request::Lookup::Username("hurried".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::NotFound,
+        "the cancelled call wrote nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_bounds_every_call_by_its_own_maximum() {
+    let db = TestDb::migrated().await;
+    let app = spawn_app_without_login(db, |c| {
+        slow_hashing(c);
+        c.request_timeout = Duration::from_millis(30);
+    })
+    .await;
+    let status = app
+        .anon
+        .users
+        .clone()
+        .create_user(TestUser::named("slowpoke").request())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_concurrency_limit_are_shed_not_queued() {
+    let db = TestDb::migrated().await;
+    let app = spawn_app_on(db, |c| {
+        slow_hashing(c);
+        c.max_concurrent_requests = 1;
+    })
+    .await;
+    let calls = (0..8).map(|i| {
+        let mut users = app.users.clone();
+        async move {
+            users
+                .create_user(TestUser::named(&format!("crowd{i}")).request())
+                .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let shed = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|s| s.code() == Code::ResourceExhausted)
+        })
+        .count();
+    assert!(ok >= 1 && shed >= 1, "{results:?}");
+    assert_eq!(ok + shed, 8, "nothing but served or shed: {results:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hashing_queue_refuses_logins_but_not_token_checks() {
+    let db = TestDb::migrated().await;
+    let app = spawn_app_on(db, |_| {}).await;
+    let (_, tokens) = app.signed_in_user("steady").await;
+    let app = app
+        .restart(|c| {
+            slow_hashing(c);
+            c.hash_concurrency = std::num::NonZeroUsize::new(1);
+            c.hash_queue = 1;
+        })
+        .await;
+    let password = TestUser::named("steady").password;
+    let logins = (0..6).map(|_| app.login("steady", &password));
+    let verify = async {
+        app.anon
+            .auth
+            .clone()
+            .verify_token(pb::VerifyTokenRequest {
+                access_token: tokens.access_token.clone(),
+            })
+            .await
+    };
+    let (results, verified) = tokio::join!(futures::future::join_all(logins), verify);
+    assert!(verified.is_ok(), "VerifyToken needs no hashing slot");
+    let refused: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .filter(|s| s.code() == Code::ResourceExhausted)
+        .collect();
+    assert!(!refused.is_empty(), "{results:?}");
+    assert!(refused.iter().all(|s| s.get_details_retry_info().is_some()));
+}

@@ -158,6 +158,11 @@ pub struct Config {
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_requests: u32,
 
+    /// How often KEYS_DIR is re-read (SIGHUP re-reads it at once).
+    #[arg(long, env = "KEYS_RELOAD_INTERVAL", value_name = "KEYS_RELOAD_INTERVAL",
+          default_value = "60s", value_parser = parse_ttl)]
+    pub keys_reload_interval: Duration,
+
     /// Folder of the PostgreSQL server binaries for the embedded cluster
     /// (default: found on PATH or under /usr/lib/postgresql/*/bin).
     #[arg(long, env = "PG_BIN_DIR", value_name = "PG_BIN_DIR")]

@@ -145,8 +145,13 @@ impl From<diesel::result::Error> for Error {
                     .and_then(crate::db::missing_reference);
                 Error::NotFound(what.unwrap_or("row"))
             }
+            // A lost connection, a standby that took over (read-only), or a
+            // transaction that lost a conflict: all transient, worth a retry.
             D::DatabaseError(
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                DatabaseErrorKind::ClosedConnection
+                | DatabaseErrorKind::UnableToSendCommand
+                | DatabaseErrorKind::ReadOnlyTransaction
+                | DatabaseErrorKind::SerializationFailure,
                 _,
             ) => Error::Unavailable(Box::new(e)),
             D::DatabaseError(DatabaseErrorKind::Unknown, ref info)

@@ -52,7 +52,7 @@ pub struct Hasher {
 #[derive(Debug)]
 struct Inner {
     argon2: Argon2<'static>,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue_limit: usize,
     /// A real hash of a random password, verified when a login names nobody,
@@ -79,7 +79,7 @@ impl Hasher {
         Ok(Self {
             inner: Arc::new(Inner {
                 argon2,
-                slots: Semaphore::new(concurrency.max(1)),
+                slots: Arc::new(Semaphore::new(concurrency.max(1))),
                 waiting: AtomicUsize::new(0),
                 queue_limit,
                 dummy_hash,
@@ -150,7 +150,34 @@ impl Hasher {
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, Error> + Send + 'static,
     {
-        let inner = &self.inner;
+        let permit = {
+            // Counted while waiting; the guard uncounts even when the caller
+            // is cancelled (deadline, client gone) during the wait.
+            let _waiting = Waiting::enter(&self.inner)?;
+            self.inner
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(Error::internal)?
+        };
+        let inner = Arc::clone(&self.inner);
+        // The permit travels with the work: a cancelled caller does not free
+        // its slot while its hash still runs.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&inner)
+        })
+        .await
+        .map_err(Error::internal)?
+    }
+}
+
+/// One caller in the hashing queue, uncounted when dropped.
+struct Waiting<'a>(&'a Inner);
+
+impl<'a> Waiting<'a> {
+    fn enter(inner: &'a Inner) -> Result<Self, Error> {
         if inner.waiting.fetch_add(1, Ordering::AcqRel) >= inner.queue_limit {
             inner.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(Error::Throttled {
@@ -158,13 +185,13 @@ impl Hasher {
                 retry_after: Duration::from_secs(1),
             });
         }
-        let permit = inner.slots.acquire().await;
-        inner.waiting.fetch_sub(1, Ordering::AcqRel);
-        let _permit = permit.map_err(Error::internal)?;
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(Error::internal)?
+        Ok(Self(inner))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -215,5 +242,34 @@ mod tests {
         let pw = Password::parse("correct horse", &[]).unwrap();
         let err = hasher.hash(&pw).await.unwrap_err();
         assert!(matches!(err, Error::Throttled { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_the_queue() {
+        let hasher = Hasher::new(CHEAP, 1, 1).unwrap();
+        let pw = Password::parse("correct horse", &[]).unwrap();
+        // Hold the only slot, so that the next caller waits.
+        let held = hasher.inner.slots.clone().acquire_owned().await.unwrap();
+        let mut waiter = Box::pin(hasher.hash(&pw));
+        assert!(
+            futures_poll_once(waiter.as_mut()).await.is_none(),
+            "waits for the slot"
+        );
+        assert_eq!(hasher.queue_depth(), 1);
+        drop(waiter);
+        assert_eq!(hasher.queue_depth(), 0, "the cancelled caller is uncounted");
+        drop(held);
+        assert!(hasher.hash(&pw).await.is_ok());
+    }
+
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
     }
 }

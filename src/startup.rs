@@ -133,6 +133,15 @@ pub struct Application {
     groups: GroupService,
     registration_open: bool,
     limits: Limits,
+    keys: KeysSource,
+}
+
+/// Where the signing keys come from, for reloading them.
+#[derive(Debug, Clone)]
+struct KeysSource {
+    dir: std::path::PathBuf,
+    algorithm: crate::config::JwtAlgorithm,
+    interval: Duration,
 }
 
 /// The limits of [`crate::limits`], from the configuration.
@@ -164,7 +173,7 @@ impl Application {
                 parallelism: config.argon2_parallelism,
             },
             config.hash_concurrency(),
-            config.hash_queue,
+            config.hash_queue as usize,
         )
         .map_err(StartupError::Database)?;
         let keys_dir = config.keys_dir.clone();
@@ -175,7 +184,7 @@ impl Application {
         let kids: Vec<&str> = keys.keys().iter().map(|k| k.kid.as_str()).collect();
         tracing::info!(signing_kid = %keys.signing().kid, kids = ?kids, "keys loaded");
         let tokens = TokenIssuer::new(
-            std::sync::Arc::new(keys),
+            keys,
             config.jwt_issuer.clone(),
             config.jwt_audience.clone(),
             config.access_token_ttl,
@@ -207,6 +216,11 @@ impl Application {
             auth,
             groups,
             registration_open: config.allow_registration,
+            keys: KeysSource {
+                dir: config.keys_dir.clone(),
+                algorithm: config.jwt_algorithm,
+                interval: config.keys_reload_interval,
+            },
             limits: Limits {
                 request_timeout: config.request_timeout,
                 max_concurrent_requests: config.max_concurrent_requests as usize,
@@ -241,6 +255,11 @@ impl Application {
         // every service name is registered by the first health call.
         let first = report_database(&self.pool, &reporter, None).await;
         let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+        let reloader = tokio::spawn(reload_keys(
+            self.keys.clone(),
+            self.auth.tokens().clone(),
+            health_stopped.clone(),
+        ));
         let watcher = tokio::spawn(watch_database(
             self.pool.clone(),
             reporter,
@@ -286,10 +305,57 @@ impl Application {
 
         let _ = stop_health.send(true);
         let _ = watcher.await;
+        let _ = reloader.await;
         drop(self.pool);
         self.database.close().await?;
         result?;
         Ok(())
+    }
+}
+
+/// Re-reads `KEYS_DIR` on SIGHUP and every `KEYS_RELOAD_INTERVAL`, so that
+/// `identity keys rotate` (or a key mounted from a secret store) takes effect
+/// without a restart: the newest key signs, every key still in the folder
+/// verifies, and a key removed from it stops verifying.
+async fn reload_keys(
+    source: KeysSource,
+    tokens: TokenIssuer,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; keys reload on a timer only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(source.interval);
+    tick.tick().await;
+    loop {
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hup => tracing::info!("SIGHUP received: reloading keys"),
+            _ = stopped.changed() => return,
+        }
+        let (dir, alg) = (source.dir.clone(), source.algorithm);
+        match tokio::task::spawn_blocking(move || KeyStore::load(&dir, alg)).await {
+            Ok(Ok(keys)) => {
+                let signing = keys.signing().kid.clone();
+                let count = keys.keys().len();
+                if tokens.replace_keys(keys) {
+                    tracing::info!(signing_kid = %signing, keys = count, "keys reloaded");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "keys not reloaded; the current ones stay"),
+            Err(e) => tracing::error!(error = %e, "keys not reloaded"),
+        }
     }
 }
 

@@ -29,6 +29,16 @@ CREATE TABLE users (
 
 CREATE INDEX users_search_trgm ON users USING gin (search gin_trgm_ops);
 
+-- Every name a user logs in with (its canonical username and email), unique
+-- across both kinds, so that nobody can take a username equal to another
+-- user's email and catch that user's logins by email.
+CREATE TABLE login_names (
+    name    text PRIMARY KEY,
+    user_id uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE
+);
+
+CREATE INDEX login_names_user_id ON login_names (user_id);
+
 CREATE TABLE groups (
     id                  uuid        PRIMARY KEY,
     groupname           text        NOT NULL,

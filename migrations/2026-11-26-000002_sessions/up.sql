@@ -26,10 +26,16 @@ CREATE TABLE retired_refresh_tokens (
 CREATE INDEX retired_refresh_tokens_session_id ON retired_refresh_tokens (session_id);
 
 -- One row per throttled key: 'user:<id>' when a login names an account,
--- 'login:<canonical login>' when it names none.
+-- 'login:<sha-256 of the canonical login>' when it names none. Every attempt
+-- is counted before its password is checked (so parallel attempts cannot
+-- slip past the lock); a success deletes the row. `refused` says whether the
+-- last attempt met a lock.
 CREATE TABLE login_failures (
     key          text        PRIMARY KEY,
     failures     integer     NOT NULL,
     locked_until timestamptz,
+    refused      boolean     NOT NULL DEFAULT false,
     update_time  timestamptz NOT NULL DEFAULT now()
 );
+
+CREATE INDEX login_failures_update_time ON login_failures (update_time);

@@ -23,6 +23,13 @@ diesel::table! {
 }
 
 diesel::table! {
+    login_names (name) {
+        name -> Text,
+        user_id -> Uuid,
+    }
+}
+
+diesel::table! {
     groups (id) {
         id -> Uuid,
         groupname -> Text,
@@ -70,14 +77,17 @@ diesel::table! {
         key -> Text,
         failures -> Int4,
         locked_until -> Nullable<Timestamptz>,
+        refused -> Bool,
         update_time -> Timestamptz,
     }
 }
 
 diesel::joinable!(sessions -> users (user_id));
+diesel::joinable!(login_names -> users (user_id));
 diesel::joinable!(retired_refresh_tokens -> sessions (session_id));
 diesel::allow_tables_to_appear_in_same_query!(
     users,
+    login_names,
     groups,
     group_members,
     sessions,

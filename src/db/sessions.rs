@@ -62,8 +62,9 @@ pub enum Rotation {
 
 /// Swaps the current refresh token for a new one in one statement (so two
 /// concurrent calls cannot both win), retiring the old one. A token that was
-/// retired before ends its session: reuse means it leaked (OAuth 2.0
-/// Security BCP, refresh token rotation).
+/// retired before is reported as reused: it leaked (OAuth 2.0 Security BCP,
+/// refresh token rotation), and the caller ends its session
+/// ([`end_reused`]).
 pub async fn rotate(
     conn: &mut AsyncPgConnection,
     old_hash: &[u8],
@@ -94,6 +95,20 @@ pub async fn rotate(
             user_id: r.user_id,
         });
     }
+    let retired: bool = diesel::select(diesel::dsl::exists(
+        retired_refresh_tokens::table.filter(retired_refresh_tokens::hash.eq(old_hash)),
+    ))
+    .get_result(conn)
+    .await?;
+    Ok(if retired {
+        Rotation::Reused
+    } else {
+        Rotation::Invalid
+    })
+}
+
+/// Ends the session a retired refresh token belongs to (reuse detected).
+pub async fn end_reused(conn: &mut AsyncPgConnection, old_hash: &[u8]) -> Result<(), Error> {
     let ended = diesel::update(sessions::table)
         .filter(
             sessions::id.eq_any(
@@ -110,26 +125,44 @@ pub async fn rotate(
         .returning(sessions::id)
         .get_results::<Uuid>(conn)
         .await?;
-    if let Some(id) = ended.into_iter().next() {
+    for id in ended {
         tracing::warn!(session_id = %id, "retired refresh token presented again: session ended");
-        return Ok(Rotation::Reused);
     }
-    Ok(Rotation::Invalid)
+    Ok(())
+}
+
+/// Whose refresh token this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenOwner {
+    pub session_id: Uuid,
+    pub user_id: Uuid,
+    /// The session's current token, the session live and unexpired.
+    pub current_and_live: bool,
 }
 
 /// The session and user a refresh token (current or retired) belongs to.
 pub async fn owner_of(
     conn: &mut AsyncPgConnection,
     hash: &[u8],
-) -> Result<Option<(Uuid, Uuid)>, Error> {
+) -> Result<Option<TokenOwner>, Error> {
     let current = sessions::table
         .filter(sessions::refresh_hash.eq(hash))
-        .select((sessions::id, sessions::user_id))
-        .first::<(Uuid, Uuid)>(conn)
+        .select((
+            sessions::id,
+            sessions::user_id,
+            sessions::end_time
+                .is_null()
+                .and(sessions::refresh_expire_time.gt(diesel::dsl::now)),
+        ))
+        .first::<(Uuid, Uuid, bool)>(conn)
         .await
         .optional()?;
-    if current.is_some() {
-        return Ok(current);
+    if let Some((session_id, user_id, live)) = current {
+        return Ok(Some(TokenOwner {
+            session_id,
+            user_id,
+            current_and_live: live,
+        }));
     }
     Ok(retired_refresh_tokens::table
         .inner_join(sessions::table)
@@ -137,7 +170,12 @@ pub async fn owner_of(
         .select((sessions::id, sessions::user_id))
         .first::<(Uuid, Uuid)>(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(|(session_id, user_id)| TokenOwner {
+            session_id,
+            user_id,
+            current_and_live: false,
+        }))
 }
 
 /// Ends one session; whether it was live.
@@ -294,53 +332,96 @@ pub async fn fresh(
     }))
 }
 
-/// When a throttled key may try again, if it is locked now.
-pub async fn locked_until(
-    conn: &mut AsyncPgConnection,
-    key: &str,
-) -> Result<Option<DateTime<Utc>>, Error> {
-    Ok(login_failures::table
-        .find(key)
-        .filter(login_failures::locked_until.gt(diesel::dsl::now))
-        .select(login_failures::locked_until)
-        .first::<Option<DateTime<Utc>>>(conn)
-        .await
-        .optional()?
-        .flatten())
-}
-
 #[derive(Debug, QueryableByName)]
-struct Failures {
+struct AttemptRow {
     #[diesel(sql_type = Int4)]
     failures: i32,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    locked_until: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Bool)]
+    refused: bool,
 }
 
-/// Counts a failed login atomically (100 parallel failures count 100).
-/// From the `free`-th consecutive failure on, the key is locked for a delay
-/// that doubles from 1 s up to `max_delay_secs`.
-pub async fn record_failure(
+/// A login attempt as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt {
+    /// Consecutive attempts that did not succeed, this one included.
+    pub failures: i32,
+    /// Refused: the key was locked when it arrived (until then).
+    pub refused_until: Option<DateTime<Utc>>,
+}
+
+/// Counts an attempt on `key` before its password is checked, in one
+/// statement: parallel attempts are serialised on the row, so at most `free`
+/// of them can ever reach the password check before the lock, and every one
+/// is counted (100 parallel failures count 100).
+///
+/// An attempt that arrives while the key is locked is refused and counted,
+/// without moving the lock. Otherwise, from the `free`-th consecutive attempt
+/// on, the key is locked at once for a delay that doubles from 1 s up to
+/// `max_delay_secs` (a success, reported by [`clear_failures`], lifts it).
+/// Failures more than a day old are forgotten, so that typos spread over
+/// months never add up.
+pub async fn count_attempt(
     conn: &mut AsyncPgConnection,
     key: &str,
     free: i32,
     max_delay_secs: i32,
-) -> Result<i32, Error> {
-    let row: Failures = diesel::sql_query(
-        "INSERT INTO login_failures AS f (key, failures, locked_until, update_time) \
-         VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + interval '1 second' END, now()) \
+) -> Result<Attempt, Error> {
+    let row: AttemptRow = diesel::sql_query(
+        "INSERT INTO login_failures AS f (key, failures, locked_until, refused, update_time) \
+         VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + interval '1 second' END, false, now()) \
          ON CONFLICT (key) DO UPDATE SET \
-             failures = f.failures + 1, \
-             locked_until = CASE WHEN f.failures + 1 >= $2 \
-                 THEN now() + make_interval(secs => LEAST(power(2, LEAST(f.failures + 1 - $2, 30)), $3)) \
+             failures = CASE WHEN f.update_time < now() - interval '1 day' THEN 1 \
+                             ELSE f.failures + 1 END, \
+             refused = COALESCE(f.locked_until > now(), false), \
+             locked_until = CASE \
+                 WHEN f.locked_until > now() THEN f.locked_until \
+                 WHEN f.update_time >= now() - interval '1 day' AND f.failures + 1 >= $2 \
+                     THEN now() + make_interval(secs => \
+                         LEAST(power(2, LEAST(f.failures + 1 - $2, 30)), $3)) \
                  ELSE NULL END, \
              update_time = now() \
-         RETURNING failures",
+         RETURNING failures, locked_until, refused",
     )
     .bind::<Text, _>(key)
     .bind::<Int4, _>(free)
     .bind::<Int4, _>(max_delay_secs)
     .get_result(conn)
     .await?;
-    Ok(row.failures)
+    Ok(Attempt {
+        failures: row.failures,
+        refused_until: if row.refused { row.locked_until } else { None },
+    })
+}
+
+/// Deletes throttling rows untouched for a day (their counts are forgotten
+/// by then anyway); how many.
+pub async fn purge_failures(conn: &mut AsyncPgConnection) -> Result<usize, Error> {
+    let before = Utc::now() - chrono::Duration::days(1);
+    Ok(
+        diesel::delete(login_failures::table.filter(login_failures::update_time.lt(before)))
+            .execute(conn)
+            .await?,
+    )
+}
+
+/// Deletes sessions that ended or expired more than `keep` ago (their
+/// retired refresh tokens go with them); how many.
+pub async fn purge_sessions(
+    conn: &mut AsyncPgConnection,
+    keep: chrono::Duration,
+) -> Result<usize, Error> {
+    let before = Utc::now() - keep;
+    Ok(diesel::delete(
+        sessions::table.filter(
+            sessions::end_time
+                .lt(before)
+                .or(sessions::refresh_expire_time.lt(before)),
+        ),
+    )
+    .execute(conn)
+    .await?)
 }
 
 /// Forgets the failures of a key (after a successful login).

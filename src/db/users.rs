@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
-use super::schema::{group_members, users};
+use super::schema::{group_members, login_names, users};
 use crate::domain::PageRequest;
 use crate::error::Error;
 
@@ -44,6 +44,8 @@ pub struct NewUserRow<'a> {
     pub is_verified: bool,
     pub attributes: serde_json::Value,
     pub search: &'a str,
+    /// From the service's clock, like the `jti` of tokens it is compared with.
+    pub password_changed_at: DateTime<Utc>,
 }
 
 /// The mutable fields of a user, all written at once.
@@ -79,6 +81,25 @@ pub async fn insert(conn: &mut AsyncPgConnection, row: &NewUserRow<'_>) -> Resul
         .returning(UserRow::as_returning())
         .get_result(conn)
         .await?)
+}
+
+/// Claims a name the user logs in with; ALREADY_EXISTS naming `field` when
+/// another user logs in with it (as a username or an email).
+pub async fn claim_login_name(
+    conn: &mut AsyncPgConnection,
+    name: &str,
+    user_id: Uuid,
+    field: &'static str,
+) -> Result<(), Error> {
+    let inserted = diesel::insert_into(login_names::table)
+        .values((login_names::name.eq(name), login_names::user_id.eq(user_id)))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    if inserted == 0 {
+        return Err(Error::AlreadyExists(field));
+    }
+    Ok(())
 }
 
 /// The user with this id.
@@ -237,19 +258,15 @@ pub async fn group_exists(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool
         .await?)
 }
 
-/// What a login needs of a user: the row, its hash, and whether it may log in.
+/// What a login needs of a user: the row and its hash. A login name is a
+/// canonical username or email; `login_names` makes it name one user only.
 pub async fn for_login(
     conn: &mut AsyncPgConnection,
     canonical_login: &str,
 ) -> Result<Option<(UserRow, String)>, Error> {
-    Ok(users::table
-        .filter(
-            users::username_canonical
-                .eq(canonical_login)
-                .or(users::email_canonical.eq(canonical_login)),
-        )
-        // A username may look like an email: its own name wins.
-        .order(users::username_canonical.eq(canonical_login).desc())
+    Ok(login_names::table
+        .inner_join(users::table)
+        .filter(login_names::name.eq(canonical_login))
         .select((UserRow::as_select(), users::password_hash))
         .first(conn)
         .await
@@ -267,6 +284,26 @@ pub async fn password_hash(
         .first(conn)
         .await
         .optional()?)
+}
+
+/// Sets a new hash (and records when) only if the stored one is still `old`;
+/// whether it was.
+pub async fn replace_password_hash(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    old: &str,
+    new: &str,
+) -> Result<bool, Error> {
+    let now = Utc::now();
+    let n = diesel::update(users::table.find(id).filter(users::password_hash.eq(old)))
+        .set((
+            users::password_hash.eq(new),
+            users::password_changed_at.eq(now),
+            users::update_time.eq(now),
+        ))
+        .execute(conn)
+        .await?;
+    Ok(n > 0)
 }
 
 /// Rewrites a hash with stronger parameters, unless the password changed

@@ -81,46 +81,54 @@ impl AuthService {
         password: &str,
     ) -> Result<(IssuedTokens, UserRow), Error> {
         text::no_control(login).map_err(|e| Error::invalid("login", e))?;
-        if login.trim().is_empty() {
-            return Err(Error::invalid("login", "is required"));
-        }
+        text::length(login.trim(), 1, 254).map_err(|e| Error::invalid("login", e))?;
         let canonical = text::fold(&text::nfkc_trimmed(login));
         let (found, key) = {
             let mut conn = db::conn(&self.pool).await?;
             let found = db::users::for_login(&mut conn, &canonical).await?;
             let key = match &found {
-                Some((user, _)) => format!("user:{}", user.id),
-                None => format!("login:{canonical}"),
+                Some((user, _)) => user_key(user.id),
+                None => login_key(&canonical),
             };
-            if let Some(until) = sessions::locked_until(&mut conn, &key).await? {
-                return Err(throttled(until));
-            }
+            self.count_attempt(&mut conn, &key).await?;
             (found, key)
         };
 
         let hash = found.as_ref().map(|(_, h)| h.as_str());
         let matches = self.hasher.verify(password, hash).await?;
-        let user = match found {
+        let (user, hash) = match found {
             Some((user, hash)) if matches && user.is_active => (user, hash),
             _ => {
-                let mut conn = db::conn(&self.pool).await?;
-                let failures =
-                    sessions::record_failure(&mut conn, &key, FREE_FAILURES, MAX_LOCK_SECONDS)
-                        .await?;
-                tracing::info!(failures, "login failed");
+                tracing::info!("login failed");
                 return Err(Error::InvalidCredentials);
             }
         };
-        let (user, hash) = user;
         let mut conn = db::conn(&self.pool).await?;
         sessions::clear_failures(&mut conn, &key).await?;
         drop(conn);
         if self.hasher.needs_rehash(&hash) {
-            self.upgrade_hash(user.id, &hash, password).await?;
+            // Best effort: the login stands even if the upgrade must wait for
+            // another day (hashing queue full, a database blip).
+            if let Err(e) = self.upgrade_hash(user.id, &hash, password).await {
+                tracing::warn!(user_id = %user.id, error = %e, "password hash not upgraded");
+            }
         }
         let tokens = self.start_session(&user).await?;
         tracing::info!(user_id = %user.id, "logged in");
         Ok((tokens, user))
+    }
+
+    /// Counts an attempt on `key` before any password is checked; refuses it
+    /// while the key is locked.
+    async fn count_attempt(&self, conn: &mut crate::db::Conn<'_>, key: &str) -> Result<(), Error> {
+        let attempt = sessions::count_attempt(conn, key, FREE_FAILURES, MAX_LOCK_SECONDS).await?;
+        match attempt.refused_until {
+            Some(until) => {
+                tracing::info!(failures = attempt.failures, "attempt refused: throttled");
+                Err(throttled(until))
+            }
+            None => Ok(()),
+        }
     }
 
     async fn upgrade_hash(&self, user_id: Uuid, old: &str, password: &str) -> Result<(), Error> {
@@ -191,30 +199,45 @@ impl AuthService {
         let new = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
         let refresh_expire = Utc::now() + self.refresh_ttl;
         let mut conn = db::conn(&self.pool).await?;
-        let rotation = sessions::rotate(&mut conn, &old, &new.hash, refresh_expire).await?;
-        let Rotation::Rotated {
-            session_id,
-            user_id,
-        } = rotation
-        else {
-            return Err(Error::InvalidToken(match rotation {
-                Rotation::Reused => reason::SESSION_ENDED,
-                _ => reason::REFRESH_INVALID,
-            }));
+        // Rotation, the fresh read and signing commit together: if anything
+        // after the rotation fails, the old token stays current, so that the
+        // client's retry is not mistaken for reuse.
+        let outcome = conn
+            .transaction(async |conn| {
+                let rotation = sessions::rotate(conn, &old, &new.hash, refresh_expire).await?;
+                let Rotation::Rotated {
+                    session_id,
+                    user_id,
+                } = rotation
+                else {
+                    return Ok(Err(rotation));
+                };
+                let fresh = sessions::fresh(conn, user_id, session_id)
+                    .await?
+                    .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+                let tokens = self.issue(
+                    &fresh.user,
+                    &fresh.groups,
+                    session_id,
+                    new.token.clone(),
+                    refresh_expire,
+                )?;
+                Ok::<_, Error>(Ok((tokens, fresh.user, session_id, user_id)))
+            })
+            .await?;
+        let (tokens, user, session_id, user_id) = match outcome {
+            Ok(issued) => issued,
+            Err(Rotation::Reused) => {
+                // Outside the rolled-back transaction: reuse ends the session
+                // for good.
+                sessions::end_reused(&mut conn, &old).await?;
+                return Err(Error::InvalidToken(reason::SESSION_ENDED));
+            }
+            Err(_) => return Err(Error::InvalidToken(reason::REFRESH_INVALID)),
         };
-        let fresh = sessions::fresh(&mut conn, user_id, session_id)
-            .await?
-            .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
         drop(conn);
-        let tokens = self.issue(
-            &fresh.user,
-            &fresh.groups,
-            session_id,
-            new.token,
-            refresh_expire,
-        )?;
         tracing::info!(user_id = %user_id, session_id = %session_id, "refreshed");
-        Ok((tokens, fresh.user))
+        Ok((tokens, user))
     }
 
     /// Ends the session of a refresh token (current or already rotated), or
@@ -226,10 +249,17 @@ impl AuthService {
         }
         let hash = refresh::hash(refresh_token);
         let mut conn = db::conn(&self.pool).await?;
-        let (session_id, user_id) = sessions::owner_of(&mut conn, &hash)
+        let owner = sessions::owner_of(&mut conn, &hash)
             .await?
             .ok_or(Error::InvalidToken(reason::REFRESH_INVALID))?;
+        let (session_id, user_id) = (owner.session_id, owner.user_id);
         if all_sessions {
+            // Only the current token of a live session speaks for the user:
+            // an old one (which may have leaked) ends its own session only.
+            if !owner.current_and_live {
+                sessions::end(&mut conn, session_id, end_reason::LOGOUT).await?;
+                return Err(Error::InvalidToken(reason::REFRESH_INVALID));
+            }
             sessions::end_all_of_user(&mut conn, user_id, None, end_reason::LOGOUT).await?;
         } else {
             sessions::end(&mut conn, session_id, end_reason::LOGOUT).await?;
@@ -281,19 +311,15 @@ impl AuthService {
         let forbidden = [text::fold(&user.username), text::fold(&user.email)];
         let new = Password::parse(new, &[&forbidden[0], &forbidden[1]])
             .map_err(|e| Error::invalid("new_password", e))?;
-        let key = format!("user:{}", user.id);
+        let key = user_key(user.id);
         let stored = {
             let mut conn = db::conn(&self.pool).await?;
-            if let Some(until) = sessions::locked_until(&mut conn, &key).await? {
-                return Err(throttled(until));
-            }
+            self.count_attempt(&mut conn, &key).await?;
             db::users::password_hash(&mut conn, user.id)
                 .await?
                 .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?
         };
         if !self.hasher.verify(current, Some(&stored)).await? {
-            let mut conn = db::conn(&self.pool).await?;
-            sessions::record_failure(&mut conn, &key, FREE_FAILURES, MAX_LOCK_SECONDS).await?;
             return Err(Error::InvalidCredentials);
         }
         let hash = self.hasher.hash(&new).await?;
@@ -301,7 +327,11 @@ impl AuthService {
         let (user_id, keep) = (user.id, caller.session_id);
         let ended = conn
             .transaction(async |conn| {
-                db::users::set_password_hash(conn, user_id, &hash).await?;
+                // Only over the hash just checked: a password set meanwhile
+                // (SetPassword) is not silently overwritten.
+                if !db::users::replace_password_hash(conn, user_id, &stored, &hash).await? {
+                    return Err(Error::InvalidCredentials);
+                }
                 sessions::clear_failures(conn, &key).await?;
                 sessions::end_all_of_user(conn, user_id, Some(keep), end_reason::PASSWORD_CHANGED)
                     .await
@@ -310,6 +340,20 @@ impl AuthService {
         tracing::info!(other_sessions_ended = ended, "password changed");
         Ok(())
     }
+}
+
+/// The throttling key of an account.
+fn user_key(id: Uuid) -> String {
+    format!("user:{id}")
+}
+
+/// The throttling key of a login that names no account: hashed, so that the
+/// table holds no typed-in names and every key has the same short size.
+fn login_key(canonical: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(canonical.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("login:{hex}")
 }
 
 /// When a token was issued, to the millisecond: `iat` has whole seconds

@@ -96,9 +96,20 @@ impl UserService {
             is_verified: new.is_verified,
             attributes,
             search: &search,
+            password_changed_at: chrono::Utc::now(),
         };
         let mut conn = db::conn(&self.pool).await?;
-        let user = db::users::insert(&mut conn, &row).await?;
+        let (username, email) = (new.username.canonical(), new.email.canonical());
+        let user = conn
+            .transaction(async |conn| {
+                let user = db::users::insert(conn, &row).await?;
+                db::users::claim_login_name(conn, username, user.id, "username").await?;
+                if email != username {
+                    db::users::claim_login_name(conn, email, user.id, "email").await?;
+                }
+                Ok::<_, Error>(user)
+            })
+            .await?;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
     }

@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use jsonwebtoken::{Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -97,10 +100,12 @@ pub struct Subject<'a> {
     pub groups: Vec<String>,
 }
 
-/// Signs and verifies access tokens.
+/// Signs and verifies access tokens. The key store can be swapped while
+/// the service runs (key rotation without a restart); every clone of an
+/// issuer sees the swap.
 #[derive(Debug, Clone)]
 pub struct TokenIssuer {
-    keys: std::sync::Arc<KeyStore>,
+    keys: Arc<ArcSwap<KeyStore>>,
     issuer: String,
     audience: String,
     ttl: Duration,
@@ -108,23 +113,28 @@ pub struct TokenIssuer {
 
 impl TokenIssuer {
     /// An issuer with these keys, `iss`, `aud` and lifetime.
-    pub fn new(
-        keys: std::sync::Arc<KeyStore>,
-        issuer: String,
-        audience: String,
-        ttl: Duration,
-    ) -> Self {
+    pub fn new(keys: KeyStore, issuer: String, audience: String, ttl: Duration) -> Self {
         Self {
-            keys,
+            keys: Arc::new(ArcSwap::from_pointee(keys)),
             issuer,
             audience,
             ttl,
         }
     }
 
-    /// The key store.
-    pub fn keys(&self) -> &KeyStore {
-        &self.keys
+    /// The key store as it is now.
+    pub fn keys(&self) -> Arc<KeyStore> {
+        self.keys.load_full()
+    }
+
+    /// Replaces the key store; returns whether the set of keys changed.
+    pub fn replace_keys(&self, keys: KeyStore) -> bool {
+        let kids = |k: &KeyStore| k.keys().iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
+        let changed = kids(&self.keys.load()) != kids(&keys);
+        if changed {
+            self.keys.store(Arc::new(keys));
+        }
+        changed
     }
 
     /// Signs an access token for `subject`; returns it with its claims.
@@ -147,7 +157,8 @@ impl TokenIssuer {
             is_verified: subject.is_verified,
             groups: subject.groups,
         };
-        let key = self.keys.signing();
+        let keys = self.keys.load();
+        let key = keys.signing();
         let mut header = Header::new(key.algorithm);
         header.typ = Some(TOKEN_TYPE.to_owned());
         header.kid = Some(key.kid.clone());
@@ -171,7 +182,8 @@ impl TokenIssuer {
             return Err(refuse(reason::MALFORMED));
         }
         let kid = header.kid.as_deref().ok_or(refuse(reason::MALFORMED))?;
-        let key = self.keys.find(kid).ok_or(refuse(reason::SIGNATURE))?;
+        let keys = self.keys.load();
+        let key = keys.find(kid).ok_or(refuse(reason::SIGNATURE))?;
         // The key decides the algorithm; a token naming another is refused.
         if header.alg != key.algorithm {
             return Err(refuse(reason::SIGNATURE));

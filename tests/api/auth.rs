@@ -799,9 +799,10 @@ async fn five_failures_throttle_the_account_even_for_the_right_password() {
         retry >= Duration::from_secs(1) && retry <= Duration::from_secs(15 * 60),
         "{retry:?}"
     );
+    // Refused attempts are counted too.
     assert_eq!(
         failures_of(&app, &format!("user:{}", user.id)).await,
-        Some(5)
+        Some(6)
     );
 
     // An unknown login is throttled exactly like a real one.
@@ -842,13 +843,13 @@ async fn a_successful_login_resets_the_count() {
 }
 
 #[tokio::test]
-async fn parallel_failures_are_all_counted() {
+async fn parallel_failures_are_all_counted_and_only_five_reach_the_password_check() {
     let app = spawn_app().await;
     let user = app.create_user("hammered").await;
     let calls = (0..100).map(|_| app.login("hammered", "wrong password!"));
     let results = futures::future::join_all(calls).await;
-    // Each attempt either failed (and counts) or met the lock set by the
-    // earlier ones; none is lost to a race.
+    // Attempts are counted before the password check, one at a time: the
+    // first five are checked (and fail), the rest meet the lock.
     let failed = results
         .iter()
         .filter(|r| r.as_ref().is_err_and(|s| s.code() == Code::Unauthenticated))
@@ -860,12 +861,14 @@ async fn parallel_failures_are_all_counted() {
                 .is_err_and(|s| s.code() == Code::ResourceExhausted)
         })
         .count();
-    assert_eq!(failed + throttled, 100);
-    assert!(failed >= 5);
-    let counted = failures_of(&app, &format!("user:{}", user.id))
-        .await
-        .unwrap();
-    assert_eq!(counted as usize, failed);
+    assert_eq!((failed, throttled), (5, 95));
+    assert_eq!(
+        failures_of(&app, &format!("user:{}", user.id)).await,
+        Some(100)
+    );
+    // The right password meets the lock too.
+    let status = app.login("hammered", PASSWORD).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
 }
 
 #[tokio::test]

@@ -845,3 +845,43 @@ async fn set_password_replaces_the_stored_hash() {
         assert_eq!(got, code, "{pw}");
     }
 }
+
+#[tokio::test]
+async fn a_username_may_not_be_another_users_email_or_the_reverse() {
+    let app = spawn_app().await;
+    let mut owner = TestUser::named("owner");
+    owner.email = "Shared@Example.com".into();
+    app.users
+        .clone()
+        .create_user(owner.request())
+        .await
+        .unwrap();
+
+    // Taking that address as a username would catch its owner's email logins.
+    let status = app
+        .users
+        .clone()
+        .create_user(TestUser::named("shared@example.com").request())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(status.message().contains("username"));
+
+    // And the reverse: an email equal to someone's username.
+    app.create_user("name@corp.example").await;
+    let mut taker = TestUser::named("taker");
+    taker.email = "NAME@corp.example".into();
+    let status = app
+        .users
+        .clone()
+        .create_user(taker.request())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(status.message().contains("email"));
+
+    // One's own username may be one's own email.
+    let mut same = TestUser::named("me@self.example");
+    same.email = "me@self.example".into();
+    app.users.clone().create_user(same.request()).await.unwrap();
+}

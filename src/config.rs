@@ -142,9 +142,10 @@ pub struct Config {
         long,
         env = "HASH_QUEUE",
         value_name = "HASH_QUEUE",
-        default_value = "256"
+        default_value = "256",
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
     )]
-    pub hash_queue: usize,
+    pub hash_queue: u32,
 
     /// The longest a call may take on the server; a client's shorter
     /// `grpc-timeout` wins. Past it the call is cancelled (DEADLINE_EXCEEDED).

@@ -11,7 +11,9 @@ use std::{net::SocketAddr, num::NonZeroUsize, path::PathBuf, time::Duration};
 use clap::{Args, ValueEnum};
 
 /// Settings of `identity serve`, shared by the subcommands that need them.
-#[derive(Debug, Clone, Args)]
+/// Its `Debug` hides the database URL and the Sentry DSN (both may hold
+/// credentials).
+#[derive(Clone, Args)]
 pub struct Config {
     /// PostgreSQL URL. Unset: an embedded cluster under DATA_DIR, started and
     /// stopped by the service itself.
@@ -168,6 +170,28 @@ pub struct Config {
     /// (default: found on PATH or under /usr/lib/postgresql/*/bin).
     #[arg(long, env = "PG_BIN_DIR", value_name = "PG_BIN_DIR")]
     pub pg_bin_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "***");
+        f.debug_struct("Config")
+            .field("database_url", &hidden(&self.database_url))
+            .field("data_dir", &self.data_dir)
+            .field("listen_addr", &self.listen_addr)
+            .field("keys_dir", &self.keys_dir)
+            .field("web_concurrency", &self.web_concurrency)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("access_token_ttl", &self.access_token_ttl)
+            .field("refresh_token_ttl", &self.refresh_token_ttl)
+            .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("allow_registration", &self.allow_registration)
+            .field("sentry_dsn", &hidden(&self.sentry_dsn))
+            .field("log_format", &self.log_format)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The JWS algorithms identity signs with: asymmetric only.

@@ -148,6 +148,12 @@ where
     }
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        // Reflection and health Watch are streams of small messages: the cap
+        // is for this API's unary calls.
+        let path = request.uri().path();
+        if path.starts_with("/grpc.reflection.") || path.starts_with("/grpc.health.") {
+            return self.inner.call(request);
+        }
         let max = self.max;
         self.inner.call(request.map(|body| {
             tonic::body::Body::new(Limited {

@@ -255,6 +255,7 @@ impl Application {
         // every service name is registered by the first health call.
         let first = report_database(&self.pool, &reporter, None).await;
         let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+        let janitor = tokio::spawn(purge_old_rows(self.pool.clone(), health_stopped.clone()));
         let reloader = tokio::spawn(reload_keys(
             self.keys.clone(),
             self.auth.tokens().clone(),
@@ -306,10 +307,38 @@ impl Application {
         let _ = stop_health.send(true);
         let _ = watcher.await;
         let _ = reloader.await;
+        let _ = janitor.await;
         drop(self.pool);
         self.database.close().await?;
         result?;
         Ok(())
+    }
+}
+
+/// Deletes, every hour, what no check needs any more: sessions ended or
+/// expired a week ago (with their retired refresh tokens) and throttling
+/// rows idle for a day. Every replica may run it; the deletes are idempotent.
+async fn purge_old_rows(pool: Pool, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    const EVERY: Duration = Duration::from_secs(3600);
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        let result = async {
+            let mut conn = db::conn(&pool).await?;
+            let sessions =
+                db::sessions::purge_sessions(&mut conn, chrono::Duration::days(7)).await?;
+            let failures = db::sessions::purge_failures(&mut conn).await?;
+            Ok::<_, Error>((sessions, failures))
+        }
+        .await;
+        match result {
+            Ok((0, 0)) => {}
+            Ok((sessions, failures)) => tracing::info!(sessions, failures, "purged old rows"),
+            Err(e) => tracing::warn!(error = %e, "purge failed; next try in an hour"),
+        }
     }
 }
 
@@ -359,19 +388,28 @@ async fn reload_keys(
     }
 }
 
-/// A database URL fit for a log line: its password replaced by `***`.
+/// A database URL fit for a log line: user, hosts, ports and database only,
+/// whatever form the URL takes (URL or key=value, password anywhere in it).
 pub fn mask_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    use tokio_postgres::config::Host;
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "<unparseable database URL>".to_owned();
     };
-    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(host, port)| match host {
+            Host::Tcp(name) => format!("{name}:{port}"),
+            Host::Unix(path) => format!("{}", path.display()),
+        })
+        .collect();
+    format!(
+        "postgres://{}@{}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
 }
 
 /// The names the health service answers for, beside "" (the whole server).
@@ -432,18 +470,23 @@ mod tests {
     use super::mask_password;
 
     #[test]
-    fn database_passwords_are_masked_in_logs() {
-        assert_eq!(
-            mask_password("postgres://app:s3cr%40t@db:5432/identity?sslmode=require"),
-            "postgres://app:***@db:5432/identity?sslmode=require"
-        );
-        assert_eq!(
-            mask_password("postgres://app@db/identity"),
-            "postgres://app@db/identity"
-        );
+    fn database_passwords_never_reach_the_log_line() {
+        for url in [
+            "postgres://app:s3cr3t@db:5432/identity?sslmode=require",
+            "postgres://app@db/identity?password=s3cr3t",
+            "host=db user=app password=s3cr3t dbname=identity",
+        ] {
+            let shown = mask_password(url);
+            assert!(!shown.contains("s3cr3t"), "{shown}");
+            assert!(
+                shown.contains("app@db") && shown.ends_with("/identity"),
+                "{shown}"
+            );
+        }
         assert_eq!(
             mask_password("postgres://postgres@/identity?host=/srv/run"),
-            "postgres://postgres@/identity?host=/srv/run"
+            "postgres://postgres@/srv/run/identity"
         );
+        assert_eq!(mask_password("::nonsense::"), "<unparseable database URL>");
     }
 }

@@ -93,24 +93,33 @@ fn filtered(search: Option<&str>) -> groups::BoxedQuery<'static, diesel::pg::Pg>
     query
 }
 
-/// One page of the groups matching `search`, by id, and how many match.
+/// One page of the groups matching `search`, by id; how many match; and
+/// whether more follow. One snapshot, like [`super::users::list`].
 pub async fn list(
     conn: &mut AsyncPgConnection,
     search: Option<&str>,
     page: crate::domain::PageRequest,
-) -> Result<(Vec<GroupRow>, i64), Error> {
-    let mut query = filtered(search);
-    if let Some(after) = page.after {
-        query = query.filter(groups::id.gt(after));
-    }
-    let rows = query
-        .order(groups::id)
-        .limit(page.size)
-        .select(GroupRow::as_select())
-        .load(conn)
-        .await?;
-    let total = filtered(search).count().get_result(conn).await?;
-    Ok((rows, total))
+) -> Result<(Vec<GroupRow>, i64, bool), Error> {
+    conn.build_transaction()
+        .read_only()
+        .repeatable_read()
+        .run(async |conn| {
+            let mut query = filtered(search);
+            if let Some(after) = page.after {
+                query = query.filter(groups::id.gt(after));
+            }
+            let mut rows = query
+                .order(groups::id)
+                .limit(page.size + 1)
+                .select(GroupRow::as_select())
+                .load(conn)
+                .await?;
+            let more = rows.len() as i64 > page.size;
+            rows.truncate(page.size as usize);
+            let total = filtered(search).count().get_result(conn).await?;
+            Ok((rows, total, more))
+        })
+        .await
 }
 
 /// Deletes a group (its memberships go with it); whether there was one.

@@ -191,24 +191,35 @@ fn filtered(filter: &UserFilter) -> users::BoxedQuery<'static, diesel::pg::Pg> {
     query
 }
 
-/// One page of the users matching `filter`, by id, and how many match in all.
+/// One page of the users matching `filter`, by id; how many match in all;
+/// and whether more follow. The page and the count are read from one
+/// snapshot, so they agree.
 pub async fn list(
     conn: &mut AsyncPgConnection,
     filter: &UserFilter,
     page: PageRequest,
-) -> Result<(Vec<UserRow>, i64), Error> {
-    let mut query = filtered(filter);
-    if let Some(after) = page.after {
-        query = query.filter(users::id.gt(after));
-    }
-    let rows = query
-        .order(users::id)
-        .limit(page.size)
-        .select(UserRow::as_select())
-        .load(conn)
-        .await?;
-    let total = filtered(filter).count().get_result(conn).await?;
-    Ok((rows, total))
+) -> Result<(Vec<UserRow>, i64, bool), Error> {
+    conn.build_transaction()
+        .read_only()
+        .repeatable_read()
+        .run(async |conn| {
+            let mut query = filtered(filter);
+            if let Some(after) = page.after {
+                query = query.filter(users::id.gt(after));
+            }
+            // One more than asked: a full last page then has no next token.
+            let mut rows = query
+                .order(users::id)
+                .limit(page.size + 1)
+                .select(UserRow::as_select())
+                .load(conn)
+                .await?;
+            let more = rows.len() as i64 > page.size;
+            rows.truncate(page.size as usize);
+            let total = filtered(filter).count().get_result(conn).await?;
+            Ok((rows, total, more))
+        })
+        .await
 }
 
 /// Writes the mutable fields of a user; `None` when there is no such user.

@@ -27,13 +27,21 @@ pub const FREE_FAILURES: i32 = 5;
 /// The longest lock, in seconds.
 pub const MAX_LOCK_SECONDS: i32 = 15 * 60;
 
-/// A pair of tokens and their lifetimes.
-#[derive(Debug)]
+/// A pair of tokens and their lifetimes. Its `Debug` hides the tokens.
 pub struct IssuedTokens {
     pub access_token: String,
     pub refresh_token: String,
     pub access_expire: chrono::DateTime<Utc>,
     pub refresh_expire: chrono::DateTime<Utc>,
+}
+
+impl std::fmt::Debug for IssuedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedTokens")
+            .field("access_expire", &self.access_expire)
+            .field("refresh_expire", &self.refresh_expire)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A verified access token and the state it stands for now.

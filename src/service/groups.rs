@@ -31,10 +31,9 @@ pub struct Page<T> {
 }
 
 impl<T> Page<T> {
-    fn new(items: Vec<T>, total: i64, size: i64, id: impl Fn(&T) -> Uuid) -> Self {
-        let last = (items.len() as i64 == size)
-            .then(|| items.last().map(&id))
-            .flatten();
+    /// A page; `more` when items follow it.
+    pub fn new(items: Vec<T>, total: i64, more: bool, id: impl Fn(&T) -> Uuid) -> Self {
+        let last = if more { items.last().map(id) } else { None };
         Self { items, last, total }
     }
 }
@@ -111,8 +110,8 @@ impl GroupService {
         page: PageRequest,
     ) -> Result<Page<GroupRow>, Error> {
         let mut conn = db::conn(&self.pool).await?;
-        let (rows, total) = db::groups::list(&mut conn, search, page).await?;
-        Ok(Page::new(rows, total, page.size, |g| g.id))
+        let (rows, total, more) = db::groups::list(&mut conn, search, page).await?;
+        Ok(Page::new(rows, total, more, |g| g.id))
     }
 
     /// Deletes a group with its memberships (the foreign key cascades, in
@@ -161,8 +160,8 @@ impl GroupService {
             group_id: Some(group_id),
             ..Default::default()
         };
-        let (rows, total) = db::users::list(&mut conn, &filter, page).await?;
-        Ok(Page::new(rows, total, page.size, |u| u.id))
+        let (rows, total, more) = db::users::list(&mut conn, &filter, page).await?;
+        Ok(Page::new(rows, total, more, |u| u.id))
     }
 
     /// The groups of a user.

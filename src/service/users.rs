@@ -135,10 +135,12 @@ impl UserService {
         {
             return Err(Error::NotFound("group"));
         }
-        let (users, total) = db::users::list(&mut conn, filter, page).await?;
-        let last = (users.len() as i64 == page.size)
-            .then(|| users.last().map(|u| u.id))
-            .flatten();
+        let (users, total, more) = db::users::list(&mut conn, filter, page).await?;
+        let last = if more {
+            users.last().map(|u| u.id)
+        } else {
+            None
+        };
         Ok(UserPage { users, last, total })
     }
 

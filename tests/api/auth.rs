@@ -988,3 +988,50 @@ async fn a_rotated_key_signs_while_the_old_one_still_verifies() {
     let kids: Vec<_> = keys.keys.iter().map(|k| k.key_id.clone()).collect();
     assert_eq!(kids, [new_kid, old_kid], "the signing key first");
 }
+
+#[tokio::test]
+async fn old_sessions_and_idle_throttling_rows_are_purged() {
+    use diesel_async::SimpleAsyncConnection;
+    use identity::db::sessions::{purge_failures, purge_sessions};
+    let app = spawn_app().await;
+    let (user, live) = app.signed_in_user("purged").await;
+    let (_, ended) = {
+        let t = app.login("purged", PASSWORD).await.unwrap().tokens.unwrap();
+        (user.clone(), t)
+    };
+    app.anon
+        .auth
+        .clone()
+        .logout(pb::LogoutRequest {
+            refresh_token: ended.refresh_token.clone(),
+            all_sessions: false,
+        })
+        .await
+        .unwrap();
+    app.login("purged", "wrong password!").await.unwrap_err();
+
+    let mut conn = app.db.connect().await;
+    // Age the ended session and the throttling row.
+    conn.batch_execute(
+        "UPDATE sessions SET end_time = now() - interval '8 days' WHERE end_time IS NOT NULL; \
+         UPDATE login_failures SET update_time = now() - interval '2 days';",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        purge_sessions(&mut conn, chrono::Duration::days(7))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(purge_failures(&mut conn).await.unwrap(), 1);
+    assert_eq!(
+        purge_sessions(&mut conn, chrono::Duration::days(7))
+            .await
+            .unwrap(),
+        0
+    );
+    // The live session is untouched.
+    assert!(verify(&app, &live.access_token).await.is_ok());
+    assert!(refresh(&app, &live.refresh_token).await.is_ok());
+}

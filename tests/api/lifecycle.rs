@@ -17,12 +17,49 @@ use tonic::transport::Channel;
 use crate::helpers::{AuthServiceClient, TempDir, TestUser, UserServiceClient};
 use identity::proto::identity::v1 as pb;
 
+/// The lines a process wrote, and a way to wait for one.
+#[derive(Default)]
+pub struct Log {
+    lines: std::sync::Mutex<Vec<String>>,
+    grown: std::sync::Condvar,
+}
+
+impl Log {
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.grown.notify_all();
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits (on each new line, not by polling) until a line after the
+    /// first `skip` contains `needle`; false after `timeout`.
+    pub fn wait_for(&self, skip: usize, needle: &str, timeout: Duration) -> bool {
+        let lines = self.lines.lock().unwrap();
+        let (_lines, result) = self
+            .grown
+            .wait_timeout_while(lines, timeout, |lines| {
+                !lines.iter().skip(skip).any(|l| l.contains(needle))
+            })
+            .unwrap();
+        !result.timed_out()
+    }
+
+    /// How many lines so far.
+    pub fn len(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+}
+
 /// A running `identity serve` and the address it reported when ready.
 pub struct Serve {
     child: Child,
     pub addr: SocketAddr,
     /// Every line written to standard error so far.
-    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub log: std::sync::Arc<Log>,
     drain: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -53,7 +90,7 @@ impl Serve {
     /// Starts `cmd` (see [`command`]) and waits for it to be ready.
     pub fn start_with(mut cmd: Command) -> Self {
         let mut child = cmd.spawn().expect("spawn identity");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::new(Log::default());
         let sink = log.clone();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -63,7 +100,7 @@ impl Serve {
                 if std::env::var_os("TEST_LOG").is_some() {
                     eprintln!("[serve] {line}");
                 }
-                sink.lock().unwrap().push(line.clone());
+                sink.push(line.clone());
                 if !sent {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                         if v["fields"]["message"] == "identity ready" {
@@ -99,7 +136,7 @@ impl Serve {
             .unwrap()
     }
 
-    fn signal(&self, signal: Signal) {
+    pub fn signal(&self, signal: Signal) {
         nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
 

@@ -13,5 +13,6 @@ mod lifecycle;
 mod limits;
 mod logs;
 mod migrations;
+mod operations;
 mod server;
 mod users;

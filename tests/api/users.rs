@@ -473,6 +473,19 @@ async fn page_size_zero_means_fifty_and_bad_pages_are_invalid() {
     assert_eq!(page.users.len(), 50);
     assert!(!page.next_page_token.is_empty());
 
+    // Exactly one full page: no token to an empty page.
+    let only = list(
+        &app,
+        pb::ListUsersRequest {
+            query: "many".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((only.users.len(), only.total_size), (50, 50));
+    assert!(only.next_page_token.is_empty());
+
     let status = list(
         &app,
         pb::ListUsersRequest {

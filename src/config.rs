@@ -99,12 +99,8 @@ pub struct Config {
     pub allow_registration: bool,
 
     /// Sentry DSN; reporting is off when unset.
-    #[arg(
-        long,
-        env = "SENTRY_DSN",
-        value_name = "SENTRY_DSN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "SENTRY_DSN", value_name = "SENTRY_DSN", hide_env_values = true,
+          value_parser = parse_dsn)]
     pub sentry_dsn: Option<String>,
 
     /// Log format: `text` for people, `json` for machines.
@@ -271,6 +267,12 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         return Err("must be at most 10 years".into());
     }
     Ok(d)
+}
+
+fn parse_dsn(s: &str) -> Result<String, String> {
+    s.parse::<sentry::types::Dsn>()
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a Sentry DSN ({e})"))
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {

@@ -7,6 +7,9 @@ use identity::{cli::Cli, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_or_exit();
+    // Before the runtime, so that panics on any of its threads are reported;
+    // the guard flushes queued events when main returns.
+    let _sentry = telemetry::init_sentry(cli.config().sentry_dsn.as_deref());
     telemetry::init(cli.log_format());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.config().worker_threads())

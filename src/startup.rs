@@ -286,6 +286,7 @@ impl Application {
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
 
         let layers = tower::ServiceBuilder::new()
+            .layer(crate::telemetry::RequestContextLayer)
             .load_shed()
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 self.limits.max_concurrent_requests,

@@ -14,5 +14,6 @@ mod limits;
 mod logs;
 mod migrations;
 mod operations;
+mod sentry;
 mod server;
 mod users;

@@ -1,5 +1,6 @@
 //! Plain HTTP beside gRPC on the same port (HTTP/1.1 and h2c), for mesh
-//! sidecars and gateways: the signing key in PEM and the JSON Web Key Set.
+//! sidecars and gateways: the signing key in PEM, the JSON Web Key Set, and
+//! Prometheus metrics.
 
 use axum::{
     Router,
@@ -8,16 +9,29 @@ use axum::{
     routing::get,
 };
 
+use crate::metrics::Metrics;
 use crate::token::TokenIssuer;
 
 /// Caches may keep the keys for five minutes: short enough that a rotation
 /// (where old and new keys both verify for longer) reaches every verifier.
 const CACHE_CONTROL: &str = "public, max-age=300";
 
-/// `GET /pub-key` and `GET /.well-known/jwks.json`.
-pub fn routes(tokens: TokenIssuer) -> Router {
+/// `GET /pub-key`, `GET /.well-known/jwks.json` and `GET /metrics`.
+pub fn routes(tokens: TokenIssuer, metrics: Metrics) -> Router {
     let pem_tokens = tokens.clone();
     Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    )],
+                    metrics.render(),
+                )
+            }),
+        )
         .route(
             "/pub-key",
             get(move || async move {

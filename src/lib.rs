@@ -20,6 +20,8 @@ pub mod hashing;
 pub mod http;
 /// Deadlines and request-size limits, as tower layers.
 pub mod limits;
+/// Prometheus metrics and the layer that records calls.
+pub mod metrics;
 /// Code generated from `proto/`, and its descriptor set.
 pub mod proto;
 /// Use cases; they own transactions.

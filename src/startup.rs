@@ -134,6 +134,7 @@ pub struct Application {
     registration_open: bool,
     limits: Limits,
     keys: KeysSource,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Where the signing keys come from, for reloading them.
@@ -189,6 +190,8 @@ impl Application {
             config.jwt_audience.clone(),
             config.access_token_ttl,
         );
+        let metrics = crate::metrics::Metrics::new(pool.clone(), hasher.clone())
+            .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
         let users = UserService::new(pool.clone(), hasher.clone());
         let auth = AuthService::new(pool.clone(), hasher, tokens, config.refresh_token_ttl);
         let groups = GroupService::new(pool.clone());
@@ -216,6 +219,7 @@ impl Application {
             auth,
             groups,
             registration_open: config.allow_registration,
+            metrics,
             keys: KeysSource {
                 dir: config.keys_dir.clone(),
                 algorithm: config.jwt_algorithm,
@@ -282,11 +286,12 @@ impl Application {
             .add_service(pb::auth_service_server::AuthServiceServer::new(
                 AuthGrpc::new(self.auth.clone()),
             ));
-        let http = crate::http::routes(self.auth.tokens().clone());
+        let http = crate::http::routes(self.auth.tokens().clone(), self.metrics.clone());
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
 
         let layers = tower::ServiceBuilder::new()
             .layer(crate::telemetry::RequestContextLayer)
+            .layer(crate::metrics::MetricsLayer::new(self.metrics.clone()))
             .load_shed()
             .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
                 self.limits.max_concurrent_requests,

@@ -141,7 +141,7 @@ fn verify_ed25519(token: &str, key: &ed25519_dalek::VerifyingKey) -> bool {
 }
 
 /// `GET path` over HTTP/1.1 on a raw socket: (status line, headers, body).
-fn http1_get(addr: std::net::SocketAddr, path: &str) -> (String, String, String) {
+pub(crate) fn http1_get(addr: std::net::SocketAddr, path: &str) -> (String, String, String) {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     write!(
         stream,

@@ -12,6 +12,7 @@ mod groups;
 mod lifecycle;
 mod limits;
 mod logs;
+mod metrics;
 mod migrations;
 mod operations;
 mod sentry;

@@ -1,0 +1,277 @@
+//! Prometheus metrics, served as text on `GET /metrics`: calls by service,
+//! method and status code; call latency; the database pool; the hashing
+//! queue; and the process (CPU, memory, file descriptors).
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use http_body::{Body, Frame, SizeHint};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use tower::{Layer, Service};
+
+use crate::db::Pool;
+use crate::hashing::Hasher;
+
+/// The service's metrics and what they are read from.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    pool: IntGaugeVec,
+    pool_waits: IntGaugeVec,
+    hash_queue: IntGauge,
+    sources: Arc<Sources>,
+}
+
+struct Sources {
+    pool: Pool,
+    hasher: Hasher,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; `pool` and `hasher` are read at each scrape.
+    pub fn new(db_pool: Pool, hasher: Hasher) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "identity_grpc_requests_total",
+                "Calls handled, by service, method and gRPC status code.",
+            ),
+            &["service", "method", "code"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "identity_grpc_request_duration_seconds",
+                "Call latency, from request to last byte.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["service", "method"],
+        )?;
+        let pool = IntGaugeVec::new(
+            Opts::new(
+                "identity_db_pool_connections",
+                "Database connections, by state (in_use, idle, waiting for one).",
+            ),
+            &["state"],
+        )?;
+        let pool_waits = IntGaugeVec::new(
+            Opts::new(
+                "identity_db_pool_checkouts",
+                "Connection checkouts since start, by outcome (direct, waited, timed_out).",
+            ),
+            &["outcome"],
+        )?;
+        let hash_queue = IntGauge::new(
+            "identity_hash_queue_depth",
+            "Callers waiting for a password hashing slot.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(pool.clone()))?;
+        registry.register(Box::new(pool_waits.clone()))?;
+        registry.register(Box::new(hash_queue.clone()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            requests,
+            latency,
+            pool,
+            pool_waits,
+            hash_queue,
+            sources: Arc::new(Sources {
+                pool: db_pool,
+                hasher,
+            }),
+        })
+    }
+
+    /// The text exposition of every metric, read now.
+    pub fn render(&self) -> String {
+        let state = self.sources.pool.state();
+        let stats = &state.statistics;
+        let in_use = i64::from(state.connections - state.idle_connections);
+        let finished = stats.get_direct + stats.get_waited + stats.get_timed_out;
+        let waiting = stats.get_started.saturating_sub(finished);
+        self.pool.with_label_values(&["in_use"]).set(in_use);
+        self.pool
+            .with_label_values(&["idle"])
+            .set(i64::from(state.idle_connections));
+        self.pool
+            .with_label_values(&["waiting"])
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        for (outcome, n) in [
+            ("direct", stats.get_direct),
+            ("waited", stats.get_waited),
+            ("timed_out", stats.get_timed_out),
+        ] {
+            self.pool_waits
+                .with_label_values(&[outcome])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.hash_queue
+            .set(i64::try_from(self.sources.hasher.queue_depth()).unwrap_or(i64::MAX));
+        let mut out = Vec::new();
+        if let Err(e) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    fn record(&self, path: &str, code: &str, started: Instant) {
+        // Only gRPC paths (/package.Service/Method); plain HTTP is not counted.
+        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+            return;
+        };
+        if method.contains('/') || !service.contains('.') {
+            return;
+        }
+        self.requests
+            .with_label_values(&[service, method, code])
+            .inc();
+        self.latency
+            .with_label_values(&[service, method])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The gRPC status code's name, as Prometheus labels show it.
+fn code_name(value: &[u8]) -> String {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+        .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
+        .unwrap_or_else(|| "Unknown".to_owned())
+}
+
+/// Records every call's status and latency in [`Metrics`].
+#[derive(Debug, Clone)]
+pub struct MetricsLayer {
+    metrics: Metrics,
+}
+
+impl MetricsLayer {
+    /// Records into `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = Measured<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Measured {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service of [`MetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct Measured<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S, ReqBody> Service<http::Request<ReqBody>> for Measured<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let started = Instant::now();
+        let path = request.uri().path().to_owned();
+        let metrics = self.metrics.clone();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await?;
+            // A refusal before the handler (trailers-only) has its status in
+            // the headers; a handler's answer has it in the trailers.
+            if let Some(code) = response.headers().get("grpc-status") {
+                metrics.record(&path, &code_name(code.as_bytes()), started);
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                tonic::body::Body::new(Observed {
+                    inner: body,
+                    done: Some(Box::new(move |code: String| {
+                        metrics.record(&path, &code, started)
+                    })),
+                })
+            }))
+        })
+    }
+}
+
+type Done = Box<dyn FnOnce(String) + Send>;
+
+/// A response body that reports the status in its trailers when it ends.
+struct Observed {
+    inner: tonic::body::Body,
+    done: Option<Done>,
+}
+
+impl Body for Observed {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    if let Some(done) = this.done.take() {
+                        done(code_name(code.as_bytes()));
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(done) = this.done.take() {
+                    done("Unknown".to_owned());
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

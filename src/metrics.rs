@@ -251,10 +251,10 @@ impl Body for Observed {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
-                    if let Some(done) = this.done.take() {
-                        done(code_name(code.as_bytes()));
-                    }
+                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status"))
+                    && let Some(done) = this.done.take()
+                {
+                    done(code_name(code.as_bytes()));
                 }
             }
             Poll::Ready(None) => {

@@ -226,7 +226,7 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
     let database = admin_database(config).await?;
     let result = async {
         db::migrations::run_pending(&database.url).await?;
-        let pool = db::pool(&database.url, 1);
+        let pool = db::pool(&database.url, 1)?;
         let hasher = Hasher::new(
             HashParams {
                 memory_kib: config.argon2_memory_kib,

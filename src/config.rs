@@ -157,6 +157,12 @@ pub struct Config {
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_requests: u32,
 
+    /// After SIGTERM, how long in-flight calls may take to finish before the
+    /// service exits anyway.
+    #[arg(long, env = "SHUTDOWN_GRACE", value_name = "SHUTDOWN_GRACE",
+          default_value = "30s", value_parser = parse_ttl)]
+    pub shutdown_grace: Duration,
+
     /// How often KEYS_DIR is re-read (SIGHUP re-reads it at once).
     #[arg(long, env = "KEYS_RELOAD_INTERVAL", value_name = "KEYS_RELOAD_INTERVAL",
           default_value = "60s", value_parser = parse_ttl)]

@@ -167,9 +167,15 @@ impl From<diesel::result::Error> for Error {
     }
 }
 
-impl From<diesel_async::pooled_connection::bb8::RunError> for Error {
-    fn from(e: diesel_async::pooled_connection::bb8::RunError) -> Self {
-        Error::Unavailable(Box::new(e))
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        use deadpool::managed::PoolError as P;
+        match e {
+            // No connection in time, or none could be made: the database is
+            // away (or overloaded); worth a retry.
+            P::Timeout(_) | P::Backend(_) | P::Closed => Error::Unavailable(Box::new(e)),
+            P::NoRuntimeSpecified | P::PostCreateHook(_) => Error::Internal(Box::new(e)),
+        }
     }
 }
 

@@ -25,7 +25,6 @@ pub struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     pool: IntGaugeVec,
-    pool_waits: IntGaugeVec,
     hash_queue: IntGauge,
     sources: Arc<Sources>,
 }
@@ -70,13 +69,6 @@ impl Metrics {
             ),
             &["state"],
         )?;
-        let pool_waits = IntGaugeVec::new(
-            Opts::new(
-                "identity_db_pool_checkouts",
-                "Connection checkouts since start, by outcome (direct, waited, timed_out).",
-            ),
-            &["outcome"],
-        )?;
         let hash_queue = IntGauge::new(
             "identity_hash_queue_depth",
             "Callers waiting for a password hashing slot.",
@@ -84,7 +76,6 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(pool.clone()))?;
-        registry.register(Box::new(pool_waits.clone()))?;
         registry.register(Box::new(hash_queue.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -94,7 +85,6 @@ impl Metrics {
             requests,
             latency,
             pool,
-            pool_waits,
             hash_queue,
             sources: Arc::new(Sources {
                 pool: db_pool,
@@ -105,27 +95,14 @@ impl Metrics {
 
     /// The text exposition of every metric, read now.
     pub fn render(&self) -> String {
-        let state = self.sources.pool.state();
-        let stats = &state.statistics;
-        let in_use = i64::from(state.connections - state.idle_connections);
-        let finished = stats.get_direct + stats.get_waited + stats.get_timed_out;
-        let waiting = stats.get_started.saturating_sub(finished);
-        self.pool.with_label_values(&["in_use"]).set(in_use);
-        self.pool
-            .with_label_values(&["idle"])
-            .set(i64::from(state.idle_connections));
+        let status = self.sources.pool.status();
+        let size = i64::try_from(status.size).unwrap_or(i64::MAX);
+        let idle = i64::try_from(status.available).unwrap_or(i64::MAX);
+        self.pool.with_label_values(&["in_use"]).set(size - idle);
+        self.pool.with_label_values(&["idle"]).set(idle);
         self.pool
             .with_label_values(&["waiting"])
-            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
-        for (outcome, n) in [
-            ("direct", stats.get_direct),
-            ("waited", stats.get_waited),
-            ("timed_out", stats.get_timed_out),
-        ] {
-            self.pool_waits
-                .with_label_values(&[outcome])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
+            .set(i64::try_from(status.waiting).unwrap_or(i64::MAX));
         self.hash_queue
             .set(i64::try_from(self.sources.hasher.queue_depth()).unwrap_or(i64::MAX));
         let mut out = Vec::new();

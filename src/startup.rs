@@ -149,6 +149,7 @@ struct KeysSource {
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     request_timeout: Duration,
+    shutdown_grace: Duration,
     max_concurrent_requests: usize,
 }
 
@@ -166,7 +167,7 @@ impl Application {
         if !applied.is_empty() {
             tracing::info!(migrations = ?applied, "applied migrations");
         }
-        let pool = db::pool(&database.url, config.pool_size());
+        let pool = db::pool(&database.url, config.pool_size()).map_err(StartupError::Database)?;
         let hasher = Hasher::new(
             HashParams {
                 memory_kib: config.argon2_memory_kib,
@@ -227,6 +228,7 @@ impl Application {
             },
             limits: Limits {
                 request_timeout: config.request_timeout,
+                shutdown_grace: config.shutdown_grace,
                 max_concurrent_requests: config.max_concurrent_requests as usize,
             },
         })
@@ -299,15 +301,33 @@ impl Application {
             .layer(DeadlineLayer::new(self.limits.request_timeout))
             .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
             .layer(AuthLayer::new(self.auth));
-        let result = tonic::transport::Server::builder()
+        let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let signalled = async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new calls, waiting for those in flight");
+            let _ = shutdown_tx.send(());
+        };
+        let serve = tonic::transport::Server::builder()
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tcp_keepalive(Some(Duration::from_secs(60)))
             .layer(layers)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signalled);
+        // In-flight calls finish, within the grace period.
+        let grace = self.limits.shutdown_grace;
+        tokio::pin!(serve);
+        let result = tokio::select! {
+            result = &mut serve => result,
+            _ = async {
+                let _ = shutdown_rx.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "grace period over: in-flight calls cut short");
+                Ok(())
+            }
+        };
         tracing::info!("stopped serving; in-flight calls finished");
 
         let _ = stop_health.send(true);

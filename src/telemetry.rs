@@ -126,6 +126,7 @@ where
         let call = self.inner.call(request);
         Box::pin(
             async move {
+                tracing::debug!("call started");
                 let mut response = call.await?;
                 if let Ok(value) = http::HeaderValue::from_str(&id) {
                     response.headers_mut().insert("x-request-id", value);

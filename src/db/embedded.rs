@@ -339,7 +339,7 @@ fn has_server_binaries(dir: &Path) -> bool {
 
 /// Looks on PATH, then in Debian's and the source build's usual folders,
 /// newest major version first.
-fn find_binaries() -> Option<PathBuf> {
+pub fn find_binaries() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("PATH")
         .and_then(|path| std::env::split_paths(&path).find(|d| has_server_binaries(d)))
     {

@@ -13,33 +13,43 @@ use std::time::Duration;
 
 use diesel_async::{
     AsyncPgConnection,
-    pooled_connection::{AsyncDieselConnectionManager, bb8},
+    pooled_connection::{
+        AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+        deadpool::{self, Object},
+    },
 };
 
 use crate::error::Error;
 
 /// The connection pool.
-pub type Pool = bb8::Pool<AsyncPgConnection>;
+pub type Pool = deadpool::Pool<AsyncPgConnection>;
 /// A connection borrowed from the pool.
-pub type Conn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
+pub type Conn = Object<AsyncPgConnection>;
 
-/// How long a call waits for a connection before it answers UNAVAILABLE.
+/// How long a call waits for a free connection, or for a new one to be
+/// made, before it answers UNAVAILABLE.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds the pool without connecting, so that the service starts (and
-/// reports NOT_SERVING) while the database is still away.
-pub fn pool(database_url: &str, size: u32) -> Pool {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url);
-    bb8::Pool::builder()
-        .max_size(size)
-        .min_idle(Some(0))
-        .connection_timeout(CHECKOUT_TIMEOUT)
-        // No ping on every checkout: it would double the round trips of the
-        // hot path. A broken connection is noticed by its failed query and
-        // dropped by the pool.
-        .test_on_check_out(false)
-        .idle_timeout(Some(Duration::from_secs(600)))
-        .build_unchecked(manager)
+/// reports NOT_SERVING) while the database is still away. A connection that
+/// cannot be made fails the call at once (deadpool creates connections in the
+/// caller's checkout), so a database that is down answers UNAVAILABLE
+/// without waiting out the caller's deadline.
+pub fn pool(database_url: &str, size: u32) -> Result<Pool, Error> {
+    let mut config = ManagerConfig::default();
+    // No ping on every checkout: it would double the round trips of the hot
+    // path. A broken connection is noticed by its failed query and dropped.
+    config.recycling_method = RecyclingMethod::Fast;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
+    deadpool::Pool::builder(manager)
+        .max_size(size as usize)
+        .runtime(::deadpool::Runtime::Tokio1)
+        .wait_timeout(Some(CHECKOUT_TIMEOUT))
+        .create_timeout(Some(CHECKOUT_TIMEOUT))
+        .recycle_timeout(Some(CHECKOUT_TIMEOUT))
+        .build()
+        .map_err(Error::internal)
 }
 
 /// The request field a unique constraint guards, so that a violation (also
@@ -65,7 +75,7 @@ pub fn missing_reference(constraint: &str) -> Option<&'static str> {
 }
 
 /// Borrows a connection; UNAVAILABLE when none can be had in time.
-pub async fn conn(pool: &Pool) -> Result<Conn<'_>, Error> {
+pub async fn conn(pool: &Pool) -> Result<Conn, Error> {
     Ok(pool.get().await?)
 }
 

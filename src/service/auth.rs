@@ -54,7 +54,7 @@ pub struct Verified {
 }
 
 /// Logins, sessions and tokens.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AuthService {
     pool: Pool,
     hasher: Hasher,
@@ -128,7 +128,7 @@ impl AuthService {
 
     /// Counts an attempt on `key` before any password is checked; refuses it
     /// while the key is locked.
-    async fn count_attempt(&self, conn: &mut crate::db::Conn<'_>, key: &str) -> Result<(), Error> {
+    async fn count_attempt(&self, conn: &mut crate::db::Conn, key: &str) -> Result<(), Error> {
         let attempt = sessions::count_attempt(conn, key, FREE_FAILURES, MAX_LOCK_SECONDS).await?;
         match attempt.refused_until {
             Some(until) => {
@@ -385,5 +385,11 @@ fn throttled(until: chrono::DateTime<Utc>) -> Error {
     Error::Throttled {
         message: "too many failed logins; try again later",
         retry_after: Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+    }
+}
+
+impl std::fmt::Debug for AuthService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthService").finish_non_exhaustive()
     }
 }

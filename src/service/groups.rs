@@ -39,7 +39,7 @@ impl<T> Page<T> {
 }
 
 /// Groups and memberships.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GroupService {
     pool: Pool,
 }
@@ -171,5 +171,11 @@ impl GroupService {
             return Err(Error::NotFound("user"));
         }
         db::groups::of_user(&mut conn, user_id).await
+    }
+}
+
+impl std::fmt::Debug for GroupService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupService").finish_non_exhaustive()
     }
 }

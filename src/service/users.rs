@@ -58,7 +58,7 @@ pub struct UserPage {
 }
 
 /// Users: creation, lookup, listing, changes, deletion and passwords.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct UserService {
     pool: Pool,
     hasher: Hasher,
@@ -257,4 +257,10 @@ fn attributes_json(attributes: &Attributes) -> serde_json::Value {
             .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
             .collect(),
     )
+}
+
+impl std::fmt::Debug for UserService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserService").finish_non_exhaustive()
+    }
 }

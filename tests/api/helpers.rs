@@ -317,7 +317,7 @@ async fn bootstrap_root(config: &Config) {
         iterations: config.argon2_iterations,
         parallelism: config.argon2_parallelism,
     };
-    let pool = identity::db::pool(config.database_url.as_deref().unwrap(), 1);
+    let pool = identity::db::pool(config.database_url.as_deref().unwrap(), 1).unwrap();
     let service = UserService::new(pool, Hasher::new(params, 1, 4).unwrap());
     let result = service
         .create(NewUser {

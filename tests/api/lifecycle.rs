@@ -48,6 +48,29 @@ impl Log {
         !result.timed_out()
     }
 
+    /// Waits until `count` lines after the first `skip` contain `needle`.
+    pub fn wait_for_count(
+        &self,
+        skip: usize,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> bool {
+        let lines = self.lines.lock().unwrap();
+        let (_lines, result) = self
+            .grown
+            .wait_timeout_while(lines, timeout, |lines| {
+                lines
+                    .iter()
+                    .skip(skip)
+                    .filter(|l| l.contains(needle))
+                    .count()
+                    < count
+            })
+            .unwrap();
+        !result.timed_out()
+    }
+
     /// How many lines so far.
     pub fn len(&self) -> usize {
         self.lines.lock().unwrap().len()

@@ -8,6 +8,7 @@ mod helpers;
 mod auth;
 mod authz;
 mod cli;
+mod faults;
 mod groups;
 mod lifecycle;
 mod limits;

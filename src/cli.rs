@@ -92,8 +92,17 @@ impl Cli {
                 ) {
                     e.exit();
                 }
+                // One line: the error and what it names, without the usage.
                 let rendered = e.render().to_string();
-                let line = rendered.lines().next().unwrap_or("invalid arguments");
+                let line = rendered
+                    .lines()
+                    .take_while(|l| {
+                        !l.starts_with("Usage:") && !l.starts_with("For more information")
+                    })
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 eprintln!("identity: {}", line.trim_start_matches("error: "));
                 std::process::exit(2);
             }

@@ -157,6 +157,25 @@ pub struct Config {
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_requests: u32,
 
+    /// Server certificate chain (PEM) for TLS; plaintext h2c when unset (for
+    /// a mesh sidecar to wrap).
+    #[arg(long, env = "TLS_CERT", value_name = "TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "TLS_KEY", value_name = "TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that client certificates must chain to: mutual
+    /// TLS, every client must present one.
+    #[arg(
+        long,
+        env = "TLS_CLIENT_CA",
+        value_name = "TLS_CLIENT_CA",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// After SIGTERM, how long in-flight calls may take to finish before the
     /// service exits anyway.
     #[arg(long, env = "SHUTDOWN_GRACE", value_name = "SHUTDOWN_GRACE",

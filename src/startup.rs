@@ -44,6 +44,9 @@ pub enum StartupError {
     /// The signing keys could not be loaded.
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
+    /// A TLS file could not be read or used; the string names the variable.
+    #[error("{0}: {1}")]
+    Tls(&'static str, String),
     /// The server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -135,6 +138,7 @@ pub struct Application {
     limits: Limits,
     keys: KeysSource,
     metrics: crate::metrics::Metrics,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// Where the signing keys come from, for reloading them.
@@ -183,8 +187,7 @@ impl Application {
         let keys = tokio::task::spawn_blocking(move || KeyStore::load_or_generate(&keys_dir, alg))
             .await
             .map_err(|e| StartupError::Other(e.to_string()))??;
-        let kids: Vec<&str> = keys.keys().iter().map(|k| k.kid.as_str()).collect();
-        tracing::info!(signing_kid = %keys.signing().kid, kids = ?kids, "keys loaded");
+        let kids: Vec<String> = keys.keys().iter().map(|k| k.kid.clone()).collect();
         let tokens = TokenIssuer::new(
             keys,
             config.jwt_issuer.clone(),
@@ -209,6 +212,10 @@ impl Application {
             db_pool_size = config.pool_size(),
             database = %mask_password(&database.url),
             embedded = database.embedded.is_some(),
+            hash_concurrency = config.hash_concurrency(),
+            tls = config.tls_cert.is_some(),
+            signing_kid = %kids[0],
+            kids = ?kids,
             "identity ready"
         );
         Ok(Self {
@@ -221,6 +228,7 @@ impl Application {
             groups,
             registration_open: config.allow_registration,
             metrics,
+            tls: tls_config(config)?,
             keys: KeysSource {
                 dir: config.keys_dir.clone(),
                 algorithm: config.jwt_algorithm,
@@ -307,7 +315,13 @@ impl Application {
             tracing::info!("shutting down: no new calls, waiting for those in flight");
             let _ = shutdown_tx.send(());
         };
-        let serve = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            server = server
+                .tls_config(tls)
+                .map_err(|e| StartupError::Tls("TLS_CERT", e.to_string()))?;
+        }
+        let serve = server
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -366,6 +380,26 @@ async fn purge_old_rows(pool: Pool, mut stopped: tokio::sync::watch::Receiver<bo
             Err(e) => tracing::warn!(error = %e, "purge failed; next try in an hour"),
         }
     }
+}
+
+/// The TLS settings: `TLS_CERT` and `TLS_KEY` (with `TLS_CLIENT_CA`, mutual
+/// TLS); `None` for plaintext h2c.
+fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, StartupError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |var: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| StartupError::Tls(var, format!("{}: {e}", path.display())))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("TLS_CERT", cert)?,
+        read("TLS_KEY", key)?,
+    ));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("TLS_CLIENT_CA", ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// Re-reads `KEYS_DIR` on SIGHUP and every `KEYS_RELOAD_INTERVAL`, so that

@@ -43,12 +43,17 @@ fn a_bad_setting_stops_serve_with_one_line_naming_it_and_exit_2() {
         ("WEB_CONCURRENCY", "zero"),
         ("ALLOW_REGISTRATION", "perhaps"),
         ("LOG_FORMAT", "xml"),
+        ("SENTRY_DSN", "not a dsn"),
+        ("HASH_QUEUE", "0"),
+        // A certificate without its key.
+        ("TLS_CERT", "/etc/hostname"),
     ] {
         let out = identity(&["serve"], &[(var, value)], None);
         assert_eq!(out.status.code(), Some(2), "{var}={value}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(stderr.trim_end().lines().count(), 1, "{var}: {stderr}");
-        assert!(stderr.contains(var), "{var}: {stderr}");
+        let named = if var == "TLS_CERT" { "TLS_KEY" } else { var };
+        assert!(stderr.contains(named), "{var}: {stderr}");
     }
 }
 

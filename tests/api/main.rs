@@ -18,4 +18,5 @@ mod migrations;
 mod operations;
 mod sentry;
 mod server;
+mod tls;
 mod users;

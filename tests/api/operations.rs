@@ -108,6 +108,14 @@ async fn a_key_rotated_on_a_running_server_signs_while_the_old_one_verifies_unti
     assert_ne!(new_kid, old_kid, "the new key signs");
     assert_eq!(published.keys[1].key_id, old_kid);
     assert!(published.jwks_json.contains(&old_kid) && published.jwks_json.contains(&new_kid));
+    let addr = serve.addr;
+    let (_, _, pem) = tokio::task::spawn_blocking(move || crate::auth::http1_get(addr, "/pub-key"))
+        .await
+        .unwrap();
+    assert_eq!(
+        pem, published.keys[0].pem,
+        "/pub-key serves the new signing key"
+    );
 
     let new = login(&serve, "rotated", PASSWORD).await.unwrap();
     assert_eq!(kid(&new.access_token), new_kid);

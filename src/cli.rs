@@ -135,8 +135,16 @@ impl Cli {
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = %e, "identity failed");
-                eprintln!("identity: {e}");
+                // The whole chain: "database: database unavailable" alone
+                // would hide why (the causes carry no credentials).
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    message.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                tracing::error!(error = %message, "identity failed");
+                eprintln!("identity: {message}");
                 ExitCode::FAILURE
             }
         }
@@ -144,6 +152,10 @@ impl Cli {
 }
 
 async fn serve(config: Config) -> Result<(), StartupError> {
+    // From the first moment, SIGHUP means "reload keys", never the default
+    // "terminate": a rotation hook may fire while the service starts.
+    let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| StartupError::Other(format!("cannot handle SIGHUP: {e}")))?;
     let app = Application::build(&config).await?;
     app.run_until_stopped(shutdown_signal()).await
 }

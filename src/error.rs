@@ -125,6 +125,10 @@ impl From<diesel::result::Error> for Error {
         use diesel::result::{DatabaseErrorKind, Error as D};
         match e {
             D::NotFound => Error::internal("unexpected NotFound from the database"),
+            // COMMIT or ROLLBACK failed: the connection went away mid-transaction.
+            D::RollbackErrorOnCommit { .. } | D::BrokenTransactionManager => {
+                Error::Unavailable(Box::new(e))
+            }
             D::DatabaseError(DatabaseErrorKind::UniqueViolation, ref info)
                 if info
                     .constraint_name()

@@ -88,7 +88,11 @@ where
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
-        let limit = client.map_or(self.max, |c| c.min(self.max));
+        // A hair before the client's own deadline, so that the client hears
+        // DEADLINE_EXCEEDED from us rather than cancelling on its side.
+        let limit = client.map_or(self.max, |c| {
+            c.saturating_sub(Duration::from_millis(2)).min(self.max)
+        });
         let call = self.inner.call(request);
         Box::pin(async move {
             match tokio::time::timeout(limit, call).await {
@@ -208,6 +212,95 @@ impl Body for Limited {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// At most `max` calls at once across all connections; more are refused at
+/// once with RESOURCE_EXHAUSTED and a `google.rpc.RetryInfo` (load shedding:
+/// a queue would only add latency to an overload). Health checks and
+/// `/metrics` bypass the limit, so that probes keep answering at peak load.
+#[derive(Debug, Clone)]
+pub struct ShedLayer {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl ShedLayer {
+    /// A limit of `max` calls in flight.
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+        }
+    }
+}
+
+impl<S: Clone> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let limited = tower::ServiceBuilder::new()
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                self.permits.clone(),
+            ))
+            .service(inner.clone());
+        Shed {
+            direct: inner,
+            limited,
+        }
+    }
+}
+
+/// The service of [`ShedLayer`].
+#[derive(Debug, Clone)]
+pub struct Shed<S> {
+    direct: S,
+    limited: tower::load_shed::LoadShed<tower::limit::ConcurrencyLimit<S>>,
+}
+
+fn bypasses_the_limit(path: &str) -> bool {
+    path.starts_with("/grpc.health.") || path == "/metrics"
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Shed<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.direct.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        use tower::ServiceExt;
+        if bypasses_the_limit(request.uri().path()) {
+            let call = self.direct.call(request);
+            return Box::pin(async move { call.await.map_err(Into::into) });
+        }
+        let limited = self.limited.clone();
+        Box::pin(async move {
+            match limited.oneshot(request).await {
+                Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
+                    use tonic_types::{ErrorDetails, StatusExt};
+                    tracing::debug!("at capacity: call shed");
+                    Ok(tonic::Status::with_error_details(
+                        tonic::Code::ResourceExhausted,
+                        "the service is at capacity; retry shortly",
+                        ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+                    )
+                    .into_http())
+                }
+                other => other,
+            }
+        })
     }
 }
 

@@ -27,11 +27,26 @@ pub struct Metrics {
     pool: IntGaugeVec,
     hash_queue: IntGauge,
     sources: Arc<Sources>,
+    /// "/package.Service/Method" of every RPC served: only these become
+    /// labels, so random paths cannot grow the registry.
+    known: Arc<std::collections::HashSet<String>>,
 }
 
 struct Sources {
     pool: Pool,
     hasher: Hasher,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_rpc_of_the_api_is_a_known_method() {
+        let known = super::known_methods();
+        assert!(known.contains("/identity.v1.UserService/CreateUser"));
+        assert!(known.contains("/identity.v1.AuthService/VerifyToken"));
+        assert!(known.contains("/grpc.health.v1.Health/Check"));
+        assert!(!known.contains("/a.b/random"));
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -86,6 +101,7 @@ impl Metrics {
             latency,
             pool,
             hash_queue,
+            known: Arc::new(known_methods()),
             sources: Arc::new(Sources {
                 pool: db_pool,
                 hasher,
@@ -113,13 +129,18 @@ impl Metrics {
     }
 
     fn record(&self, path: &str, code: &str, started: Instant) {
-        // Only gRPC paths (/package.Service/Method); plain HTTP is not counted.
-        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        // Plain HTTP (/metrics, /pub-key) is not counted; unknown gRPC paths
+        // share one label pair.
+        let (service, method) = if self.known.contains(path) {
+            match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+                Some(pair) => pair,
+                None => return,
+            }
+        } else if path.starts_with('/') && path[1..].contains('/') {
+            ("unknown", "unknown")
+        } else {
             return;
         };
-        if method.contains('/') || !service.contains('.') {
-            return;
-        }
         self.requests
             .with_label_values(&[service, method, code])
             .inc();
@@ -127,6 +148,38 @@ impl Metrics {
             .with_label_values(&[service, method])
             .observe(started.elapsed().as_secs_f64());
     }
+}
+
+/// Every RPC in the descriptor sets the server registers, plus reflection.
+fn known_methods() -> std::collections::HashSet<String> {
+    use prost::Message;
+    let mut known = std::collections::HashSet::new();
+    for set in [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    known.insert(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+    }
+    for version in ["v1", "v1alpha"] {
+        known.insert(format!(
+            "/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+        ));
+    }
+    known
 }
 
 /// The gRPC status code's name, as Prometheus labels show it.

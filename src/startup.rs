@@ -19,7 +19,7 @@ use crate::db::{
 use crate::error::Error;
 use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::{HashParams, Hasher};
-use crate::limits::{BodyLimitLayer, DeadlineLayer};
+use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer};
 use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AuthService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
@@ -152,6 +152,7 @@ struct KeysSource {
 /// The limits of [`crate::limits`], from the configuration.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
+    refresh_ttl: Duration,
     request_timeout: Duration,
     shutdown_grace: Duration,
     max_concurrent_requests: usize,
@@ -235,6 +236,7 @@ impl Application {
                 interval: config.keys_reload_interval,
             },
             limits: Limits {
+                refresh_ttl: config.refresh_token_ttl,
                 request_timeout: config.request_timeout,
                 shutdown_grace: config.shutdown_grace,
                 max_concurrent_requests: config.max_concurrent_requests as usize,
@@ -267,20 +269,21 @@ impl Application {
 
         // The first look at the database happens before serving, so that
         // every service name is registered by the first health call.
-        let first = report_database(&self.pool, &reporter, None).await;
+        let mut prober = Prober::new(self.database.url.clone());
+        let first = report_database(&mut prober, &reporter, None).await;
         let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
-        let janitor = tokio::spawn(purge_old_rows(self.pool.clone(), health_stopped.clone()));
+        let janitor = tokio::spawn(purge_old_rows(
+            self.pool.clone(),
+            self.limits.refresh_ttl,
+            health_stopped.clone(),
+        ));
         let reloader = tokio::spawn(reload_keys(
             self.keys.clone(),
             self.auth.tokens().clone(),
             health_stopped.clone(),
         ));
-        let watcher = tokio::spawn(watch_database(
-            self.pool.clone(),
-            reporter,
-            first,
-            health_stopped,
-        ));
+        let draining = reporter.clone();
+        let watcher = tokio::spawn(watch_database(prober, reporter, first, health_stopped));
 
         let mut routes = tonic::service::Routes::builder();
         routes
@@ -302,10 +305,7 @@ impl Application {
         let layers = tower::ServiceBuilder::new()
             .layer(crate::telemetry::RequestContextLayer)
             .layer(crate::metrics::MetricsLayer::new(self.metrics.clone()))
-            .load_shed()
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                self.limits.max_concurrent_requests,
-            ))
+            .layer(ShedLayer::new(self.limits.max_concurrent_requests))
             .layer(DeadlineLayer::new(self.limits.request_timeout))
             .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
             .layer(AuthLayer::new(self.auth));
@@ -313,6 +313,16 @@ impl Application {
         let signalled = async move {
             shutdown.await;
             tracing::info!("shutting down: no new calls, waiting for those in flight");
+            // Tell load balancers at once; the background tasks stop too.
+            let _ = stop_health.send(true);
+            draining
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            for name in service_names() {
+                draining
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
             let _ = shutdown_tx.send(());
         };
         let mut server = tonic::transport::Server::builder();
@@ -344,7 +354,6 @@ impl Application {
         };
         tracing::info!("stopped serving; in-flight calls finished");
 
-        let _ = stop_health.send(true);
         let _ = watcher.await;
         let _ = reloader.await;
         let _ = janitor.await;
@@ -358,7 +367,11 @@ impl Application {
 /// Deletes, every hour, what no check needs any more: sessions ended or
 /// expired a week ago (with their retired refresh tokens) and throttling
 /// rows idle for a day. Every replica may run it; the deletes are idempotent.
-async fn purge_old_rows(pool: Pool, mut stopped: tokio::sync::watch::Receiver<bool>) {
+async fn purge_old_rows(
+    pool: Pool,
+    refresh_ttl: Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     const EVERY: Duration = Duration::from_secs(3600);
     let mut tick = tokio::time::interval(EVERY);
     loop {
@@ -371,7 +384,9 @@ async fn purge_old_rows(pool: Pool, mut stopped: tokio::sync::watch::Receiver<bo
             let sessions =
                 db::sessions::purge_sessions(&mut conn, chrono::Duration::days(7)).await?;
             let failures = db::sessions::purge_failures(&mut conn).await?;
-            Ok::<_, Error>((sessions, failures))
+            let ttl = chrono::Duration::from_std(refresh_ttl).unwrap_or(chrono::Duration::days(30));
+            let retired = db::sessions::purge_retired(&mut conn, ttl).await?;
+            Ok::<_, Error>((sessions + retired, failures))
         }
         .await;
         match result {
@@ -484,7 +499,7 @@ fn service_names() -> [&'static str; 3] {
 /// Keeps the health status in step with the database: NOT_SERVING while it
 /// cannot be reached, SERVING again when it returns, without a restart.
 async fn watch_database(
-    pool: Pool,
+    mut prober: Prober,
     reporter: HealthReporter,
     mut last: ServingStatus,
     mut stopped: tokio::sync::watch::Receiver<bool>,
@@ -494,17 +509,62 @@ async fn watch_database(
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = stopped.changed() => return,
         }
-        last = report_database(&pool, &reporter, Some(last)).await;
+        last = report_database(&mut prober, &reporter, Some(last)).await;
+    }
+}
+
+/// The health check's own connection: a pool that is merely busy (every
+/// connection in use at peak load) must not read as a database that is down.
+struct Prober {
+    url: String,
+    conn: Option<diesel_async::AsyncPgConnection>,
+}
+
+impl Prober {
+    fn new(url: String) -> Self {
+        Self { url, conn: None }
+    }
+
+    async fn ping(&mut self) -> Result<(), Error> {
+        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+        const PATIENCE: Duration = Duration::from_secs(2);
+        let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| Error::Unavailable(e);
+        if self.conn.is_none() {
+            let conn = tokio::time::timeout(
+                PATIENCE,
+                diesel_async::AsyncPgConnection::establish(&self.url),
+            )
+            .await
+            .map_err(|e| unavailable(Box::new(e)))?
+            .map_err(|e| unavailable(Box::new(e)))?;
+            self.conn = Some(conn);
+        }
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| Error::internal("no probe connection"))?;
+        let result = tokio::time::timeout(PATIENCE, conn.batch_execute("SELECT 1")).await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(unavailable(Box::new(e)))
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(unavailable(Box::new(e)))
+            }
+        }
     }
 }
 
 /// Pings the database and publishes the result when it changed from `last`.
 async fn report_database(
-    pool: &Pool,
+    prober: &mut Prober,
     reporter: &HealthReporter,
     last: Option<ServingStatus>,
 ) -> ServingStatus {
-    let status = match db::ping(pool).await {
+    let status = match prober.ping().await {
         Ok(()) => ServingStatus::Serving,
         Err(e) => {
             if last != Some(ServingStatus::NotServing) {

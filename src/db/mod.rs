@@ -40,6 +40,21 @@ pub fn pool(database_url: &str, size: u32) -> Result<Pool, Error> {
     // No ping on every checkout: it would double the round trips of the hot
     // path. A broken connection is noticed by its failed query and dropped.
     config.recycling_method = RecyclingMethod::Fast;
+    // A call cancelled mid-transaction (deadline, client gone) must not
+    // leave its row locks behind for long, nor may a statement outlive any
+    // call's deadline.
+    config.custom_setup = Box::new(|url| {
+        Box::pin(async move {
+            use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+            let mut conn = AsyncPgConnection::establish(url).await?;
+            conn.batch_execute(
+                "SET idle_in_transaction_session_timeout = '10s'; SET statement_timeout = '60s'",
+            )
+            .await
+            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        })
+    });
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
     deadpool::Pool::builder(manager)
@@ -77,12 +92,4 @@ pub fn missing_reference(constraint: &str) -> Option<&'static str> {
 /// Borrows a connection; UNAVAILABLE when none can be had in time.
 pub async fn conn(pool: &Pool) -> Result<Conn, Error> {
     Ok(pool.get().await?)
-}
-
-/// Answers whether the database is reachable now (for the health service).
-pub async fn ping(pool: &Pool) -> Result<(), Error> {
-    use diesel_async::SimpleAsyncConnection;
-    let mut conn = conn(pool).await?;
-    conn.batch_execute("SELECT 1").await?;
-    Ok(())
 }

@@ -353,15 +353,15 @@ pub struct Attempt {
 
 /// Counts an attempt on `key` before its password is checked, in one
 /// statement: parallel attempts are serialised on the row, so at most `free`
-/// of them can ever reach the password check before the lock, and every one
-/// is counted (100 parallel failures count 100).
+/// of them can ever reach the password check before the lock.
 ///
-/// An attempt that arrives while the key is locked is refused and counted,
-/// without moving the lock. Otherwise, from the `free`-th consecutive attempt
-/// on, the key is locked at once for a delay that doubles from 1 s up to
-/// `max_delay_secs` (a success, reported by [`clear_failures`], lifts it).
-/// Failures more than a day old are forgotten, so that typos spread over
-/// months never add up.
+/// An attempt that arrives while the key is locked is refused and neither
+/// counted nor allowed to move the lock: refusals cost an attacker nothing,
+/// so they must not be able to lengthen a victim's lock. Otherwise, from the
+/// `free`-th consecutive attempt on, the key is locked at once for a delay
+/// that doubles from 1 s up to `max_delay_secs` (a success, reported by
+/// [`clear_failures`], lifts it). Failures more than a day old are
+/// forgotten, so that typos spread over months never add up.
 pub async fn count_attempt(
     conn: &mut AsyncPgConnection,
     key: &str,
@@ -372,7 +372,8 @@ pub async fn count_attempt(
         "INSERT INTO login_failures AS f (key, failures, locked_until, refused, update_time) \
          VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + interval '1 second' END, false, now()) \
          ON CONFLICT (key) DO UPDATE SET \
-             failures = CASE WHEN f.update_time < now() - interval '1 day' THEN 1 \
+             failures = CASE WHEN f.locked_until > now() THEN f.failures \
+                             WHEN f.update_time < now() - interval '1 day' THEN 1 \
                              ELSE f.failures + 1 END, \
              refused = COALESCE(f.locked_until > now(), false), \
              locked_until = CASE \
@@ -381,7 +382,7 @@ pub async fn count_attempt(
                      THEN now() + make_interval(secs => \
                          LEAST(power(2, LEAST(f.failures + 1 - $2, 30)), $3)) \
                  ELSE NULL END, \
-             update_time = now() \
+             update_time = CASE WHEN f.locked_until > now() THEN f.update_time ELSE now() END \
          RETURNING failures, locked_until, refused",
     )
     .bind::<Text, _>(key)
@@ -406,6 +407,20 @@ pub async fn purge_failures(conn: &mut AsyncPgConnection) -> Result<usize, Error
     )
 }
 
+/// Deletes retired refresh tokens older than `refresh_ttl`: by then they
+/// could not have been valid anyway, so their reuse means nothing more.
+pub async fn purge_retired(
+    conn: &mut AsyncPgConnection,
+    refresh_ttl: chrono::Duration,
+) -> Result<usize, Error> {
+    let before = Utc::now() - refresh_ttl;
+    Ok(diesel::delete(
+        retired_refresh_tokens::table.filter(retired_refresh_tokens::retire_time.lt(before)),
+    )
+    .execute(conn)
+    .await?)
+}
+
 /// Deletes sessions that ended or expired more than `keep` ago (their
 /// retired refresh tokens go with them); how many.
 pub async fn purge_sessions(
@@ -422,6 +437,11 @@ pub async fn purge_sessions(
     )
     .execute(conn)
     .await?)
+}
+
+/// The throttling key of an account.
+pub fn user_key(id: Uuid) -> String {
+    format!("user:{id}")
 }
 
 /// Forgets the failures of a key (after a successful login).

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::db::{
     self, Pool,
     groups::GroupRow,
-    sessions::{self, NewSessionRow, Rotation, end_reason},
+    sessions::{self, NewSessionRow, Rotation, end_reason, user_key},
     users::UserRow,
 };
 use crate::domain::{Password, text};
@@ -114,6 +114,7 @@ impl AuthService {
         let mut conn = db::conn(&self.pool).await?;
         sessions::clear_failures(&mut conn, &key).await?;
         drop(conn);
+        let tokens = self.start_session(&user).await?;
         if self.hasher.needs_rehash(&hash) {
             // Best effort: the login stands even if the upgrade must wait for
             // another day (hashing queue full, a database blip).
@@ -121,7 +122,6 @@ impl AuthService {
                 tracing::warn!(user_id = %user.id, error = %e, "password hash not upgraded");
             }
         }
-        let tokens = self.start_session(&user).await?;
         tracing::info!(user_id = %user.id, "logged in");
         Ok((tokens, user))
     }
@@ -348,11 +348,6 @@ impl AuthService {
         tracing::info!(other_sessions_ended = ended, "password changed");
         Ok(())
     }
-}
-
-/// The throttling key of an account.
-fn user_key(id: Uuid) -> String {
-    format!("user:{id}")
 }
 
 /// The throttling key of a login that names no account: hashed, so that the

@@ -224,6 +224,8 @@ impl UserService {
                 if !db::users::set_password_hash(conn, id, &hash).await? {
                     return Err(Error::NotFound("user"));
                 }
+                // A new password from an administrator also lifts a lock.
+                db::sessions::clear_failures(conn, &db::sessions::user_key(id)).await?;
                 db::sessions::end_all_of_user(conn, id, None, end_reason::PASSWORD_SET).await
             })
             .await?;

@@ -201,16 +201,20 @@ pub fn generate(dir: &Path, alg: JwtAlgorithm) -> Result<PathBuf, KeyError> {
         "{stamp}-{}.pem",
         format!("{:?}", algorithm(alg)).to_lowercase()
     );
-    let path = dir.join(name);
+    let path = dir.join(&name);
+    // Written aside and renamed into place, so that a reload (or another
+    // replica) never reads half a key.
+    let staging = dir.join(format!(".{name}.tmp"));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(io("creating", &path))?;
+        .open(&staging)
+        .map_err(io("creating", &staging))?;
     file.write_all(pem.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(io("writing", &path))?;
+        .map_err(io("writing", &staging))?;
+    fs::rename(&staging, &path).map_err(io("renaming", &staging))?;
     Ok(path)
 }
 

@@ -289,10 +289,11 @@ fn keys(args: KeysArgs) -> Result<(), StartupError> {
     use crate::token::keys;
     let dir = &args.config.keys_dir;
     let alg = args.config.jwt_algorithm;
+    let delay = args.config.keys_activation_delay;
     match args.action {
         KeysAction::Generate => {
-            let before = keys::KeyStore::load(dir, alg).ok();
-            let store = keys::KeyStore::load_or_generate(dir, alg)?;
+            let before = keys::KeyStore::load(dir, alg, delay).ok();
+            let store = keys::KeyStore::load_or_generate(dir, alg, delay)?;
             match before {
                 Some(_) => println!("a {alg:?} key exists already: {}", store.signing().kid),
                 None => println!("generated {}", store.signing().kid),
@@ -300,11 +301,16 @@ fn keys(args: KeysArgs) -> Result<(), StartupError> {
         }
         KeysAction::Rotate => {
             let path = keys::generate(dir, alg)?;
-            let store = keys::KeyStore::load(dir, alg)?;
-            println!("generated {} ({})", store.signing().kid, path.display());
+            let store = keys::KeyStore::load(dir, alg, std::time::Duration::ZERO)?;
+            println!(
+                "generated {} ({}); it verifies at once and signs after KEYS_ACTIVATION_DELAY ({})",
+                store.signing().kid,
+                path.display(),
+                humantime::format_duration(delay)
+            );
         }
         KeysAction::List => {
-            let store = keys::KeyStore::load(dir, alg)?;
+            let store = keys::KeyStore::load(dir, alg, delay)?;
             for (i, key) in store.keys().iter().enumerate() {
                 let role = if i == 0 { "signs" } else { "verifies" };
                 println!(

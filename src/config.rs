@@ -182,6 +182,14 @@ pub struct Config {
           default_value = "30s", value_parser = parse_ttl)]
     pub shutdown_grace: Duration,
 
+    /// How old a new key must be before it signs (it verifies at once): at
+    /// least KEYS_RELOAD_INTERVAL plus how long verifiers cache the JWKS
+    /// (5 minutes), so that no replica or verifier meets a token of a key it
+    /// does not know yet.
+    #[arg(long, env = "KEYS_ACTIVATION_DELAY", value_name = "KEYS_ACTIVATION_DELAY",
+          default_value = "6m", value_parser = parse_delay)]
+    pub keys_activation_delay: Duration,
+
     /// How often KEYS_DIR is re-read (SIGHUP re-reads it at once).
     #[arg(long, env = "KEYS_RELOAD_INTERVAL", value_name = "KEYS_RELOAD_INTERVAL",
           default_value = "60s", value_parser = parse_ttl)]
@@ -290,6 +298,15 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     }
     if d > Duration::from_secs(10 * 365 * 24 * 3600) {
         return Err("must be at most 10 years".into());
+    }
+    Ok(d)
+}
+
+fn parse_delay(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("expected a duration such as 0s or 6m ({e})"))?;
+    if d > Duration::from_secs(30 * 24 * 3600) {
+        return Err("must be at most 30 days".into());
     }
     Ok(d)
 }

@@ -144,6 +144,7 @@ pub struct Application {
 /// Where the signing keys come from, for reloading them.
 #[derive(Debug, Clone)]
 struct KeysSource {
+    activation_delay: Duration,
     dir: std::path::PathBuf,
     algorithm: crate::config::JwtAlgorithm,
     interval: Duration,
@@ -185,9 +186,11 @@ impl Application {
         .map_err(StartupError::Database)?;
         let keys_dir = config.keys_dir.clone();
         let alg = config.jwt_algorithm;
-        let keys = tokio::task::spawn_blocking(move || KeyStore::load_or_generate(&keys_dir, alg))
-            .await
-            .map_err(|e| StartupError::Other(e.to_string()))??;
+        let delay = config.keys_activation_delay;
+        let keys =
+            tokio::task::spawn_blocking(move || KeyStore::load_or_generate(&keys_dir, alg, delay))
+                .await
+                .map_err(|e| StartupError::Other(e.to_string()))??;
         let kids: Vec<String> = keys.keys().iter().map(|k| k.kid.clone()).collect();
         let tokens = TokenIssuer::new(
             keys,
@@ -231,6 +234,7 @@ impl Application {
             metrics,
             tls: tls_config(config)?,
             keys: KeysSource {
+                activation_delay: config.keys_activation_delay,
                 dir: config.keys_dir.clone(),
                 algorithm: config.jwt_algorithm,
                 interval: config.keys_reload_interval,
@@ -448,8 +452,12 @@ async fn reload_keys(
             _ = hup => tracing::info!("SIGHUP received: reloading keys"),
             _ = stopped.changed() => return,
         }
-        let (dir, alg) = (source.dir.clone(), source.algorithm);
-        match tokio::task::spawn_blocking(move || KeyStore::load(&dir, alg)).await {
+        let (dir, alg, delay) = (
+            source.dir.clone(),
+            source.algorithm,
+            source.activation_delay,
+        );
+        match tokio::task::spawn_blocking(move || KeyStore::load(&dir, alg, delay)).await {
             Ok(Ok(keys)) => {
                 let signing = keys.signing().kid.clone();
                 let count = keys.keys().len();

@@ -67,6 +67,8 @@ pub struct Key {
     pub jwk: Jwk,
     /// The file it came from.
     pub path: PathBuf,
+    /// When it was made: the time in its file name, else the file's mtime.
+    pub created: chrono::DateTime<chrono::Utc>,
     pub(crate) encoding: EncodingKey,
     pub(crate) decoding: DecodingKey,
 }
@@ -102,23 +104,39 @@ pub fn algorithm(alg: JwtAlgorithm) -> Algorithm {
 impl KeyStore {
     /// Loads `dir`; when it holds no key of `alg` (first start, or a new
     /// algorithm), generates one first.
-    pub fn load_or_generate(dir: &Path, alg: JwtAlgorithm) -> Result<Self, KeyError> {
+    pub fn load_or_generate(
+        dir: &Path,
+        alg: JwtAlgorithm,
+        activation_delay: std::time::Duration,
+    ) -> Result<Self, KeyError> {
         let keys = read_keys(dir)?;
         if !keys.iter().any(|k| k.algorithm == algorithm(alg)) {
             let path = generate(dir, alg)?;
             tracing::info!(path = %path.display(), "generated a signing key");
         }
-        Self::load(dir, alg)
+        Self::load(dir, alg, activation_delay)
     }
 
-    /// Loads `dir` without writing anything.
-    pub fn load(dir: &Path, alg: JwtAlgorithm) -> Result<Self, KeyError> {
+    /// Loads `dir` without writing anything. Every key verifies at once; a
+    /// new key signs only once it is `activation_delay` old (from the time
+    /// in its name), so that by then every replica has loaded it and every
+    /// verifier's cached JWKS holds it. Until one is that old, the newest
+    /// key of `alg` signs.
+    pub fn load(
+        dir: &Path,
+        alg: JwtAlgorithm,
+        activation_delay: std::time::Duration,
+    ) -> Result<Self, KeyError> {
         let mut keys = read_keys(dir)?;
-        // Newest first; the newest of the configured algorithm to the front.
+        // Newest first; the signing key to the front.
         keys.reverse();
+        let ripe = chrono::Utc::now()
+            - chrono::Duration::from_std(activation_delay).unwrap_or(chrono::Duration::MAX);
+        let of_alg = |k: &Key| k.algorithm == algorithm(alg);
         let signer = keys
             .iter()
-            .position(|k| k.algorithm == algorithm(alg))
+            .position(|k| of_alg(k) && k.created <= ripe)
+            .or_else(|| keys.iter().position(of_alg))
             .ok_or_else(|| KeyError::Empty(dir.to_owned()))?;
         let signing = keys.remove(signer);
         keys.insert(0, signing);
@@ -294,11 +312,25 @@ fn read_key(path: &Path) -> Result<Key, KeyError> {
         Algorithm::ES256 => KeyAlgorithm::ES256,
         _ => KeyAlgorithm::RS256,
     });
+    let created = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split('-').next())
+        .and_then(|stamp| chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.fZ").ok())
+        .map(|t| t.and_utc())
+        .or_else(|| {
+            fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .map(chrono::DateTime::<chrono::Utc>::from)
+        })
+        .unwrap_or_default();
     Ok(Key {
         kid,
         algorithm,
         public_pem,
         jwk,
+        created,
         path: path.to_owned(),
         encoding,
         decoding,

@@ -1059,3 +1059,55 @@ async fn set_password_lifts_a_lock() {
         .unwrap();
     assert!(app.login("locked.out", "a new password 2").await.is_ok());
 }
+
+#[tokio::test]
+async fn a_new_key_is_published_at_once_but_signs_only_after_the_activation_delay() {
+    let app = spawn_app().await;
+    // The current key is old: its file name carries its time.
+    let current = std::fs::read_dir(&app.keys_dir.0)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::rename(
+        &current,
+        app.keys_dir.0.join("20200101T000000.000000Z-eddsa.pem"),
+    )
+    .unwrap();
+    let app = app.restart(|_| {}).await;
+    let (_, before) = app.signed_in_user("staged").await;
+    let old_kid = parts(&before.access_token).0["kid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    identity::token::keys::generate(&app.keys_dir.0, identity::config::JwtAlgorithm::EdDsa)
+        .unwrap();
+    let app = app
+        .restart(|c| c.keys_activation_delay = Duration::from_secs(3600))
+        .await;
+    let keys = app
+        .anon
+        .auth
+        .clone()
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys.keys.len(), 2, "the new key is published at once");
+    assert_eq!(keys.keys[0].key_id, old_kid, "the old key still signs");
+    let during = app.login("staged", PASSWORD).await.unwrap().tokens.unwrap();
+    assert_eq!(parts(&during.access_token).0["kid"], old_kid);
+
+    let app = app
+        .restart(|c| c.keys_activation_delay = Duration::ZERO)
+        .await;
+    let after = app.login("staged", PASSWORD).await.unwrap().tokens.unwrap();
+    assert_ne!(
+        parts(&after.access_token).0["kid"],
+        old_kid,
+        "once ripe, the new key signs"
+    );
+    assert!(verify(&app, &during.access_token).await.is_ok());
+}

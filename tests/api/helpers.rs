@@ -257,6 +257,9 @@ pub fn test_config(database_url: &str) -> Config {
         "1",
         "--db-pool-size",
         "8",
+        // Rotations in tests sign at once unless a test says otherwise.
+        "--keys-activation-delay",
+        "0s",
     ])
     .expect("test config")
 }

@@ -80,7 +80,9 @@ fn hangup_and_wait(serve: &Serve) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_rotated_on_a_running_server_signs_while_the_old_one_verifies_until_retired() {
     let dir = TempDir::new("identity-rotate");
-    let serve = Serve::start(&dir.0.join("data"));
+    let mut cmd = command(&dir.0.join("data"));
+    cmd.env("KEYS_ACTIVATION_DELAY", "0s");
+    let serve = Serve::start_with(cmd);
     let keys = dir.0.join("keys");
     UserServiceClient::new(channel(&serve).await)
         .create_user(TestUser::named("rotated").request())

@@ -439,6 +439,26 @@ pub async fn purge_sessions(
     .await?)
 }
 
+/// Takes back one counted attempt on `key` (its password was never
+/// checked); below `free` failures the lock it may have set is lifted too.
+pub async fn uncount_attempt(
+    conn: &mut AsyncPgConnection,
+    key: &str,
+    free: i32,
+) -> Result<(), Error> {
+    diesel::sql_query(
+        "UPDATE login_failures SET \
+             failures = GREATEST(failures - 1, 0), \
+             locked_until = CASE WHEN failures - 1 < $2 THEN NULL ELSE locked_until END \
+         WHERE key = $1",
+    )
+    .bind::<Text, _>(key)
+    .bind::<Int4, _>(free)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The throttling key of an account.
 pub fn user_key(id: Uuid) -> String {
     format!("user:{id}")

@@ -103,7 +103,10 @@ impl AuthService {
         };
 
         let hash = found.as_ref().map(|(_, h)| h.as_str());
-        let matches = self.hasher.verify(password, hash).await?;
+        let matches = match self.hasher.verify(password, hash).await {
+            Ok(matches) => matches,
+            Err(e) => return Err(self.uncount(&key, e).await),
+        };
         let (user, hash) = match found {
             Some((user, hash)) if matches && user.is_active => (user, hash),
             _ => {
@@ -124,6 +127,20 @@ impl AuthService {
         }
         tracing::info!(user_id = %user.id, "logged in");
         Ok((tokens, user))
+    }
+
+    /// Takes back the count of an attempt whose password was never checked
+    /// (no hashing capacity, a database blip): the service's own trouble
+    /// must not push a user towards a lock. Returns `error`.
+    async fn uncount(&self, key: &str, error: Error) -> Error {
+        let undone = async {
+            let mut conn = db::conn(&self.pool).await?;
+            sessions::uncount_attempt(&mut conn, key, FREE_FAILURES).await
+        };
+        if let Err(e) = undone.await {
+            tracing::warn!(error = %e, "an unchecked attempt stays counted");
+        }
+        error
     }
 
     /// Counts an attempt on `key` before any password is checked; refuses it
@@ -327,7 +344,11 @@ impl AuthService {
                 .await?
                 .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?
         };
-        if !self.hasher.verify(current, Some(&stored)).await? {
+        let matches = match self.hasher.verify(current, Some(&stored)).await {
+            Ok(matches) => matches,
+            Err(e) => return Err(self.uncount(&key, e).await),
+        };
+        if !matches {
             return Err(Error::InvalidCredentials);
         }
         let hash = self.hasher.hash(&new).await?;

@@ -765,7 +765,7 @@ async fn change_password_keeps_the_callers_session_and_ends_the_others() {
     assert_eq!(status.code(), Code::Unauthenticated);
 }
 
-async fn failures_of(app: &TestApp, key: &str) -> Option<i32> {
+pub(crate) async fn failures_of(app: &TestApp, key: &str) -> Option<i32> {
     use diesel::{ExpressionMethods, OptionalExtension, QueryDsl};
     use diesel_async::RunQueryDsl;
     use identity::db::schema::login_failures;

@@ -191,3 +191,37 @@ async fn a_full_hashing_queue_refuses_logins_but_not_token_checks() {
     assert!(!refused.is_empty(), "{results:?}");
     assert!(refused.iter().all(|s| s.get_details_retry_info().is_some()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_refused_for_hashing_capacity_does_not_count_towards_a_lock() {
+    let db = TestDb::migrated().await;
+    let app = spawn_app_on(db, |c| {
+        slow_hashing(c);
+        c.hash_concurrency = std::num::NonZeroUsize::new(1);
+        c.hash_queue = 1;
+    })
+    .await;
+    // Its hash is slow to check, like any made with these parameters.
+    let user = app.create_user("busy").await;
+    // Four wrong passwords at once (fewer than the five that lock): one is
+    // checked, one may wait, the rest find no hashing capacity.
+    let results =
+        futures::future::join_all((0..4).map(|_| app.login("busy", "wrong password!"))).await;
+    let checked = results
+        .iter()
+        .filter(|r| r.as_ref().is_err_and(|s| s.code() == Code::Unauthenticated))
+        .count();
+    let no_capacity = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|s| s.code() == Code::ResourceExhausted)
+        })
+        .count();
+    assert_eq!(checked + no_capacity, 4, "{results:?}");
+    assert!(no_capacity >= 1, "{results:?}");
+    let counted = crate::auth::failures_of(&app, &format!("user:{}", user.id))
+        .await
+        .unwrap_or(0);
+    assert_eq!(counted as usize, checked, "only checked passwords count");
+}

@@ -175,6 +175,17 @@ impl Serve {
     }
 }
 
+/// A test that fails half-way must not leave its server running: stop it as
+/// an operator would (SIGTERM, which also stops its embedded cluster).
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(Signal::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     let text = std::fs::read_to_string(data_dir.join("pg/postmaster.pid")).ok()?;
     text.lines().next()?.trim().parse().ok()

@@ -152,11 +152,6 @@ impl EmbeddedPostgres {
         socket_url(&self.socket_dir, database)
     }
 
-    /// The cluster's data folder (`DATA_DIR/pg`).
-    pub fn pgdata(&self) -> &Path {
-        &self.pgdata
-    }
-
     /// Stops the cluster (fast shutdown: sessions are ended, committed data
     /// is kept) and waits until it is gone.
     pub fn stop(&mut self) -> Result<(), EmbeddedError> {

@@ -229,7 +229,7 @@ impl pb::user_service_server::UserService for UsersGrpc {
         Ok(Response::new(pb::ListUsersResponse {
             next_page_token: page.last.map(|id| pager.next(id)).unwrap_or_default(),
             total_size: page.total,
-            users: page.users.into_iter().map(Into::into).collect(),
+            users: page.items.into_iter().map(Into::into).collect(),
         }))
     }
 

@@ -9,6 +9,7 @@ use crate::db::{
 };
 use crate::domain::{Groupname, PageRequest, Slug, text};
 use crate::error::Error;
+use crate::service::Page;
 
 /// How GetGroup finds a group.
 #[derive(Debug, Clone)]
@@ -19,23 +20,6 @@ pub enum GroupLookup {
     Groupname(String),
     /// By slug.
     Slug(String),
-}
-
-/// One page of a list, and where the next starts.
-#[derive(Debug)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    /// The last item of a full page, from which the next page starts.
-    pub last: Option<Uuid>,
-    pub total: i64,
-}
-
-impl<T> Page<T> {
-    /// A page; `more` when items follow it.
-    pub fn new(items: Vec<T>, total: i64, more: bool, id: impl Fn(&T) -> Uuid) -> Self {
-        let last = if more { items.last().map(id) } else { None };
-        Self { items, last, total }
-    }
 }
 
 /// Groups and memberships.

@@ -11,6 +11,7 @@ use crate::db::{
 use crate::domain::{Attributes, Email, PageRequest, Password, Username, text};
 use crate::error::Error;
 use crate::hashing::Hasher;
+use crate::service::Page;
 
 /// A user to create, every field validated.
 #[derive(Debug)]
@@ -46,15 +47,6 @@ pub struct UserUpdate {
     pub is_superuser: Option<bool>,
     pub is_verified: Option<bool>,
     pub attributes: Option<Attributes>,
-}
-
-/// One page of ListUsers.
-#[derive(Debug)]
-pub struct UserPage {
-    pub users: Vec<UserRow>,
-    /// The last user of a full page, from which the next page starts.
-    pub last: Option<Uuid>,
-    pub total: i64,
 }
 
 /// Users: creation, lookup, listing, changes, deletion and passwords.
@@ -128,7 +120,11 @@ impl UserService {
     /// One page of the users matching `filter`. A `group_id` naming no group
     /// is NOT_FOUND rather than an empty list, so a typo is not mistaken for
     /// an empty group.
-    pub async fn list(&self, filter: &UserFilter, page: PageRequest) -> Result<UserPage, Error> {
+    pub async fn list(
+        &self,
+        filter: &UserFilter,
+        page: PageRequest,
+    ) -> Result<Page<UserRow>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         if let Some(group) = filter.group_id
             && !db::users::group_exists(&mut conn, group).await?
@@ -136,12 +132,7 @@ impl UserService {
             return Err(Error::NotFound("group"));
         }
         let (users, total, more) = db::users::list(&mut conn, filter, page).await?;
-        let last = if more {
-            users.last().map(|u| u.id)
-        } else {
-            None
-        };
-        Ok(UserPage { users, last, total })
+        Ok(Page::new(users, total, more, |u| u.id))
     }
 
     /// Applies `update` to the user `id`: a read-modify-write under a row

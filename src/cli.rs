@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 use crate::db::{self, embedded::EmbeddedError};
 use crate::domain::{Attributes, Email, Password, Username};
-use crate::hashing::{HashParams, Hasher};
+use crate::hashing::Hasher;
 use crate::service::users::{NewUser, UserService};
 use crate::startup::{Application, Database, StartupError};
 
@@ -248,15 +248,7 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
     let result = async {
         db::migrations::run_pending(&database.url).await?;
         let pool = db::pool(&database.url, 1)?;
-        let hasher = Hasher::new(
-            HashParams {
-                memory_kib: config.argon2_memory_kib,
-                iterations: config.argon2_iterations,
-                parallelism: config.argon2_parallelism,
-            },
-            1,
-            1,
-        )?;
+        let hasher = Hasher::new(config.hash_params(), 1, 1)?;
         UserService::new(pool, hasher)
             .create(NewUser {
                 username,

@@ -278,6 +278,16 @@ impl Config {
             .unwrap_or_else(|| u32::try_from(self.worker_threads() * 2).unwrap_or(u32::MAX))
     }
 
+    /// The argon2id parameters: `ARGON2_MEMORY_KIB`, `ARGON2_ITERATIONS`,
+    /// `ARGON2_PARALLELISM`.
+    pub fn hash_params(&self) -> crate::hashing::HashParams {
+        crate::hashing::HashParams {
+            memory_kib: self.argon2_memory_kib,
+            iterations: self.argon2_iterations,
+            parallelism: self.argon2_parallelism,
+        }
+    }
+
     /// Concurrent password hashes: `HASH_CONCURRENCY` or half the cores.
     pub fn hash_concurrency(&self) -> usize {
         self.hash_concurrency

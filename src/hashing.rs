@@ -1,24 +1,30 @@
 //! Password hashing with argon2id, off the async workers and bounded.
 //!
 //! A hash costs tens of milliseconds of CPU and ~19 MiB of memory, so it runs
-//! on the blocking pool, at most `HASH_CONCURRENCY` at once. Callers beyond
-//! that wait in a queue of at most `HASH_QUEUE`; past it they are refused at
-//! once with RESOURCE_EXHAUSTED, so that a flood of logins cannot pile up
-//! memory or starve the calls that need no hashing.
+//! on `HASH_CONCURRENCY` threads of its own, each with its argon2 memory
+//! allocated once and reused: no thread is started and no memory is
+//! allocated or faulted in per hash, and the memory of hashing stays at
+//! `HASH_CONCURRENCY` x the argon2 memory however many logins arrive. (On
+//! tokio's blocking pool every hash could land on a new thread whose
+//! allocator arena then kept its 19 MiB.) Callers beyond that wait in a
+//! queue of at most `HASH_QUEUE`; past it they are refused at once with
+//! RESOURCE_EXHAUSTED, so that a flood of logins cannot pile up memory or
+//! starve the calls that need no hashing.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicUsize, Ordering},
+    mpsc,
 };
 use std::time::Duration;
 
 use argon2::{
-    Algorithm, Argon2, Params, Version,
+    Algorithm, Argon2, Block, Params, Version,
     password_hash::{
-        PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString, rand_core::OsRng,
+        Output, ParamsString, PasswordHash, PasswordHasher as _, SaltString, rand_core::OsRng,
     },
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::domain::Password;
 use crate::error::Error;
@@ -53,6 +59,8 @@ pub struct Hasher {
 struct Inner {
     argon2: Argon2<'static>,
     slots: Arc<Semaphore>,
+    /// Work for the hashing threads; they end when it is dropped.
+    jobs: Mutex<mpsc::Sender<Job>>,
     waiting: AtomicUsize,
     queue_limit: usize,
     /// A real hash of a random password, verified when a login names nobody,
@@ -76,10 +84,22 @@ impl Hasher {
             .hash_password(SaltString::generate(&mut OsRng).as_str().as_bytes(), &salt)
             .map_err(|e| Error::internal(format!("argon2: {e}")))?
             .to_string();
+        let concurrency = concurrency.max(1);
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        let blocks = argon2.params().block_count();
+        for n in 0..concurrency {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!("identity-hash-{n}"))
+                .spawn(move || hashing_thread(&queue, blocks))
+                .map_err(|e| Error::internal(format!("starting a hashing thread: {e}")))?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 argon2,
-                slots: Arc::new(Semaphore::new(concurrency.max(1))),
+                slots: Arc::new(Semaphore::new(concurrency)),
+                jobs: Mutex::new(jobs),
                 waiting: AtomicUsize::new(0),
                 queue_limit,
                 dummy_hash,
@@ -90,15 +110,8 @@ impl Hasher {
     /// The PHC string of a fresh argon2id hash of `password`.
     pub async fn hash(&self, password: &Password) -> Result<String, Error> {
         let password = password.expose().to_owned();
-        self.run(move |inner| {
-            let salt = SaltString::generate(&mut OsRng);
-            inner
-                .argon2
-                .hash_password(password.as_bytes(), &salt)
-                .map(|h| h.to_string())
-                .map_err(|e| Error::internal(format!("argon2: {e}")))
-        })
-        .await
+        self.run(move |inner, memory| hash_phc(&inner.argon2, memory, password.as_bytes()))
+            .await
     }
 
     /// Whether `password` matches the PHC string `hash`. With `None` (no such
@@ -107,15 +120,10 @@ impl Hasher {
     pub async fn verify(&self, password: &str, hash: Option<&str>) -> Result<bool, Error> {
         let password = password.to_owned();
         let hash = hash.map(str::to_owned);
-        self.run(move |inner| {
+        self.run(move |inner, memory| {
             let known = hash.is_some();
             let phc = hash.as_deref().unwrap_or(&inner.dummy_hash);
-            let parsed =
-                PasswordHash::new(phc).map_err(|e| Error::internal(format!("stored hash: {e}")))?;
-            let ok = inner
-                .argon2
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok();
+            let ok = verify_phc(memory, password.as_bytes(), phc)?;
             Ok(ok && known)
         })
         .await
@@ -148,7 +156,7 @@ impl Hasher {
     async fn run<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
-        F: FnOnce(&Inner) -> Result<T, Error> + Send + 'static,
+        F: FnOnce(&Inner, &mut Memory) -> Result<T, Error> + Send + 'static,
     {
         let permit = {
             // Counted while waiting; the guard uncounts even when the caller
@@ -161,16 +169,141 @@ impl Hasher {
                 .await
                 .map_err(Error::internal)?
         };
+        // A permit is a free thread: the job starts at once. The permit
+        // travels with the job, so a cancelled caller does not free its slot
+        // while its hash still runs.
         let inner = Arc::clone(&self.inner);
-        // The permit travels with the work: a cancelled caller does not free
-        // its slot while its hash still runs.
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            f(&inner)
-        })
-        .await
-        .map_err(Error::internal)?
+        let (done, result) = oneshot::channel();
+        let job: Job = Box::new(move |memory| {
+            let _permit: OwnedSemaphorePermit = permit;
+            let _ = done.send(f(&inner, memory));
+        });
+        self.inner
+            .jobs
+            .lock()
+            .map_err(|_| Error::internal("hashing queue poisoned"))?
+            .send(job)
+            .map_err(|_| Error::internal("hashing threads gone"))?;
+        result
+            .await
+            .map_err(|_| Error::internal("a hashing thread failed"))?
     }
+}
+
+/// Work for a hashing thread.
+type Job = Box<dyn FnOnce(&mut Memory) + Send>;
+
+/// A hashing thread's argon2 memory, allocated once for the configured
+/// parameters and reused by every hash on that thread.
+pub struct Memory {
+    blocks: Vec<Block>,
+}
+
+impl Memory {
+    /// Memory for hashes with `params`.
+    pub fn new(params: HashParams) -> Self {
+        let blocks = Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            None,
+        )
+        .map_or(0, |p| p.block_count());
+        Self {
+            blocks: vec![Block::default(); blocks],
+        }
+    }
+
+    /// `count` blocks: the kept ones, or (for a stored hash stronger than
+    /// the configured parameters, which is rare) a one-off allocation.
+    fn with<R>(&mut self, count: usize, f: impl FnOnce(&mut [Block]) -> R) -> R {
+        if count <= self.blocks.len() {
+            f(&mut self.blocks[..count])
+        } else {
+            f(&mut vec![Block::default(); count])
+        }
+    }
+}
+
+fn hashing_thread(queue: &Mutex<mpsc::Receiver<Job>>, blocks: usize) {
+    let mut memory = Memory {
+        blocks: vec![Block::default(); blocks],
+    };
+    loop {
+        // The lock is held only while waiting for the next job.
+        let job = match queue.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        match job {
+            Ok(job) => job(&mut memory),
+            Err(mpsc::RecvError) => return,
+        }
+    }
+}
+
+fn stored(e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("stored hash: {e}"))
+}
+
+/// A fresh argon2id PHC string of `password`, computed in `memory`.
+fn hash_phc(argon2: &Argon2<'_>, memory: &mut Memory, password: &[u8]) -> Result<String, Error> {
+    let fail = |e: &dyn std::fmt::Display| Error::internal(format!("argon2: {e}"));
+    let salt = SaltString::generate(&mut OsRng);
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt
+        .as_salt()
+        .decode_b64(&mut salt_bytes)
+        .map_err(|e| fail(&e))?;
+    let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
+    memory
+        .with(argon2.params().block_count(), |blocks| {
+            argon2.hash_password_into_with_memory(password, salt_bytes, &mut out, blocks)
+        })
+        .map_err(|e| fail(&e))?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(argon2.params()).map_err(|e| fail(&e))?,
+        salt: Some(salt.as_salt()),
+        hash: Some(Output::new(&out).map_err(|e| fail(&e))?),
+    };
+    Ok(phc.to_string())
+}
+
+/// Whether `password` matches the argon2 PHC string `phc` (any variant,
+/// version and parameters it names), computed in `memory`; the comparison
+/// is constant-time. What the hashing threads run for a login, exposed for
+/// the benchmark's hashing ceiling.
+pub fn verify_phc(memory: &mut Memory, password: &[u8], phc: &str) -> Result<bool, Error> {
+    let parsed = PasswordHash::new(phc).map_err(stored)?;
+    let algorithm = Algorithm::try_from(parsed.algorithm).map_err(stored)?;
+    let version = parsed
+        .version
+        .map(Version::try_from)
+        .transpose()
+        .map_err(stored)?
+        .unwrap_or_default();
+    let params = Params::try_from(&parsed).map_err(stored)?;
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Err(stored("no salt or no hash"));
+    };
+    let mut salt_bytes = [0u8; 64];
+    let salt_bytes = salt.decode_b64(&mut salt_bytes).map_err(stored)?;
+    let mut out = [0u8; Output::MAX_LENGTH];
+    let out = &mut out[..expected.len()];
+    let blocks = params.block_count();
+    let argon2 = Argon2::new(algorithm, version, params);
+    // A password argon2 refuses (too long) matches nothing.
+    if memory
+        .with(blocks, |m| {
+            argon2.hash_password_into_with_memory(password, salt_bytes, out, m)
+        })
+        .is_err()
+    {
+        return Ok(false);
+    }
+    Ok(Output::new(out).map_err(stored)? == expected)
 }
 
 /// One caller in the hashing queue, uncounted when dropped.

@@ -7,7 +7,6 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
@@ -18,7 +17,7 @@ use crate::db::{
 };
 use crate::error::Error;
 use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
-use crate::hashing::{HashParams, Hasher};
+use crate::hashing::Hasher;
 use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer};
 use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AuthService, GroupService, UserService};
@@ -175,11 +174,7 @@ impl Application {
         }
         let pool = db::pool(&database.url, config.pool_size()).map_err(StartupError::Database)?;
         let hasher = Hasher::new(
-            HashParams {
-                memory_kib: config.argon2_memory_kib,
-                iterations: config.argon2_iterations,
-                parallelism: config.argon2_parallelism,
-            },
+            config.hash_params(),
             config.hash_concurrency(),
             config.hash_queue as usize,
         )
@@ -329,6 +324,13 @@ impl Application {
             }
             let _ = shutdown_tx.send(());
         };
+        // Accepted connections get TCP_NODELAY (without it Nagle's algorithm
+        // holds a response's last small frame for the client's delayed ACK,
+        // ~40 ms) and TCP keepalive; the builder's own settings apply only
+        // to a listener it binds itself.
+        let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = self.tls {
             server = server
@@ -339,10 +341,9 @@ impl Application {
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_keepalive(Some(Duration::from_secs(60)))
             .layer(layers)
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), signalled);
+            .serve_with_incoming_shutdown(incoming, signalled);
         // In-flight calls finish, within the grace period.
         let grace = self.limits.shutdown_grace;
         tokio::pin!(serve);

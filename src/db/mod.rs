@@ -93,3 +93,49 @@ pub fn missing_reference(constraint: &str) -> Option<&'static str> {
 pub async fn conn(pool: &Pool) -> Result<Conn, Error> {
     Ok(pool.get().await?)
 }
+
+/// A hand-written statement (`diesel::sql_query(..).bind(..)`) that diesel
+/// prepares once per connection and reuses, as it does for the query
+/// builder's statements. `diesel::sql_query` alone is never cached, so
+/// PostgreSQL would parse and plan it on every call: on the token check
+/// behind every authenticated call, that was most of the database's work.
+/// `M`, a marker type of its own per SQL text, names the statement in the
+/// cache.
+pub struct Prepared<M, T> {
+    query: T,
+    marker: std::marker::PhantomData<fn() -> M>,
+}
+
+/// Wraps `query` as the cached statement named `M`.
+pub fn prepared<M: 'static, T>(query: T) -> Prepared<M, T> {
+    Prepared {
+        query,
+        marker: std::marker::PhantomData,
+    }
+}
+
+impl<M: 'static, T> diesel::query_builder::QueryId for Prepared<M, T> {
+    type QueryId = M;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<M, T: diesel::query_builder::Query> diesel::query_builder::Query for Prepared<M, T> {
+    type SqlType = T::SqlType;
+}
+
+impl<M, T> diesel::query_builder::QueryFragment<diesel::pg::Pg> for Prepared<M, T>
+where
+    T: diesel::query_builder::QueryFragment<diesel::pg::Pg>,
+{
+    fn walk_ast<'b>(
+        &'b self,
+        pass: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> diesel::QueryResult<()> {
+        self.query.walk_ast(pass)
+    }
+
+    // The SQL text is fixed for `M` and its bind types never vary.
+    fn is_safe_to_cache_prepared(&self, _: &diesel::pg::Pg) -> diesel::QueryResult<bool> {
+        Ok(true)
+    }
+}

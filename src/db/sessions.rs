@@ -10,6 +10,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::groups::GroupRow;
+use super::prepared;
 use super::schema::{login_failures, retired_refresh_tokens, sessions};
 use super::users::UserRow;
 use crate::error::Error;
@@ -71,7 +72,7 @@ pub async fn rotate(
     new_hash: &[u8],
     new_expire: DateTime<Utc>,
 ) -> Result<Rotation, Error> {
-    let rotated: Option<Rotated> = diesel::sql_query(
+    let rotated: Option<Rotated> = prepared::<RotateSql, _>(diesel::sql_query(
         "WITH rotated AS ( \
              UPDATE sessions s SET refresh_hash = $2, refresh_expire_time = $3, refresh_time = now() \
              FROM users u \
@@ -85,7 +86,7 @@ pub async fn rotate(
     )
     .bind::<Bytea, _>(old_hash)
     .bind::<Bytea, _>(new_hash)
-    .bind::<Timestamptz, _>(new_expire)
+    .bind::<Timestamptz, _>(new_expire))
     .get_result(conn)
     .await
     .optional()?;
@@ -271,8 +272,9 @@ pub async fn fresh(
     user_id: Uuid,
     session_id: Uuid,
 ) -> Result<Option<Fresh>, Error> {
-    let row: Option<FreshRow> = diesel::sql_query(
-        "SELECT u.id, u.username, u.email, u.first_name, u.last_name, u.is_superuser, \
+    let row: Option<FreshRow> = prepared::<FreshSql, _>(
+        diesel::sql_query(
+            "SELECT u.id, u.username, u.email, u.first_name, u.last_name, u.is_superuser, \
                 u.is_active, u.is_verified, u.attributes, u.create_time, u.update_time, \
                 u.password_changed_at, \
                 (s.id IS NOT NULL AND s.end_time IS NULL AND s.refresh_expire_time > now()) \
@@ -289,9 +291,10 @@ pub async fn fresh(
              WHERE gm.user_id = u.id \
          ) g ON true \
          WHERE u.id = $1",
+        )
+        .bind::<SqlUuid, _>(user_id)
+        .bind::<SqlUuid, _>(session_id),
     )
-    .bind::<SqlUuid, _>(user_id)
-    .bind::<SqlUuid, _>(session_id)
     .get_result(conn)
     .await
     .optional()?;
@@ -368,8 +371,9 @@ pub async fn count_attempt(
     free: i32,
     max_delay_secs: i32,
 ) -> Result<Attempt, Error> {
-    let row: AttemptRow = diesel::sql_query(
-        "INSERT INTO login_failures AS f (key, failures, locked_until, refused, update_time) \
+    let row: AttemptRow = prepared::<CountAttemptSql, _>(
+        diesel::sql_query(
+            "INSERT INTO login_failures AS f (key, failures, locked_until, refused, update_time) \
          VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + interval '1 second' END, false, now()) \
          ON CONFLICT (key) DO UPDATE SET \
              failures = CASE WHEN f.locked_until > now() THEN f.failures \
@@ -384,10 +388,11 @@ pub async fn count_attempt(
                  ELSE NULL END, \
              update_time = CASE WHEN f.locked_until > now() THEN f.update_time ELSE now() END \
          RETURNING failures, locked_until, refused",
+        )
+        .bind::<Text, _>(key)
+        .bind::<Int4, _>(free)
+        .bind::<Int4, _>(max_delay_secs),
     )
-    .bind::<Text, _>(key)
-    .bind::<Int4, _>(free)
-    .bind::<Int4, _>(max_delay_secs)
     .get_result(conn)
     .await?;
     Ok(Attempt {
@@ -446,14 +451,16 @@ pub async fn uncount_attempt(
     key: &str,
     free: i32,
 ) -> Result<(), Error> {
-    diesel::sql_query(
-        "UPDATE login_failures SET \
+    prepared::<UncountAttemptSql, _>(
+        diesel::sql_query(
+            "UPDATE login_failures SET \
              failures = GREATEST(failures - 1, 0), \
              locked_until = CASE WHEN failures - 1 < $2 THEN NULL ELSE locked_until END \
          WHERE key = $1",
+        )
+        .bind::<Text, _>(key)
+        .bind::<Int4, _>(free),
     )
-    .bind::<Text, _>(key)
-    .bind::<Int4, _>(free)
     .execute(conn)
     .await?;
     Ok(())
@@ -471,3 +478,9 @@ pub async fn clear_failures(conn: &mut AsyncPgConnection, key: &str) -> Result<(
         .await?;
     Ok(())
 }
+
+/// Names of the hand-written statements in the statement cache.
+struct RotateSql;
+struct FreshSql;
+struct CountAttemptSql;
+struct UncountAttemptSql;

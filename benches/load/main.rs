@@ -165,7 +165,7 @@ async fn run(settings: Settings) -> bool {
         .expect("a hash");
 
     let mut bench = Bench::connect(&settings, &config, &server, pool, hash).await;
-    let mut seeded = Seeded { ids: Vec::new() };
+    let mut seeded = Seeded::default();
     let mut results: Vec<SizeResult> = Vec::new();
     for &size in &settings.sizes {
         seed::grow(&bench.pool, &mut seeded, size, &bench.hash).await;

@@ -1,6 +1,8 @@
 //! Seeding: users in batched multi-row inserts, with the same canonical forms
 //! and search text the service computes, and one real argon2id hash (the
-//! service's parameters) that every seeded user shares.
+//! service's parameters) that every seeded user shares. Every user is in two
+//! of sixteen groups, so that VerifyToken's read returns groups as it would
+//! in production.
 
 use std::time::Instant;
 
@@ -8,10 +10,11 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use identity::db::{
     Pool,
-    schema::{login_names, users},
+    groups::NewGroupRow,
+    schema::{group_members, groups, login_names, users},
     users::NewUserRow,
 };
-use identity::domain::{Email, Username, text};
+use identity::domain::{Email, Groupname, Slug, Username, text};
 use uuid::Uuid;
 
 /// The password of every seeded user.
@@ -55,9 +58,49 @@ pub fn query_for(i: usize) -> String {
     format!("{}{i}", LAST[(i / 16) % 16])
 }
 
-/// The users seeded so far: their ids, in seeding order.
+/// The users seeded so far: their ids, in seeding order; and the groups.
+#[derive(Default)]
 pub struct Seeded {
     pub ids: Vec<Uuid>,
+    pub groups: Vec<Uuid>,
+}
+
+/// The two groups of user `i`: distinct indexes into the sixteen groups.
+fn groups_of(i: usize) -> [usize; 2] {
+    let first = i % 16;
+    [first, (first + 1 + (i / 16) % 15) % 16]
+}
+
+async fn create_groups(pool: &Pool) -> Vec<Uuid> {
+    let names: Vec<(Uuid, Groupname, Slug)> = (0..16)
+        .map(|n| {
+            let name = Groupname::parse(&format!("Team {n}")).expect("a valid groupname");
+            let slug = Slug::derive(&name).expect("a slug");
+            (Uuid::now_v7(), name, slug)
+        })
+        .collect();
+    let searches: Vec<String> = names
+        .iter()
+        .map(|(_, name, slug)| text::search_text(&[name.as_str(), slug.as_str()]))
+        .collect();
+    let rows: Vec<NewGroupRow<'_>> = names
+        .iter()
+        .zip(&searches)
+        .map(|((id, name, slug), search)| NewGroupRow {
+            id: *id,
+            groupname: name.as_str(),
+            groupname_canonical: name.canonical(),
+            slug: slug.as_str(),
+            search,
+        })
+        .collect();
+    let mut conn = pool.get().await.expect("a connection");
+    diesel::insert_into(groups::table)
+        .values(&rows)
+        .execute(&mut conn)
+        .await
+        .expect("seeded groups");
+    names.into_iter().map(|(id, ..)| id).collect()
 }
 
 /// Adds users until there are `total`, in batches over the pool, two
@@ -69,6 +112,10 @@ pub async fn grow(pool: &Pool, seeded: &mut Seeded, total: usize, hash: &str) {
     if total <= from {
         return;
     }
+    if seeded.groups.is_empty() {
+        seeded.groups = create_groups(pool).await;
+    }
+    let group_ids = seeded.groups.clone();
     let ids: Vec<Uuid> = (from..total).map(|_| Uuid::now_v7()).collect();
     let batches: Vec<(usize, Vec<Uuid>)> = ids
         .chunks(BATCH)
@@ -85,12 +132,12 @@ pub async fn grow(pool: &Pool, seeded: &mut Seeded, total: usize, hash: &str) {
         let (ra, rb) = tokio::join!(
             async {
                 if let Some((first, ids)) = a {
-                    insert_batch(pool, first, &ids, hash).await;
+                    insert_batch(pool, first, &ids, hash, &group_ids).await;
                 }
             },
             async {
                 if let Some((first, ids)) = b {
-                    insert_batch(pool, first, &ids, hash).await;
+                    insert_batch(pool, first, &ids, hash, &group_ids).await;
                 }
             }
         );
@@ -100,7 +147,7 @@ pub async fn grow(pool: &Pool, seeded: &mut Seeded, total: usize, hash: &str) {
     let mut conn = pool.get().await.expect("a connection");
     // One statement per call: several would run as one transaction block,
     // where VACUUM may not.
-    for table in ["users", "login_names"] {
+    for table in ["users", "login_names", "group_members"] {
         conn.batch_execute(&format!("VACUUM ANALYZE {table}"))
             .await
             .expect("VACUUM ANALYZE");
@@ -112,7 +159,7 @@ pub async fn grow(pool: &Pool, seeded: &mut Seeded, total: usize, hash: &str) {
     );
 }
 
-async fn insert_batch(pool: &Pool, first: usize, ids: &[Uuid], hash: &str) {
+async fn insert_batch(pool: &Pool, first: usize, ids: &[Uuid], hash: &str, group_ids: &[Uuid]) {
     struct Owned {
         username: Username,
         email: Email,
@@ -174,6 +221,18 @@ async fn insert_batch(pool: &Pool, first: usize, ids: &[Uuid], hash: &str) {
             ]
         })
         .collect();
+    let members: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .flat_map(|(n, &id)| {
+            groups_of(first + n).map(|g| {
+                (
+                    group_members::group_id.eq(group_ids[g]),
+                    group_members::user_id.eq(id),
+                )
+            })
+        })
+        .collect();
     let mut conn = pool.get().await.expect("a connection");
     conn.transaction::<_, diesel::result::Error, _>(async |conn| {
         diesel::insert_into(users::table)
@@ -182,6 +241,10 @@ async fn insert_batch(pool: &Pool, first: usize, ids: &[Uuid], hash: &str) {
             .await?;
         diesel::insert_into(login_names::table)
             .values(&names)
+            .execute(conn)
+            .await?;
+        diesel::insert_into(group_members::table)
+            .values(&members)
             .execute(conn)
             .await?;
         Ok(())

@@ -40,8 +40,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let claims = verifier.verify_offline(&tokens.access_token)?;
     println!(
-        "offline: {} ({}) superuser={} groups={:?}, valid until {}",
-        claims.username, claims.sub, claims.is_superuser, claims.groups, claims.exp
+        "offline: {} <{}> ({}, session {}) superuser={} active={} verified={} groups={:?}, \
+         valid until {}",
+        claims.username,
+        claims.email,
+        claims.sub,
+        claims.sid,
+        claims.is_superuser,
+        claims.is_active,
+        claims.is_verified,
+        claims.groups,
+        claims.exp
     );
 
     let fresh = verifier.verify_fresh(&tokens.access_token).await?;

@@ -136,6 +136,51 @@ async fn reflection_lists_every_service_in_both_versions() {
     ));
 }
 
+/// The proto's comments travel with the descriptors served by reflection,
+/// so `buf curl --list-methods` users and code generators can read them.
+#[tokio::test]
+async fn reflection_serves_the_proto_comments() {
+    use prost::Message as _;
+    use tonic_reflection::pb::v1;
+    let app = spawn_app().await;
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "identity.v1.AuthService".into(),
+        )),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.next().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        resp.message_response
+    else {
+        panic!("unexpected reflection answer");
+    };
+    let auth = files
+        .file_descriptor_proto
+        .iter()
+        .map(|bytes| prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+        .find(|f| f.name() == "identity/v1/auth.proto")
+        .expect("auth.proto served");
+    let comments: Vec<String> = auth
+        .source_code_info
+        .expect("source info kept")
+        .location
+        .into_iter()
+        .filter_map(|l| l.leading_comments)
+        .collect();
+    assert!(
+        comments.iter().any(|c| c.contains("Verifies an access token and returns the user's current state")),
+        "comments: {comments:?}"
+    );
+    assert!(comments.len() > 20, "every element is commented: {}", comments.len());
+}
+
 #[tokio::test]
 async fn stopping_lets_the_server_finish_and_refuses_new_calls() {
     let app = spawn_app().await;

@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "identity/v1/user.proto",
     "identity/v1/group.proto",
     "identity/v1/auth.proto",
+    "identity/v1/account.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

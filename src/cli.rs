@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 use crate::db::{self, embedded::EmbeddedError};
 use crate::domain::{Attributes, Email, Password, Username};
+use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::service::users::{NewUser, UserService};
 use crate::startup::{Application, Database, StartupError};
@@ -33,6 +34,26 @@ enum Command {
     CreateSuperuser(CreateSuperuserArgs),
     /// Manages the signing keys in KEYS_DIR.
     Keys(KeysArgs),
+    /// Imports users with their password hashes from a JSON Lines file:
+    /// one object per line with username, email, password_hash (argon2 PHC
+    /// or bcrypt $2b$) and optionally id, first_name, last_name,
+    /// is_superuser, is_active, is_verified, attributes and groups (slugs).
+    /// Batches of lines run in one transaction each; a run again skips the
+    /// users already imported, so an interrupted import is resumed by
+    /// running it again. Exits 1 when a line was refused.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// The JSON Lines file (`-`: standard input).
+    file: std::path::PathBuf,
+    /// Lines per transaction.
+    #[arg(long, default_value = "500",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch_size: u32,
+    #[command(flatten)]
+    config: Config,
 }
 
 #[derive(Debug, Args)]
@@ -47,8 +68,10 @@ struct KeysArgs {
 enum KeysAction {
     /// Writes a key of JWT_ALGORITHM when KEYS_DIR has none of it yet.
     Generate,
-    /// Writes a new key of JWT_ALGORITHM; it signs from the next start on,
-    /// and the older keys keep verifying the tokens they signed.
+    /// Writes a new key of JWT_ALGORITHM: running services publish and
+    /// accept it at their next reload (SIGHUP or KEYS_RELOAD_INTERVAL) and
+    /// sign with it once it is KEYS_ACTIVATION_DELAY old; the older keys
+    /// keep verifying the tokens they signed.
     Rotate,
     /// Lists the keys: id, algorithm, file, and which one signs.
     List,
@@ -116,6 +139,7 @@ impl Cli {
             Command::Migrate(args) => &args.config,
             Command::CreateSuperuser(args) => &args.config,
             Command::Keys(args) => &args.config,
+            Command::Import(args) => &args.config,
         }
     }
 
@@ -131,6 +155,7 @@ impl Cli {
             Command::Migrate(args) => migrate(args).await,
             Command::CreateSuperuser(args) => create_superuser(args).await,
             Command::Keys(args) => keys(args),
+            Command::Import(args) => import(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -140,7 +165,11 @@ impl Cli {
                 let mut message = e.to_string();
                 let mut source = std::error::Error::source(&e);
                 while let Some(cause) = source {
-                    message.push_str(&format!(": {cause}"));
+                    // Some errors already print their cause: say it once.
+                    let cause_text = cause.to_string();
+                    if !message.contains(&cause_text) {
+                        message.push_str(&format!(": {cause_text}"));
+                    }
                     source = cause.source();
                 }
                 tracing::error!(error = %message, "identity failed");
@@ -275,6 +304,88 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
         Err(e) => return Err(StartupError::Database(e)),
     }
     closed
+}
+
+async fn import(args: ImportArgs) -> Result<(), StartupError> {
+    use crate::service::accounts::{AccountService, ImportOutcome, ImportedUser};
+    use std::io::BufRead;
+    let reader: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(&args.file)
+            .map_err(|e| StartupError::Other(format!("reading {}: {e}", args.file.display())))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let config = &args.config;
+    let database = admin_database(config).await?;
+    let result = async {
+        db::migrations::run_pending(&database.url).await?;
+        let pool = db::pool(&database.url, 1)?;
+        // Nothing is hashed here: the hashes come with the users.
+        let hasher = Hasher::new(config.hash_params(), 1, 1)?;
+        let accounts = AccountService::new(
+            pool,
+            hasher,
+            config.email_verification_ttl,
+            config.password_reset_ttl,
+        );
+        let (mut imported, mut already, mut refused) = (0usize, 0usize, 0usize);
+        let mut lines = reader.lines().enumerate().peekable();
+        while lines.peek().is_some() {
+            // One batch: parsed lines go to the service, unreadable ones are
+            // refused here; both are reported by line number.
+            let mut batch: Vec<(usize, ImportedUser)> = Vec::new();
+            for (n, line) in lines.by_ref() {
+                let number = n + 1;
+                let line =
+                    line.map_err(|e| Error::internal(format!("reading line {number}: {e}")))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<ImportedUser>(&line) {
+                    Ok(user) => batch.push((number, user)),
+                    Err(e) => {
+                        refused += 1;
+                        println!("line {number}: refused: not a valid user object: {e}");
+                    }
+                }
+                if batch.len() == args.batch_size as usize {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let (numbers, users): (Vec<usize>, Vec<ImportedUser>) = batch.into_iter().unzip();
+            let outcomes = accounts.import(users).await?;
+            for (number, outcome) in numbers.iter().zip(outcomes) {
+                match outcome {
+                    ImportOutcome::Imported(_) => imported += 1,
+                    ImportOutcome::AlreadyImported(_) => already += 1,
+                    ImportOutcome::Refused(why) => {
+                        refused += 1;
+                        println!("line {number}: refused: {why}");
+                    }
+                }
+            }
+            eprintln!(
+                "up to line {}: {imported} imported, {already} already there, {refused} refused",
+                numbers.last().copied().unwrap_or(0)
+            );
+        }
+        Ok::<_, Error>((imported, already, refused))
+    }
+    .await;
+    let closed = database.close().await;
+    let (imported, already, refused) = result.map_err(StartupError::Database)?;
+    closed?;
+    println!("imported {imported}, already there {already}, refused {refused}");
+    if refused > 0 {
+        return Err(StartupError::Other(format!(
+            "{refused} line(s) refused; fix them and run the import again"
+        )));
+    }
+    Ok(())
 }
 
 fn keys(args: KeysArgs) -> Result<(), StartupError> {

@@ -98,6 +98,22 @@ pub struct Config {
           default_value = "true", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub allow_registration: bool,
 
+    /// Whether Login refuses users whose email is not verified
+    /// (FAILED_PRECONDITION, EMAIL_NOT_VERIFIED), after a correct password.
+    #[arg(long, env = "REQUIRE_VERIFIED_LOGIN", value_name = "REQUIRE_VERIFIED_LOGIN",
+          default_value = "false", action = clap::ArgAction::Set, value_parser = parse_bool)]
+    pub require_verified_login: bool,
+
+    /// Lifetime of email verification tokens.
+    #[arg(long, env = "EMAIL_VERIFICATION_TTL", value_name = "EMAIL_VERIFICATION_TTL",
+          default_value = "24h", value_parser = parse_ttl)]
+    pub email_verification_ttl: Duration,
+
+    /// Lifetime of password reset tokens.
+    #[arg(long, env = "PASSWORD_RESET_TTL", value_name = "PASSWORD_RESET_TTL",
+          default_value = "1h", value_parser = parse_ttl)]
+    pub password_reset_ttl: Duration,
+
     /// Sentry DSN; reporting is off when unset.
     #[arg(long, env = "SENTRY_DSN", value_name = "SENTRY_DSN", hide_env_values = true,
           value_parser = parse_dsn)]

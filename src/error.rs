@@ -48,6 +48,12 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(&'static str),
 
+    /// FAILED_PRECONDITION with a machine-readable reason
+    /// (`google.rpc.ErrorInfo`): an account token used, expired or not
+    /// valid; a login refused for an unverified email.
+    #[error("{1}")]
+    Refused(&'static str, &'static str),
+
     /// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo`: too many failed logins,
     /// or hashing capacity exhausted.
     #[error("{message}")]
@@ -214,6 +220,11 @@ impl From<Error> for Status {
             ),
             Error::PermissionDenied => Status::permission_denied("permission denied"),
             Error::FailedPrecondition(message) => Status::failed_precondition(message),
+            Error::Refused(reason, message) => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(reason, ERROR_DOMAIN, []),
+            ),
             Error::Throttled {
                 message,
                 retry_after,
@@ -270,6 +281,10 @@ mod tests {
             (Error::PermissionDenied, Code::PermissionDenied),
             (
                 Error::FailedPrecondition("last superuser"),
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::Refused("ACCOUNT_TOKEN_USED", "token already used"),
                 Code::FailedPrecondition,
             ),
             (

@@ -242,6 +242,52 @@ fn hashing_thread(queue: &Mutex<mpsc::Receiver<Job>>, blocks: usize) {
     }
 }
 
+fn is_bcrypt(hash: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
+}
+
+/// The strongest parameters an imported hash may have: verifying it costs
+/// its memory and time at every login until it is rehashed.
+const MAX_IMPORTED_MEMORY_KIB: u32 = 256 * 1024;
+const MAX_IMPORTED_ITERATIONS: u32 = 16;
+const MAX_IMPORTED_PARALLELISM: u32 = 16;
+const MAX_IMPORTED_BCRYPT_COST: u32 = 16;
+
+/// Checks a password hash brought in from another system: an argon2 PHC
+/// string (`$argon2id$`, `$argon2i$`, `$argon2d$`) or a bcrypt hash (`$2b$`,
+/// `$2a$`, `$2y$`), within parameters this service can afford to verify.
+pub fn check_imported_hash(hash: &str) -> Result<(), String> {
+    let hash = hash.trim();
+    if is_bcrypt(hash) {
+        let parts: bcrypt::HashParts = hash
+            .parse()
+            .map_err(|e| format!("not a valid bcrypt hash: {e}"))?;
+        if parts.get_cost() > MAX_IMPORTED_BCRYPT_COST {
+            return Err(format!("bcrypt cost above {MAX_IMPORTED_BCRYPT_COST}"));
+        }
+        return Ok(());
+    }
+    let usage = "must be an argon2 PHC string ($argon2id$...) or a bcrypt hash ($2b$...)";
+    let parsed = PasswordHash::new(hash).map_err(|_| usage.to_owned())?;
+    Algorithm::try_from(parsed.algorithm).map_err(|_| usage.to_owned())?;
+    if let Some(v) = parsed.version {
+        Version::try_from(v).map_err(|e| format!("argon2 version: {e}"))?;
+    }
+    let params = Params::try_from(&parsed).map_err(|e| format!("argon2 parameters: {e}"))?;
+    if parsed.salt.is_none() || parsed.hash.is_none() {
+        return Err("argon2 hash without salt or output".into());
+    }
+    if params.m_cost() > MAX_IMPORTED_MEMORY_KIB
+        || params.t_cost() > MAX_IMPORTED_ITERATIONS
+        || params.p_cost() > MAX_IMPORTED_PARALLELISM
+    {
+        return Err(format!(
+            "argon2 parameters above m={MAX_IMPORTED_MEMORY_KIB},t={MAX_IMPORTED_ITERATIONS},p={MAX_IMPORTED_PARALLELISM}"
+        ));
+    }
+    Ok(())
+}
+
 fn stored(e: impl std::fmt::Display) -> Error {
     Error::internal(format!("stored hash: {e}"))
 }
@@ -276,6 +322,11 @@ fn hash_phc(argon2: &Argon2<'_>, memory: &mut Memory, password: &[u8]) -> Result
 /// is constant-time. What the hashing threads run for a login, exposed for
 /// the benchmark's hashing ceiling.
 pub fn verify_phc(memory: &mut Memory, password: &[u8], phc: &str) -> Result<bool, Error> {
+    if is_bcrypt(phc) {
+        // Imported from passlib, pwdlib or another bcrypt user; rehashed
+        // with argon2id at the first successful login.
+        return bcrypt::verify(password, phc).map_err(stored);
+    }
     let parsed = PasswordHash::new(phc).map_err(stored)?;
     let algorithm = Algorithm::try_from(parsed.algorithm).map_err(stored)?;
     let version = parsed
@@ -367,6 +418,23 @@ mod tests {
         assert!(strong.needs_rehash(&weak_hash));
         assert!(!strong.needs_rehash(&strong_hash));
         assert!(!weak.needs_rehash(&strong_hash), "a stronger hash is kept");
+    }
+
+    #[test]
+    fn imported_hashes_are_checked_and_bounded() {
+        // Python bcrypt 5.0.0, "imported password one".
+        let bcrypt = "$2b$04$C2ySnT/AI1FbR6CJ7gXhmOGb8W0LUirb877YzEEJ.ybDTyVL0cpUq";
+        assert_eq!(check_imported_hash(bcrypt), Ok(()));
+        let mut memory = Memory::new(CHEAP);
+        assert!(verify_phc(&mut memory, b"imported password one", bcrypt).unwrap());
+        assert!(!verify_phc(&mut memory, b"imported password two", bcrypt).unwrap());
+        let too_costly = "$2b$31$C2ySnT/AI1FbR6CJ7gXhmOGb8W0LUirb877YzEEJ.ybDTyVL0cpUq";
+        assert!(check_imported_hash(too_costly).is_err());
+        let huge = "$argon2id$v=19$m=4194304,t=1,p=1$KXUz4YO2648x7oeaHr4liw$IH/D3v/mvrc2M8k24pPdsv1z5TFxZYJJesJPOfu2cF0";
+        assert!(check_imported_hash(huge).unwrap_err().contains("above"));
+        for junk in ["", "md5$abc", "$argon2id$v=19$m=64,t=1,p=1", "$2b$04$short"] {
+            assert!(check_imported_hash(junk).is_err(), "{junk}");
+        }
     }
 
     #[tokio::test]

@@ -16,11 +16,11 @@ use crate::db::{
     embedded::{Durability, EmbeddedError, EmbeddedPostgres},
 };
 use crate::error::Error;
-use crate::grpc::{AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
+use crate::grpc::{AccountsGrpc, AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::Hasher;
 use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer};
 use crate::proto::{self, identity::v1 as pb};
-use crate::service::{AuthService, GroupService, UserService};
+use crate::service::{AccountService, AuthService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
 
 /// The database of the embedded cluster.
@@ -131,6 +131,7 @@ pub struct Application {
     pool: Pool,
     database: Database,
     users: UserService,
+    accounts: AccountService,
     auth: AuthService,
     groups: GroupService,
     registration_open: bool,
@@ -196,7 +197,14 @@ impl Application {
         let metrics = crate::metrics::Metrics::new(pool.clone(), hasher.clone())
             .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
         let users = UserService::new(pool.clone(), hasher.clone());
-        let auth = AuthService::new(pool.clone(), hasher, tokens, config.refresh_token_ttl);
+        let accounts = AccountService::new(
+            pool.clone(),
+            hasher.clone(),
+            config.email_verification_ttl,
+            config.password_reset_ttl,
+        );
+        let auth = AuthService::new(pool.clone(), hasher, tokens, config.refresh_token_ttl)
+            .require_verified_login(config.require_verified_login);
         let groups = GroupService::new(pool.clone());
         let listener = TcpListener::bind(config.listen_addr)
             .await
@@ -223,6 +231,7 @@ impl Application {
             pool,
             database,
             users,
+            accounts,
             auth,
             groups,
             registration_open: config.allow_registration,
@@ -297,6 +306,9 @@ impl Application {
             ))
             .add_service(pb::auth_service_server::AuthServiceServer::new(
                 AuthGrpc::new(self.auth.clone()),
+            ))
+            .add_service(pb::account_service_server::AccountServiceServer::new(
+                AccountsGrpc::new(self.accounts),
             ));
         let http = crate::http::routes(self.auth.tokens().clone(), self.metrics.clone());
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
@@ -391,7 +403,8 @@ async fn purge_old_rows(
             let failures = db::sessions::purge_failures(&mut conn).await?;
             let ttl = chrono::Duration::from_std(refresh_ttl).unwrap_or(chrono::Duration::days(30));
             let retired = db::sessions::purge_retired(&mut conn, ttl).await?;
-            Ok::<_, Error>((sessions + retired, failures))
+            let tokens = db::accounts::purge(&mut conn).await?;
+            Ok::<_, Error>((sessions + retired + tokens, failures))
         }
         .await;
         match result {
@@ -497,8 +510,9 @@ pub fn mask_password(url: &str) -> String {
 }
 
 /// The names the health service answers for, beside "" (the whole server).
-fn service_names() -> [&'static str; 3] {
+fn service_names() -> [&'static str; 4] {
     [
+        <pb::account_service_server::AccountServiceServer<AccountsGrpc> as NamedService>::NAME,
         <pb::user_service_server::UserServiceServer<UsersGrpc> as NamedService>::NAME,
         <pb::group_service_server::GroupServiceServer<GroupsGrpc> as NamedService>::NAME,
         <pb::auth_service_server::AuthServiceServer<AuthGrpc> as NamedService>::NAME,

@@ -142,6 +142,38 @@ pub async fn both_exist(
     .await?)
 }
 
+/// The id of the group with `slug`, created (named by its slug) when there
+/// is none. ALREADY_EXISTS when another group already has that name.
+pub async fn ensure_by_slug(
+    conn: &mut AsyncPgConnection,
+    slug: &crate::domain::Slug,
+) -> Result<Uuid, Error> {
+    if let Some(group) = by_slug(conn, slug.as_str()).await? {
+        return Ok(group.id);
+    }
+    let name =
+        crate::domain::Groupname::parse(slug.as_str()).map_err(|e| Error::invalid("groups", e))?;
+    let search = crate::domain::text::search_text(&[name.as_str(), slug.as_str()]);
+    diesel::insert_into(groups::table)
+        .values(&NewGroupRow {
+            id: Uuid::now_v7(),
+            groupname: name.as_str(),
+            groupname_canonical: name.canonical(),
+            slug: slug.as_str(),
+            search: &search,
+        })
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    match by_slug(conn, slug.as_str()).await? {
+        Some(group) => Ok(group.id),
+        None => Err(Error::AlreadyExistsHint(
+            "groups",
+            "a group of that name has another slug",
+        )),
+    }
+}
+
 /// Adds a membership; nothing when it exists (concurrent adds of one pair
 /// both succeed, with one row). A missing group or user is a foreign-key
 /// violation, mapped to NOT_FOUND.

@@ -2,6 +2,7 @@
 //! row types and queries. Query functions take a connection and return
 //! `Result<_, Error>`; the caller (a `service`) owns the transaction.
 
+pub mod accounts;
 pub mod embedded;
 pub mod groups;
 pub mod migrations;
@@ -30,8 +31,9 @@ pub type Conn = Object<AsyncPgConnection>;
 /// made, before it answers UNAVAILABLE.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Builds the pool without connecting, so that the service starts (and
-/// reports NOT_SERVING) while the database is still away. A connection that
+/// Builds the pool without connecting. (`serve` needs the database at start,
+/// to apply migrations; once serving, a database that goes away turns health
+/// NOT_SERVING and calls UNAVAILABLE until it is back.) A connection that
 /// cannot be made fails the call at once (deadpool creates connections in the
 /// caller's checkout), so a database that is down answers UNAVAILABLE
 /// without waiting out the caller's deadline.

@@ -82,6 +82,19 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    account_tokens (hash) {
+        hash -> Bytea,
+        purpose -> Text,
+        user_id -> Uuid,
+        email_canonical -> Text,
+        expire_time -> Timestamptz,
+        use_time -> Nullable<Timestamptz>,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::joinable!(account_tokens -> users (user_id));
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(login_names -> users (user_id));
 diesel::joinable!(retired_refresh_tokens -> sessions (session_id));
@@ -92,5 +105,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     group_members,
     sessions,
     retired_refresh_tokens,
-    login_failures
+    login_failures,
+    account_tokens
 );

@@ -20,6 +20,7 @@ pub mod end_reason {
     pub const LOGOUT: &str = "logout";
     pub const PASSWORD_CHANGED: &str = "password_changed";
     pub const PASSWORD_SET: &str = "password_set";
+    pub const PASSWORD_RESET: &str = "password_reset";
     pub const REFRESH_REUSED: &str = "refresh_token_reused";
 }
 

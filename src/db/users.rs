@@ -243,6 +243,22 @@ pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool, Erro
     Ok(n > 0)
 }
 
+/// Marks the user verified; the user, or `None` when there is no such user.
+pub async fn set_verified(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> Result<Option<UserRow>, Error> {
+    Ok(diesel::update(users::table.find(id))
+        .set((
+            users::is_verified.eq(true),
+            users::update_time.eq(Utc::now()),
+        ))
+        .returning(UserRow::as_returning())
+        .get_result(conn)
+        .await
+        .optional()?)
+}
+
 /// Replaces a password hash and records when; whether there was such a user.
 pub async fn set_password_hash(
     conn: &mut AsyncPgConnection,

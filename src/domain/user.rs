@@ -179,6 +179,16 @@ impl Attributes {
         }
         Ok(Self(map))
     }
+
+    /// The attributes as a JSON object of strings, as stored.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect(),
+        )
+    }
 }
 
 fn valid_key(key: &str) -> bool {

@@ -87,7 +87,9 @@ pub fn access(path: &str) -> Access {
         | "/identity.v1.AuthService/Refresh"
         | "/identity.v1.AuthService/Logout"
         | "/identity.v1.AuthService/VerifyToken"
-        | "/identity.v1.AuthService/GetPublicKeys" => Public,
+        | "/identity.v1.AuthService/GetPublicKeys"
+        | "/identity.v1.AccountService/ConfirmEmail"
+        | "/identity.v1.AccountService/ResetPassword" => Public,
         "/identity.v1.UserService/CreateUser" => Optional,
         "/identity.v1.UserService/GetUser"
         | "/identity.v1.UserService/UpdateUser"
@@ -102,7 +104,10 @@ pub fn access(path: &str) -> Access {
         | "/identity.v1.GroupService/DeleteGroup"
         | "/identity.v1.GroupService/AddGroupMember"
         | "/identity.v1.GroupService/RemoveGroupMember"
-        | "/identity.v1.GroupService/ListGroupMembers" => Superuser,
+        | "/identity.v1.GroupService/ListGroupMembers"
+        | "/identity.v1.AccountService/IssueVerificationToken"
+        | "/identity.v1.AccountService/RequestPasswordReset"
+        | "/identity.v1.AccountService/ImportUsers" => Superuser,
         p if p.starts_with("/identity.") => Superuser,
         // Health, reflection, /pub-key and the JWKS are public.
         _ => Public,

@@ -1,12 +1,14 @@
 //! Transport: decodes requests into domain values, calls a service, encodes
 //! the answer. No SQL and no rules beyond the shape of the messages.
 
+pub mod accounts;
 pub mod auth;
 pub mod authz;
 pub mod convert;
 pub mod groups;
 pub mod users;
 
+pub use accounts::AccountsGrpc;
 pub use auth::AuthGrpc;
 pub use groups::GroupsGrpc;
 pub use users::UsersGrpc;

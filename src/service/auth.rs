@@ -60,6 +60,7 @@ pub struct AuthService {
     hasher: Hasher,
     tokens: TokenIssuer,
     refresh_ttl: Duration,
+    require_verified: bool,
 }
 
 impl AuthService {
@@ -70,12 +71,20 @@ impl AuthService {
             hasher,
             tokens,
             refresh_ttl,
+            require_verified: false,
         }
     }
 
     /// The token issuer (and its keys).
     pub fn tokens(&self) -> &TokenIssuer {
         &self.tokens
+    }
+
+    /// Makes Login refuse users whose email is not verified (after their
+    /// password matched, so the refusal tells nothing to a guesser).
+    pub fn require_verified_login(mut self, required: bool) -> Self {
+        self.require_verified = required;
+        self
     }
 
     /// Logs in by username or email. An unknown login costs the same hash as
@@ -117,6 +126,13 @@ impl AuthService {
         let mut conn = db::conn(&self.pool).await?;
         sessions::clear_failures(&mut conn, &key).await?;
         drop(conn);
+        if self.require_verified && !user.is_verified {
+            tracing::info!(user_id = %user.id, "login refused: email not verified");
+            return Err(Error::Refused(
+                crate::service::accounts::reason::EMAIL_NOT_VERIFIED,
+                "email not verified",
+            ));
+        }
         let tokens = self.start_session(&user).await?;
         if self.hasher.needs_rehash(&hash) {
             // Best effort: the login stands even if the upgrade must wait for

@@ -1,10 +1,12 @@
 //! Use cases. Each takes validated domain values, decides, and owns its
 //! transaction; the `db` functions it calls only query.
 
+pub mod accounts;
 pub mod auth;
 pub mod groups;
 pub mod users;
 
+pub use accounts::AccountService;
 pub use auth::AuthService;
 pub use groups::GroupService;
 pub use users::UserService;

@@ -67,7 +67,7 @@ impl UserService {
     #[tracing::instrument(skip_all, fields(username = %new.username.as_str()))]
     pub async fn create(&self, new: NewUser) -> Result<UserRow, Error> {
         let hash = self.hasher.hash(&new.password).await?;
-        let attributes = attributes_json(&new.attributes);
+        let attributes = new.attributes.to_json();
         let search = text::search_text(&[
             new.username.as_str(),
             new.email.as_str(),
@@ -166,7 +166,7 @@ impl UserService {
                     attributes: update
                         .attributes
                         .as_ref()
-                        .map_or(current.attributes, attributes_json),
+                        .map_or(current.attributes, Attributes::to_json),
                     update_time: chrono::Utc::now(),
                 };
                 db::users::update(conn, id, &changes)
@@ -240,16 +240,6 @@ async fn keep_a_superuser(
         ));
     }
     Ok(())
-}
-
-fn attributes_json(attributes: &Attributes) -> serde_json::Value {
-    serde_json::Value::Object(
-        attributes
-            .0
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-            .collect(),
-    )
 }
 
 impl std::fmt::Debug for UserService {

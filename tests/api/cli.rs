@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use crate::helpers::{TestDb, spawn_app_on};
 use identity::proto::identity::v1 as pb;
 
-fn identity(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+pub fn identity(args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_identity"));
     cmd.args(args)
         .env_remove("DATABASE_URL")

@@ -19,8 +19,8 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 pub use pb::{
-    auth_service_client::AuthServiceClient, group_service_client::GroupServiceClient,
-    user_service_client::UserServiceClient,
+    account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient,
+    group_service_client::GroupServiceClient, user_service_client::UserServiceClient,
 };
 
 /// Adds `authorization: Bearer <token>` to every call, when there is one.
@@ -54,6 +54,7 @@ pub struct Clients {
     pub users: UserServiceClient<Authed>,
     pub groups: GroupServiceClient<Authed>,
     pub auth: AuthServiceClient<Authed>,
+    pub accounts: AccountServiceClient<Authed>,
 }
 
 impl Clients {
@@ -63,7 +64,8 @@ impl Clients {
         Self {
             users: UserServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             groups: GroupServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            auth: AuthServiceClient::with_interceptor(channel.clone(), bearer),
+            auth: AuthServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            accounts: AccountServiceClient::with_interceptor(channel.clone(), bearer),
         }
     }
 }

@@ -146,9 +146,11 @@ async fn reflection_serves_the_proto_comments() {
     let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
     let req = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "identity.v1.AuthService".into(),
-        )),
+        message_request: Some(
+            v1::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "identity.v1.AuthService".into(),
+            ),
+        ),
     };
     let mut stream = client
         .server_reflection_info(tokio_stream::once(req))
@@ -175,10 +177,16 @@ async fn reflection_serves_the_proto_comments() {
         .filter_map(|l| l.leading_comments)
         .collect();
     assert!(
-        comments.iter().any(|c| c.contains("Verifies an access token and returns the user's current state")),
+        comments
+            .iter()
+            .any(|c| c.contains("Verifies an access token and returns the user's current state")),
         "comments: {comments:?}"
     );
-    assert!(comments.len() > 20, "every element is commented: {}", comments.len());
+    assert!(
+        comments.len() > 20,
+        "every element is commented: {}",
+        comments.len()
+    );
 }
 
 #[tokio::test]

@@ -45,6 +45,12 @@ pub enum EmbeddedError {
     /// Another process holds DATA_DIR.
     #[error("DATA_DIR {0} is in use by another identity process")]
     Busy(PathBuf),
+    /// A folder above DATA_DIR that the unprivileged user cannot enter.
+    #[error(
+        "the '{POSTGRES_OS_USER}' user, which runs PostgreSQL, cannot enter {0}: \
+         allow it (e.g. chmod o+x) or choose a DATA_DIR it can reach"
+    )]
+    Unreachable(PathBuf),
     /// Running as root with no unprivileged user to run PostgreSQL as.
     #[error("running as root, and there is no '{POSTGRES_OS_USER}' user to run PostgreSQL as")]
     NoUser,
@@ -127,6 +133,15 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+
+        if let Some((uid, gid)) = owner
+            && let Some(blocked) = data_dir
+                .ancestors()
+                .skip(1)
+                .find(|dir| !can_enter(dir, uid, gid))
+        {
+            return Err(EmbeddedError::Unreachable(blocked.to_owned()));
+        }
 
         let mut pg = Self {
             bin_dir,
@@ -323,6 +338,22 @@ impl Drop for EmbeddedPostgres {
         if let Err(e) = self.stop() {
             tracing::error!(error = %e, "could not stop the embedded PostgreSQL");
         }
+    }
+}
+
+/// Whether the user `uid` (group `gid`) may enter `dir`, by its mode bits.
+fn can_enter(dir: &Path, uid: u32, gid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(dir) else {
+        return true; // Let the step that needs it report the real error.
+    };
+    let mode = meta.mode();
+    if meta.uid() == uid {
+        mode & 0o100 != 0
+    } else if meta.gid() == gid {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
     }
 }
 

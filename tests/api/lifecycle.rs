@@ -272,3 +272,23 @@ async fn the_embedded_cluster_survives_restarts_kills_and_stale_pid_files() {
     assert_eq!(serve.terminate(), 0);
     assert!(!data.join("pg/postmaster.pid").exists());
 }
+
+/// Run as root, the cluster runs as `postgres`, which must be able to reach
+/// DATA_DIR: a folder on the way that it cannot enter is named at once,
+/// rather than surfacing as initdb's "Permission denied".
+#[test]
+fn a_data_dir_postgres_cannot_reach_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        return; // Only root hands the cluster to another user.
+    }
+    let root = TempDir::new("identity-closed");
+    std::fs::set_permissions(&root.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let output = command(&root.0.join("data")).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot enter") && stderr.contains(&*root.0.to_string_lossy()),
+        "{stderr}"
+    );
+}

@@ -49,8 +49,8 @@ struct ImportArgs {
     /// The JSON Lines file (`-`: standard input).
     file: std::path::PathBuf,
     /// Lines per transaction.
-    #[arg(long, default_value = "500",
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value = "64",
+          value_parser = clap::value_parser!(u32).range(1..=64))]
     batch_size: u32,
     #[command(flatten)]
     config: Config,

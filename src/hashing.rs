@@ -129,8 +129,10 @@ impl Hasher {
         .await
     }
 
-    /// Whether a stored hash is weaker than the configured parameters (or
-    /// not argon2id at all), so that a successful login should rewrite it.
+    /// Whether a stored hash is not argon2id v1.3 with exactly the
+    /// configured parameters (weaker, or stronger as passlib's and pwdlib's
+    /// defaults are, whose cost at every login the service did not choose),
+    /// so that a successful login should rewrite it.
     pub fn needs_rehash(&self, hash: &str) -> bool {
         let Ok(parsed) = PasswordHash::new(hash) else {
             return true;
@@ -142,10 +144,10 @@ impl Hasher {
             return true;
         };
         let wanted = self.inner.argon2.params();
-        stored.m_cost() < wanted.m_cost()
-            || stored.t_cost() < wanted.t_cost()
-            || stored.p_cost() < wanted.p_cost()
-            || parsed.version.is_some_and(|v| v < Version::V0x13 as u32)
+        stored.m_cost() != wanted.m_cost()
+            || stored.t_cost() != wanted.t_cost()
+            || stored.p_cost() != wanted.p_cost()
+            || parsed.version != Some(Version::V0x13 as u32)
     }
 
     /// How many callers wait for a slot now.
@@ -248,10 +250,13 @@ fn is_bcrypt(hash: &str) -> bool {
 
 /// The strongest parameters an imported hash may have: verifying it costs
 /// its memory and time at every login until it is rehashed.
-const MAX_IMPORTED_MEMORY_KIB: u32 = 256 * 1024;
-const MAX_IMPORTED_ITERATIONS: u32 = 16;
+/// (64 MiB and 3 passes are passlib's and pwdlib's argon2 defaults; cost 12
+/// their bcrypt default.)
+const MAX_IMPORTED_MEMORY_KIB: u32 = 64 * 1024;
+const MAX_IMPORTED_ITERATIONS: u32 = 10;
 const MAX_IMPORTED_PARALLELISM: u32 = 16;
-const MAX_IMPORTED_BCRYPT_COST: u32 = 16;
+const MAX_IMPORTED_BCRYPT_COST: u32 = 14;
+const MIN_BCRYPT_COST: u32 = 4;
 
 /// Checks a password hash brought in from another system: an argon2 PHC
 /// string (`$argon2id$`, `$argon2i$`, `$argon2d$`) or a bcrypt hash (`$2b$`,
@@ -259,12 +264,22 @@ const MAX_IMPORTED_BCRYPT_COST: u32 = 16;
 pub fn check_imported_hash(hash: &str) -> Result<(), String> {
     let hash = hash.trim();
     if is_bcrypt(hash) {
+        if !hash.is_ascii() {
+            return Err("not a valid bcrypt hash".into());
+        }
         let parts: bcrypt::HashParts = hash
             .parse()
             .map_err(|e| format!("not a valid bcrypt hash: {e}"))?;
-        if parts.get_cost() > MAX_IMPORTED_BCRYPT_COST {
-            return Err(format!("bcrypt cost above {MAX_IMPORTED_BCRYPT_COST}"));
+        let cost = parts.get_cost();
+        if !(MIN_BCRYPT_COST..=MAX_IMPORTED_BCRYPT_COST).contains(&cost) {
+            return Err(format!(
+                "bcrypt cost must be {MIN_BCRYPT_COST} to {MAX_IMPORTED_BCRYPT_COST} (got {cost})"
+            ));
         }
+        // The layout is checked above; the salt and hash encoding only by
+        // verifying: a copy at the lowest cost takes about a millisecond.
+        let probe = format!("{}04{}", &hash[..4], &hash[6..]);
+        bcrypt::verify("", &probe).map_err(|e| format!("not a valid bcrypt hash: {e}"))?;
         return Ok(());
     }
     let usage = "must be an argon2 PHC string ($argon2id$...) or a bcrypt hash ($2b$...)";
@@ -274,8 +289,16 @@ pub fn check_imported_hash(hash: &str) -> Result<(), String> {
         Version::try_from(v).map_err(|e| format!("argon2 version: {e}"))?;
     }
     let params = Params::try_from(&parsed).map_err(|e| format!("argon2 parameters: {e}"))?;
-    if parsed.salt.is_none() || parsed.hash.is_none() {
+    let (Some(salt), Some(_)) = (parsed.salt, parsed.hash) else {
         return Err("argon2 hash without salt or output".into());
+    };
+    let mut salt_bytes = [0u8; 64];
+    let salt_len = salt
+        .decode_b64(&mut salt_bytes)
+        .map_err(|e| format!("argon2 salt: {e}"))?
+        .len();
+    if salt_len < 8 {
+        return Err("argon2 salt shorter than 8 bytes".into());
     }
     if params.m_cost() > MAX_IMPORTED_MEMORY_KIB
         || params.t_cost() > MAX_IMPORTED_ITERATIONS
@@ -329,12 +352,14 @@ pub fn verify_phc(memory: &mut Memory, password: &[u8], phc: &str) -> Result<boo
     }
     let parsed = PasswordHash::new(phc).map_err(stored)?;
     let algorithm = Algorithm::try_from(parsed.algorithm).map_err(stored)?;
+    // A hash without `v=` is version 1.0, as the reference implementation
+    // and passlib write it.
     let version = parsed
         .version
         .map(Version::try_from)
         .transpose()
         .map_err(stored)?
-        .unwrap_or_default();
+        .unwrap_or(Version::V0x10);
     let params = Params::try_from(&parsed).map_err(stored)?;
     let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
         return Err(stored("no salt or no hash"));
@@ -417,7 +442,14 @@ mod tests {
         let strong_hash = strong.hash(&pw).await.unwrap();
         assert!(strong.needs_rehash(&weak_hash));
         assert!(!strong.needs_rehash(&strong_hash));
-        assert!(!weak.needs_rehash(&strong_hash), "a stronger hash is kept");
+        assert!(
+            weak.needs_rehash(&strong_hash),
+            "a stronger hash is rewritten too: its cost is not the one configured"
+        );
+        // pwdlib's and passlib's default (argon2-cffi 25.1.0).
+        let pwdlib = "$argon2id$v=19$m=65536,t=3,p=4$W0weUSGgu99Mz55kJ2uKnA$9rSJp1K47doHn8RvMhtRlejQgb0gnvxxNEJDo/7osJs";
+        assert!(strong.needs_rehash(pwdlib));
+        assert_eq!(check_imported_hash(pwdlib), Ok(()));
     }
 
     #[test]
@@ -432,6 +464,17 @@ mod tests {
         assert!(check_imported_hash(too_costly).is_err());
         let huge = "$argon2id$v=19$m=4194304,t=1,p=1$KXUz4YO2648x7oeaHr4liw$IH/D3v/mvrc2M8k24pPdsv1z5TFxZYJJesJPOfu2cF0";
         assert!(check_imported_hash(huge).unwrap_err().contains("above"));
+        let low_cost = "$2b$03$C2ySnT/AI1FbR6CJ7gXhmOGb8W0LUirb877YzEEJ.ybDTyVL0cpUq";
+        assert!(check_imported_hash(low_cost).is_err());
+        let bad_alphabet = "$2b$04$C2ySnT/AI1FbR6CJ7gXhmOGb8W0LUirb877YzEEJ.ybDTyVL0cp!!";
+        assert!(check_imported_hash(bad_alphabet).is_err());
+        let short_salt =
+            "$argon2id$v=19$m=1024,t=1,p=1$c2FsdA$IH/D3v/mvrc2M8k24pPdsv1z5TFxZYJJesJPOfu2cF0";
+        assert!(
+            check_imported_hash(short_salt)
+                .unwrap_err()
+                .contains("salt")
+        );
         for junk in ["", "md5$abc", "$argon2id$v=19$m=64,t=1,p=1", "$2b$04$short"] {
             assert!(check_imported_hash(junk).is_err(), "{junk}");
         }

@@ -73,6 +73,7 @@ pub fn pool(database_url: &str, size: u32) -> Result<Pool, Error> {
 /// one that lost a race) answers ALREADY_EXISTS naming the field.
 pub fn unique_field(constraint: &str) -> Option<&'static str> {
     match constraint {
+        "users_pkey" => Some("id"),
         "users_username_canonical_key" => Some("username"),
         "users_email_canonical_key" => Some("email"),
         "groups_groupname_canonical_key" => Some("groupname"),

@@ -37,8 +37,10 @@ pub mod reason {
 const FREE_RESET_REQUESTS: i32 = 5;
 const MAX_RESET_LOCK_SECONDS: i32 = 3600;
 
-/// The most users one import call (one transaction) takes.
-pub const MAX_IMPORT_BATCH: usize = 1000;
+/// The most users one import call (one transaction) takes: each is a
+/// savepoint, and PostgreSQL keeps up to 64 subtransactions per transaction
+/// cheaply.
+pub const MAX_IMPORT_BATCH: usize = 64;
 
 /// A token just issued: its text (shown once) and expiry.
 #[derive(Clone)]
@@ -56,8 +58,9 @@ impl std::fmt::Debug for IssuedToken {
     }
 }
 
-/// A user to import, as given (a JSON line, or an RPC message).
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+/// A user to import, as given (a JSON line, or an RPC message). Its Debug
+/// form leaves the password hash out.
+#[derive(Clone, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImportedUser {
     pub id: Option<String>,
@@ -71,6 +74,17 @@ pub struct ImportedUser {
     pub is_verified: bool,
     pub attributes: BTreeMap<String, String>,
     pub groups: Vec<String>,
+}
+
+impl std::fmt::Debug for ImportedUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportedUser")
+            .field("id", &self.id)
+            .field("username", &self.username)
+            .field("email", &self.email)
+            .field("password_hash", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 /// What became of one imported user.
@@ -236,6 +250,13 @@ impl AccountService {
             let TokenState::Valid { user_id, .. } = state else {
                 return Err(refusal(state));
             };
+            // A user deactivated since the token was issued gets no password.
+            if !db::users::by_id(&mut conn, user_id)
+                .await?
+                .is_some_and(|u| u.is_active)
+            {
+                return Err(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"));
+            }
             let names = db::users::canonical_names(&mut conn, user_id)
                 .await?
                 .ok_or(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"))?;
@@ -256,7 +277,12 @@ impl AccountService {
                     ));
                 };
                 let current = db::users::canonical_names(conn, used_by).await?;
-                if used_by != user_id || current.as_ref().map(|(_, e)| e) != Some(&email) {
+                let active = db::users::by_id_for_update(conn, used_by)
+                    .await?
+                    .is_some_and(|u| u.is_active);
+                if used_by != user_id || !active || current.as_ref().map(|(_, e)| e) != Some(&email)
+                {
+                    // Rolled back: nothing changes, the token stays unused.
                     return Err(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"));
                 }
                 if !db::users::set_password_hash(conn, user_id, &new_hash).await? {
@@ -287,6 +313,13 @@ impl AccountService {
         let mut conn = db::conn(&self.pool).await?;
         let outcomes = conn
             .transaction(async |conn| {
+                // One import at a time: concurrent runs of overlapping files
+                // would otherwise race on the same names (or deadlock).
+                diesel_async::SimpleAsyncConnection::batch_execute(
+                    conn,
+                    "SELECT pg_advisory_xact_lock(7263551846239217)",
+                )
+                .await?;
                 let mut outcomes = Vec::with_capacity(checked.len());
                 for user in &checked {
                     let outcome = match user {

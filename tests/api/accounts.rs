@@ -570,3 +570,100 @@ async fn the_import_command_reports_refused_lines_and_resumes() {
     assert!(app.login("one@example.com", BCRYPT_PASSWORD).await.is_ok());
     assert!(app.login("line.five", ARGON2I_PASSWORD).await.is_ok());
 }
+
+/// passlib's and pwdlib's argon2 default (made by argon2-cffi 25.1.0's
+/// `PasswordHasher().hash("imported password three")`): stronger than the
+/// service's parameters, and rewritten to them at the first login.
+const PWDLIB_HASH: &str = "$argon2id$v=19$m=65536,t=3,p=4$W0weUSGgu99Mz55kJ2uKnA$9rSJp1K47doHn8RvMhtRlejQgb0gnvxxNEJDo/7osJs";
+
+#[tokio::test]
+async fn a_stronger_imported_hash_is_rewritten_to_the_service_parameters() {
+    let app = spawn_app().await;
+    app.admin
+        .accounts
+        .clone()
+        .import_users(pb::ImportUsersRequest {
+            users: vec![imported("pwd.lib", PWDLIB_HASH)],
+        })
+        .await
+        .unwrap();
+    app.login("pwd.lib", "imported password three")
+        .await
+        .unwrap();
+    let hash = stored_hash(&app, "pwd.lib").await;
+    assert!(hash.starts_with("$argon2id$v=19$m=4096,t=1,p=1$"), "{hash}");
+}
+
+#[tokio::test]
+async fn a_deactivated_user_cannot_reset_and_a_token_serves_one_of_two_racers() {
+    let app = spawn_app().await;
+    let user = app.create_user("racer").await;
+    let reset = |email: String| {
+        let mut accounts = app.admin.accounts.clone();
+        async move {
+            accounts
+                .request_password_reset(pb::RequestPasswordResetRequest { email })
+                .await
+                .unwrap()
+                .into_inner()
+                .token
+        }
+    };
+
+    // Two confirmations of one token at once: exactly one wins.
+    let token = verification_token(&app, &user.id).await;
+    let confirm = || {
+        let mut accounts = app.anon.accounts.clone();
+        let token = token.clone();
+        async move {
+            accounts
+                .confirm_email(pb::ConfirmEmailRequest { token })
+                .await
+        }
+    };
+    let (a, b) = tokio::join!(confirm(), confirm());
+    assert_eq!(a.is_ok() as u8 + b.is_ok() as u8, 1, "{a:?} {b:?}");
+
+    // A token issued before deactivation sets no password.
+    let token = reset(user.email.clone()).await;
+    let mut changed = user.clone();
+    changed.is_active = false;
+    app.admin
+        .users
+        .clone()
+        .update_user(pb::UpdateUserRequest {
+            user: Some(changed),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["is_active".into()],
+            }),
+        })
+        .await
+        .unwrap();
+    let refused = app
+        .anon
+        .accounts
+        .clone()
+        .reset_password(pb::ResetPasswordRequest {
+            token,
+            new_password: "a brand new password".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&refused), "ACCOUNT_TOKEN_INVALID");
+    let hash = stored_hash(&app, "racer").await;
+    let still = identity::hashing::Hasher::new(
+        identity::hashing::HashParams {
+            memory_kib: 4096,
+            iterations: 1,
+            parallelism: 1,
+        },
+        1,
+        1,
+    )
+    .unwrap()
+    .verify(&TestUser::named("racer").password, Some(&hash))
+    .await
+    .unwrap();
+    assert!(still, "the old password stands");
+}

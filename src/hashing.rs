@@ -87,12 +87,12 @@ impl Hasher {
         let concurrency = concurrency.max(1);
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
-        let blocks = argon2.params().block_count();
         for n in 0..concurrency {
             let queue = Arc::clone(&queue);
+            let memory = Memory::for_params(Some(argon2.params()));
             std::thread::Builder::new()
                 .name(format!("identity-hash-{n}"))
-                .spawn(move || hashing_thread(&queue, blocks))
+                .spawn(move || hashing_thread(&queue, memory))
                 .map_err(|e| Error::internal(format!("starting a hashing thread: {e}")))?;
         }
         Ok(Self {
@@ -204,20 +204,24 @@ pub struct Memory {
 impl Memory {
     /// Memory for hashes with `params`.
     pub fn new(params: HashParams) -> Self {
-        let blocks = Params::new(
+        let params = Params::new(
             params.memory_kib,
             params.iterations,
             params.parallelism,
             None,
-        )
-        .map_or(0, |p| p.block_count());
+        );
+        Self::for_params(params.as_ref().ok())
+    }
+
+    fn for_params(params: Option<&Params>) -> Self {
         Self {
-            blocks: vec![Block::default(); blocks],
+            blocks: vec![Block::default(); params.map_or(0, Params::block_count)],
         }
     }
 
     /// `count` blocks: the kept ones, or (for a stored hash stronger than
-    /// the configured parameters, which is rare) a one-off allocation.
+    /// the configured parameters, until its user's next login rehashes it)
+    /// a one-off allocation.
     fn with<R>(&mut self, count: usize, f: impl FnOnce(&mut [Block]) -> R) -> R {
         if count <= self.blocks.len() {
             f(&mut self.blocks[..count])
@@ -227,10 +231,7 @@ impl Memory {
     }
 }
 
-fn hashing_thread(queue: &Mutex<mpsc::Receiver<Job>>, blocks: usize) {
-    let mut memory = Memory {
-        blocks: vec![Block::default(); blocks],
-    };
+fn hashing_thread(queue: &Mutex<mpsc::Receiver<Job>>, mut memory: Memory) {
     loop {
         // The lock is held only while waiting for the next job.
         let job = match queue.lock() {

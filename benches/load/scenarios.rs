@@ -278,7 +278,7 @@ impl<'a> Bench<'a> {
                     let (user, session) = (s.user_id, s.session_id);
                     async move {
                         let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-                        let fresh = db::sessions::fresh(&mut conn, user, session)
+                        let fresh = db::sessions::fresh(&mut conn, user, session, true)
                             .await
                             .map_err(|e| e.to_string())?;
                         match fresh {

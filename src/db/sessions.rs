@@ -267,38 +267,67 @@ struct FreshRow {
     group_times: Option<Vec<DateTime<Utc>>>,
 }
 
-/// The user `user_id` and the state of its session `session_id`, fresh.
-pub async fn fresh(
-    conn: &mut AsyncPgConnection,
-    user_id: Uuid,
-    session_id: Uuid,
-) -> Result<Option<Fresh>, Error> {
-    let row: Option<FreshRow> = prepared::<FreshSql, _>(
-        diesel::sql_query(
+/// The read behind every token check: the user, whether the session is
+/// live, and (`$groups`, `$groups_join`) the user's groups or NULLs.
+macro_rules! fresh_sql {
+    ($groups:literal, $groups_join:literal) => {
+        concat!(
             "SELECT u.id, u.username, u.email, u.first_name, u.last_name, u.is_superuser, \
                 u.is_active, u.is_verified, u.attributes, u.create_time, u.update_time, \
                 u.password_changed_at, \
                 (s.id IS NOT NULL AND s.end_time IS NULL AND s.refresh_expire_time > now()) \
-                    AS session_live, \
-                g.group_ids, g.groupnames, g.slugs, g.group_times \
-         FROM users u \
-         LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id \
-         LEFT JOIN LATERAL ( \
-             SELECT array_agg(gr.id ORDER BY gr.id) AS group_ids, \
-                    array_agg(gr.groupname ORDER BY gr.id) AS groupnames, \
-                    array_agg(gr.slug ORDER BY gr.id) AS slugs, \
-                    array_agg(gr.create_time ORDER BY gr.id) AS group_times \
-             FROM group_members gm JOIN groups gr ON gr.id = gm.group_id \
-             WHERE gm.user_id = u.id \
-         ) g ON true \
-         WHERE u.id = $1",
+                    AS session_live, ",
+            $groups,
+            " FROM users u \
+             LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id ",
+            $groups_join,
+            " WHERE u.id = $1"
         )
-        .bind::<SqlUuid, _>(user_id)
-        .bind::<SqlUuid, _>(session_id),
-    )
-    .get_result(conn)
-    .await
-    .optional()?;
+    };
+}
+
+/// The user `user_id` and the state of its session `session_id`, fresh;
+/// with the user's groups when `with_groups` (VerifyToken answers with
+/// them; the check of a bearer token needs none).
+pub async fn fresh(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    session_id: Uuid,
+    with_groups: bool,
+) -> Result<Option<Fresh>, Error> {
+    let row: Option<FreshRow> = if with_groups {
+        prepared::<FreshSql, _>(
+            diesel::sql_query(fresh_sql!(
+                "g.group_ids, g.groupnames, g.slugs, g.group_times",
+                "LEFT JOIN LATERAL ( \
+                     SELECT array_agg(gr.id ORDER BY gr.id) AS group_ids, \
+                            array_agg(gr.groupname ORDER BY gr.id) AS groupnames, \
+                            array_agg(gr.slug ORDER BY gr.id) AS slugs, \
+                            array_agg(gr.create_time ORDER BY gr.id) AS group_times \
+                     FROM group_members gm JOIN groups gr ON gr.id = gm.group_id \
+                     WHERE gm.user_id = u.id \
+                 ) g ON true"
+            ))
+            .bind::<SqlUuid, _>(user_id)
+            .bind::<SqlUuid, _>(session_id),
+        )
+        .get_result(conn)
+        .await
+        .optional()?
+    } else {
+        prepared::<FreshWithoutGroupsSql, _>(
+            diesel::sql_query(fresh_sql!(
+                "NULL::uuid[] AS group_ids, NULL::text[] AS groupnames, NULL::text[] AS slugs, \
+                 NULL::timestamptz[] AS group_times",
+                ""
+            ))
+            .bind::<SqlUuid, _>(user_id)
+            .bind::<SqlUuid, _>(session_id),
+        )
+        .get_result(conn)
+        .await
+        .optional()?
+    };
     Ok(row.map(|r| {
         let groups = match (r.group_ids, r.groupnames, r.slugs, r.group_times) {
             (Some(ids), Some(names), Some(slugs), Some(times)) => ids
@@ -472,6 +501,17 @@ pub fn user_key(id: Uuid) -> String {
     format!("user:{id}")
 }
 
+/// The throttling key `<kind>:<SHA-256 of name>` of something that may name
+/// no account (a login, an address): the table holds no typed-in names.
+pub fn hashed_key(kind: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hex: String = Sha256::digest(name.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{kind}:{hex}")
+}
+
 /// Forgets the failures of a key (after a successful login).
 pub async fn clear_failures(conn: &mut AsyncPgConnection, key: &str) -> Result<(), Error> {
     diesel::delete(login_failures::table.find(key))
@@ -483,5 +523,6 @@ pub async fn clear_failures(conn: &mut AsyncPgConnection, key: &str) -> Result<(
 /// Names of the hand-written statements in the statement cache.
 struct RotateSql;
 struct FreshSql;
+struct FreshWithoutGroupsSql;
 struct CountAttemptSql;
 struct UncountAttemptSql;

@@ -236,7 +236,7 @@ where
             let caller = match token {
                 None => Caller::Anonymous,
                 Some(Err(())) => return Ok(refuse(Error::InvalidToken(reason::MALFORMED))),
-                Some(Ok(token)) => match auth.verify(token).await {
+                Some(Ok(token)) => match auth.authenticate(token).await {
                     Ok(verified) => Caller::User(Arc::new(verified)),
                     Err(e) => return Ok(refuse(e)),
                 },

@@ -202,19 +202,15 @@ impl AccountService {
     pub async fn request_reset(&self, email: &str) -> Result<Option<IssuedToken>, Error> {
         let email = Email::parse(email).map_err(|e| Error::invalid("email", e))?;
         let mut conn = db::conn(&self.pool).await?;
-        let key = format!("reset:{}", hex_sha256(email.canonical()));
+        let key = sessions::hashed_key("reset", email.canonical());
         let attempt =
             sessions::count_attempt(&mut conn, &key, FREE_RESET_REQUESTS, MAX_RESET_LOCK_SECONDS)
                 .await?;
         if let Some(until) = attempt.refused_until {
-            let wait = (until - Utc::now())
-                .to_std()
-                .unwrap_or_default()
-                .max(Duration::from_secs(1));
-            return Err(Error::Throttled {
-                message: "too many password reset requests for this address",
-                retry_after: wait,
-            });
+            return Err(crate::service::throttled(
+                "too many password reset requests for this address",
+                until,
+            ));
         }
         let Some(user) = db::users::by_email(&mut conn, email.canonical()).await? else {
             tracing::info!("password reset asked for an unknown address");
@@ -388,14 +384,6 @@ fn refusal(state: TokenState) -> Error {
         TokenState::Valid { .. } => Error::Refused(reason::TOKEN_USED, "token already used"),
         TokenState::Unknown => Error::Refused(reason::TOKEN_INVALID, "invalid token"),
     }
-}
-
-fn hex_sha256(s: &str) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Checks an imported user against the input rules; the first violation,

@@ -48,6 +48,8 @@ impl std::fmt::Debug for IssuedTokens {
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub user: UserRow,
+    /// The user's groups now; empty from [`AuthService::authenticate`],
+    /// which does not read them.
     pub groups: Vec<GroupRow>,
     pub claims: AccessClaims,
     pub session_id: Uuid,
@@ -105,7 +107,7 @@ impl AuthService {
             let found = db::users::for_login(&mut conn, &canonical).await?;
             let key = match &found {
                 Some((user, _)) => user_key(user.id),
-                None => login_key(&canonical),
+                None => sessions::hashed_key("login", &canonical),
             };
             self.count_attempt(&mut conn, &key).await?;
             (found, key)
@@ -166,7 +168,10 @@ impl AuthService {
         match attempt.refused_until {
             Some(until) => {
                 tracing::info!(failures = attempt.failures, "attempt refused: throttled");
-                Err(throttled(until))
+                Err(crate::service::throttled(
+                    "too many failed logins; try again later",
+                    until,
+                ))
             }
             None => Ok(()),
         }
@@ -253,7 +258,7 @@ impl AuthService {
                 else {
                     return Ok(Err(rotation));
                 };
-                let fresh = sessions::fresh(conn, user_id, session_id)
+                let fresh = sessions::fresh(conn, user_id, session_id, true)
                     .await?
                     .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
                 let tokens = self.issue(
@@ -309,15 +314,26 @@ impl AuthService {
         Ok(())
     }
 
-    /// Checks an access token offline (signature, kid, exp, nbf, iss, aud),
-    /// then the user and session as they are now, in one round trip.
+    /// VerifyToken: checks an access token offline (signature, kid, exp,
+    /// nbf, iss, aud), then the user, session and groups as they are now,
+    /// in one round trip.
     pub async fn verify(&self, access_token: &str) -> Result<Verified, Error> {
+        self.check(access_token, true).await
+    }
+
+    /// The bearer check of every signed-in call: as [`Self::verify`], but
+    /// without reading the user's groups, which authorization never needs.
+    pub async fn authenticate(&self, access_token: &str) -> Result<Verified, Error> {
+        self.check(access_token, false).await
+    }
+
+    async fn check(&self, access_token: &str, with_groups: bool) -> Result<Verified, Error> {
         let claims = self.tokens.verify(access_token)?;
         let malformed = || Error::InvalidToken(reason::MALFORMED);
         let user_id = Uuid::try_parse(&claims.sub).map_err(|_| malformed())?;
         let session_id = Uuid::try_parse(&claims.sid).map_err(|_| malformed())?;
         let mut conn = db::conn(&self.pool).await?;
-        let fresh = sessions::fresh(&mut conn, user_id, session_id)
+        let fresh = sessions::fresh(&mut conn, user_id, session_id, with_groups)
             .await?
             .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
         drop(conn);
@@ -387,15 +403,6 @@ impl AuthService {
     }
 }
 
-/// The throttling key of a login that names no account: hashed, so that the
-/// table holds no typed-in names and every key has the same short size.
-fn login_key(canonical: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(canonical.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("login:{hex}")
-}
-
 /// When a token was issued, to the millisecond: `iat` has whole seconds
 /// only, too coarse to tell a token issued just before a password change
 /// from one issued just after; our `jti` is a UUIDv7, which carries the
@@ -410,14 +417,6 @@ fn issue_millis(claims: &AccessClaims) -> i64 {
             i64::try_from(secs).unwrap_or(i64::MAX) * 1000 + i64::from(nanos / 1_000_000)
         })
         .unwrap_or(claims.iat.saturating_mul(1000))
-}
-
-fn throttled(until: chrono::DateTime<Utc>) -> Error {
-    let wait = (until - Utc::now()).to_std().unwrap_or_default();
-    Error::Throttled {
-        message: "too many failed logins; try again later",
-        retry_after: Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
-    }
 }
 
 impl std::fmt::Debug for AuthService {

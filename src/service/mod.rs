@@ -13,6 +13,20 @@ pub use users::UserService;
 
 use uuid::Uuid;
 
+use crate::error::Error;
+
+/// RESOURCE_EXHAUSTED until `until` (a throttling lock), with the wait
+/// rounded up to whole seconds in its RetryInfo.
+pub(crate) fn throttled(message: &'static str, until: chrono::DateTime<chrono::Utc>) -> Error {
+    let wait = (until - chrono::Utc::now()).to_std().unwrap_or_default();
+    Error::Throttled {
+        message,
+        retry_after: std::time::Duration::from_secs(
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+        ),
+    }
+}
+
 /// One page of a list, and where the next starts.
 #[derive(Debug)]
 pub struct Page<T> {

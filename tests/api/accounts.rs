@@ -626,19 +626,7 @@ async fn a_deactivated_user_cannot_reset_and_a_token_serves_one_of_two_racers() 
 
     // A token issued before deactivation sets no password.
     let token = reset(user.email.clone()).await;
-    let mut changed = user.clone();
-    changed.is_active = false;
-    app.admin
-        .users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(changed),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["is_active".into()],
-            }),
-        })
-        .await
-        .unwrap();
+    app.deactivate(&user).await;
     let refused = app
         .anon
         .accounts

@@ -5,8 +5,6 @@
 #[allow(dead_code)]
 mod verifier;
 
-use identity::proto::identity::v1 as pb;
-
 use crate::helpers::spawn_app;
 use verifier::{Refused, Verifier};
 
@@ -42,19 +40,7 @@ async fn the_example_verifies_offline_and_falls_back_to_fresh_state() {
     // Deactivated: the token still verifies offline (its claims are from
     // login time) but identity, asked, says no. That is the staleness the
     // fallback exists for.
-    let mut changed = user.clone();
-    changed.is_active = false;
-    app.admin
-        .users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(changed),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["is_active".into()],
-            }),
-        })
-        .await
-        .expect("deactivate");
+    app.deactivate(&user).await;
     assert!(verifier.verify_offline(&tokens.access_token).is_ok());
     match verifier.verify_fresh(&tokens.access_token).await {
         Err(Refused::Stale { reason, .. }) => assert_eq!(reason, "USER_INACTIVE"),

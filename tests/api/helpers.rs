@@ -476,6 +476,23 @@ impl TestApp {
         (user, login.tokens.unwrap())
     }
 
+    /// Deactivates `user`, as a superuser.
+    pub async fn deactivate(&self, user: &pb::User) {
+        let mut changed = user.clone();
+        changed.is_active = false;
+        self.admin
+            .users
+            .clone()
+            .update_user(pb::UpdateUserRequest {
+                user: Some(changed),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["is_active".into()],
+                }),
+            })
+            .await
+            .expect("deactivate");
+    }
+
     /// Creates a user with a password and returns it.
     pub async fn create_user(&self, username: &str) -> pb::User {
         self.users

@@ -83,21 +83,12 @@ async fn reflection_lists_every_service_in_both_versions() {
     use tonic_reflection::pb::{v1, v1alpha};
     let app = spawn_app().await;
 
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
-    let req = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::once(req))
-        .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.next().await.unwrap().unwrap();
     let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        resp.message_response
+        reflect(
+            &app,
+            v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+        )
+        .await
     else {
         panic!("unexpected reflection answer");
     };
@@ -136,6 +127,25 @@ async fn reflection_lists_every_service_in_both_versions() {
     ));
 }
 
+/// One reflection (v1) request and its answer.
+async fn reflect(
+    app: &crate::helpers::TestApp,
+    request: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> Option<tonic_reflection::pb::v1::server_reflection_response::MessageResponse> {
+    use tonic_reflection::pb::v1;
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap().message_response
+}
+
 /// The proto's comments travel with the descriptors served by reflection,
 /// so `buf curl --list-methods` users and code generators can read them.
 #[tokio::test]
@@ -143,23 +153,14 @@ async fn reflection_serves_the_proto_comments() {
     use prost::Message as _;
     use tonic_reflection::pb::v1;
     let app = spawn_app().await;
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
-    let req = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
+    let Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        reflect(
+            &app,
             v1::server_reflection_request::MessageRequest::FileContainingSymbol(
                 "identity.v1.AuthService".into(),
             ),
-        ),
-    };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::once(req))
+        )
         .await
-        .unwrap()
-        .into_inner();
-    let resp = stream.next().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
-        resp.message_response
     else {
         panic!("unexpected reflection answer");
     };

@@ -19,7 +19,7 @@ async fn the_token_check_and_login_counting_are_prepared_once_per_connection() {
     let db = TestDb::migrated().await;
     let mut conn = db.connect().await;
     for _ in 0..3 {
-        let found = sessions::fresh(&mut conn, Uuid::now_v7(), Uuid::now_v7())
+        let found = sessions::fresh(&mut conn, Uuid::now_v7(), Uuid::now_v7(), true)
             .await
             .unwrap();
         assert!(found.is_none());

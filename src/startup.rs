@@ -203,8 +203,14 @@ impl Application {
             config.email_verification_ttl,
             config.password_reset_ttl,
         );
-        let auth = AuthService::new(pool.clone(), hasher, tokens, config.refresh_token_ttl)
-            .require_verified_login(config.require_verified_login);
+        let auth = AuthService::new(
+            pool.clone(),
+            hasher,
+            tokens,
+            config.refresh_token_ttl,
+            config.request_timeout,
+        )
+        .require_verified_login(config.require_verified_login);
         let groups = GroupService::new(pool.clone());
         let listener = TcpListener::bind(config.listen_addr)
             .await
@@ -400,7 +406,7 @@ async fn purge_old_rows(
             let mut conn = db::conn(&pool).await?;
             let sessions =
                 db::sessions::purge_sessions(&mut conn, chrono::Duration::days(7)).await?;
-            let failures = db::sessions::purge_failures(&mut conn).await?;
+            let failures = db::throttle::purge(&mut conn).await?;
             let ttl = chrono::Duration::from_std(refresh_ttl).unwrap_or(chrono::Duration::days(30));
             let retired = db::sessions::purge_retired(&mut conn, ttl).await?;
             let tokens = db::accounts::purge(&mut conn).await?;

@@ -8,6 +8,7 @@ pub mod groups;
 pub mod migrations;
 pub mod schema;
 pub mod sessions;
+pub mod throttle;
 pub mod users;
 
 use std::time::Duration;

@@ -94,6 +94,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    login_attempts (id) {
+        id -> Uuid,
+        key -> Text,
+        expire_time -> Timestamptz,
+    }
+}
+
 diesel::joinable!(account_tokens -> users (user_id));
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(login_names -> users (user_id));
@@ -106,5 +114,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     sessions,
     retired_refresh_tokens,
     login_failures,
+    login_attempts,
     account_tokens
 );

@@ -1,17 +1,14 @@
-//! Sessions and refresh tokens, the fresh read behind every token check,
-//! and failed-login counting.
+//! Sessions and refresh tokens, and the fresh read behind every token check.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{
-    Array, Bool, Bytea, Int4, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
-};
+use diesel::sql_types::{Array, Bool, Bytea, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::groups::GroupRow;
 use super::prepared;
-use super::schema::{login_failures, retired_refresh_tokens, sessions};
+use super::schema::{retired_refresh_tokens, sessions};
 use super::users::UserRow;
 use crate::error::Error;
 
@@ -25,8 +22,7 @@ pub mod end_reason {
 }
 
 /// A new session row.
-#[derive(Debug, Insertable)]
-#[diesel(table_name = sessions)]
+#[derive(Debug)]
 pub struct NewSessionRow<'a> {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -34,13 +30,40 @@ pub struct NewSessionRow<'a> {
     pub refresh_expire_time: DateTime<Utc>,
 }
 
-/// Starts a session.
-pub async fn insert(conn: &mut AsyncPgConnection, row: &NewSessionRow<'_>) -> Result<(), Error> {
-    diesel::insert_into(sessions::table)
-        .values(row)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// Starts a session, only if the user is still active and its password
+/// still the one set at `password_changed_at` (the one the caller checked);
+/// whether it started.
+///
+/// The user's row is share-locked for the insert: a password change (which
+/// updates that row, then ends the user's sessions, in one transaction)
+/// either committed before, and the row no longer matches, or waits for
+/// this insert to commit and then ends the session it made. Either way no
+/// session of the old password outlives the change. The hash itself is not
+/// compared, since a login's rehash to current parameters changes it
+/// without changing the password.
+pub async fn start(
+    conn: &mut AsyncPgConnection,
+    row: &NewSessionRow<'_>,
+    password_changed_at: DateTime<Utc>,
+) -> Result<bool, Error> {
+    let n = prepared::<StartSql, _>(
+        diesel::sql_query(
+            "WITH u AS ( \
+                 SELECT id FROM users \
+                 WHERE id = $2 AND is_active AND password_changed_at = $5 FOR SHARE \
+             ) \
+             INSERT INTO sessions (id, user_id, refresh_hash, refresh_expire_time) \
+             SELECT $1, u.id, $3, $4 FROM u",
+        )
+        .bind::<SqlUuid, _>(row.id)
+        .bind::<SqlUuid, _>(row.user_id)
+        .bind::<Bytea, _>(row.refresh_hash)
+        .bind::<Timestamptz, _>(row.refresh_expire_time)
+        .bind::<Timestamptz, _>(password_changed_at),
+    )
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
 }
 
 #[derive(Debug, QueryableByName)]
@@ -67,11 +90,17 @@ pub enum Rotation {
 /// retired before is reported as reused: it leaked (OAuth 2.0 Security BCP,
 /// refresh token rotation), and the caller ends its session
 /// ([`end_reused`]).
+///
+/// A session keeps its `keep_retired` newest retired tokens (the one
+/// retired now included); older ones are forgotten in the same statement,
+/// so a client refreshing in a loop cannot grow the table, and presenting
+/// a forgotten one is [`Rotation::Invalid`], not reuse.
 pub async fn rotate(
     conn: &mut AsyncPgConnection,
     old_hash: &[u8],
     new_hash: &[u8],
     new_expire: DateTime<Utc>,
+    keep_retired: i64,
 ) -> Result<Rotation, Error> {
     let rotated: Option<Rotated> = prepared::<RotateSql, _>(diesel::sql_query(
         "WITH rotated AS ( \
@@ -82,12 +111,19 @@ pub async fn rotate(
              RETURNING s.id, s.user_id \
          ), retired AS ( \
              INSERT INTO retired_refresh_tokens (hash, session_id) SELECT $1, id FROM rotated \
+         ), forgotten AS ( \
+             DELETE FROM retired_refresh_tokens r USING rotated \
+             WHERE r.session_id = rotated.id AND r.hash IN ( \
+                 SELECT o.hash FROM retired_refresh_tokens o \
+                 WHERE o.session_id = rotated.id \
+                 ORDER BY o.retire_time DESC, o.hash OFFSET $4 - 1) \
          ) \
          SELECT id, user_id FROM rotated",
     )
     .bind::<Bytea, _>(old_hash)
     .bind::<Bytea, _>(new_hash)
-    .bind::<Timestamptz, _>(new_expire))
+    .bind::<Timestamptz, _>(new_expire)
+    .bind::<diesel::sql_types::BigInt, _>(keep_retired))
     .get_result(conn)
     .await
     .optional()?;
@@ -365,83 +401,6 @@ pub async fn fresh(
     }))
 }
 
-#[derive(Debug, QueryableByName)]
-struct AttemptRow {
-    #[diesel(sql_type = Int4)]
-    failures: i32,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    locked_until: Option<DateTime<Utc>>,
-    #[diesel(sql_type = Bool)]
-    refused: bool,
-}
-
-/// A login attempt as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attempt {
-    /// Consecutive attempts that did not succeed, this one included.
-    pub failures: i32,
-    /// Refused: the key was locked when it arrived (until then).
-    pub refused_until: Option<DateTime<Utc>>,
-}
-
-/// Counts an attempt on `key` before its password is checked, in one
-/// statement: parallel attempts are serialised on the row, so at most `free`
-/// of them can ever reach the password check before the lock.
-///
-/// An attempt that arrives while the key is locked is refused and neither
-/// counted nor allowed to move the lock: refusals cost an attacker nothing,
-/// so they must not be able to lengthen a victim's lock. Otherwise, from the
-/// `free`-th consecutive attempt on, the key is locked at once for a delay
-/// that doubles from 1 s up to `max_delay_secs` (a success, reported by
-/// [`clear_failures`], lifts it). Failures more than a day old are
-/// forgotten, so that typos spread over months never add up.
-pub async fn count_attempt(
-    conn: &mut AsyncPgConnection,
-    key: &str,
-    free: i32,
-    max_delay_secs: i32,
-) -> Result<Attempt, Error> {
-    let row: AttemptRow = prepared::<CountAttemptSql, _>(
-        diesel::sql_query(
-            "INSERT INTO login_failures AS f (key, failures, locked_until, refused, update_time) \
-         VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + interval '1 second' END, false, now()) \
-         ON CONFLICT (key) DO UPDATE SET \
-             failures = CASE WHEN f.locked_until > now() THEN f.failures \
-                             WHEN f.update_time < now() - interval '1 day' THEN 1 \
-                             ELSE f.failures + 1 END, \
-             refused = COALESCE(f.locked_until > now(), false), \
-             locked_until = CASE \
-                 WHEN f.locked_until > now() THEN f.locked_until \
-                 WHEN f.update_time >= now() - interval '1 day' AND f.failures + 1 >= $2 \
-                     THEN now() + make_interval(secs => \
-                         LEAST(power(2, LEAST(f.failures + 1 - $2, 30)), $3)) \
-                 ELSE NULL END, \
-             update_time = CASE WHEN f.locked_until > now() THEN f.update_time ELSE now() END \
-         RETURNING failures, locked_until, refused",
-        )
-        .bind::<Text, _>(key)
-        .bind::<Int4, _>(free)
-        .bind::<Int4, _>(max_delay_secs),
-    )
-    .get_result(conn)
-    .await?;
-    Ok(Attempt {
-        failures: row.failures,
-        refused_until: if row.refused { row.locked_until } else { None },
-    })
-}
-
-/// Deletes throttling rows untouched for a day (their counts are forgotten
-/// by then anyway); how many.
-pub async fn purge_failures(conn: &mut AsyncPgConnection) -> Result<usize, Error> {
-    let before = Utc::now() - chrono::Duration::days(1);
-    Ok(
-        diesel::delete(login_failures::table.filter(login_failures::update_time.lt(before)))
-            .execute(conn)
-            .await?,
-    )
-}
-
 /// Deletes retired refresh tokens older than `refresh_ttl`: by then they
 /// could not have been valid anyway, so their reuse means nothing more.
 pub async fn purge_retired(
@@ -474,55 +433,8 @@ pub async fn purge_sessions(
     .await?)
 }
 
-/// Takes back one counted attempt on `key` (its password was never
-/// checked); below `free` failures the lock it may have set is lifted too.
-pub async fn uncount_attempt(
-    conn: &mut AsyncPgConnection,
-    key: &str,
-    free: i32,
-) -> Result<(), Error> {
-    prepared::<UncountAttemptSql, _>(
-        diesel::sql_query(
-            "UPDATE login_failures SET \
-             failures = GREATEST(failures - 1, 0), \
-             locked_until = CASE WHEN failures - 1 < $2 THEN NULL ELSE locked_until END \
-         WHERE key = $1",
-        )
-        .bind::<Text, _>(key)
-        .bind::<Int4, _>(free),
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The throttling key of an account.
-pub fn user_key(id: Uuid) -> String {
-    format!("user:{id}")
-}
-
-/// The throttling key `<kind>:<SHA-256 of name>` of something that may name
-/// no account (a login, an address): the table holds no typed-in names.
-pub fn hashed_key(kind: &str, name: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let hex: String = Sha256::digest(name.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{kind}:{hex}")
-}
-
-/// Forgets the failures of a key (after a successful login).
-pub async fn clear_failures(conn: &mut AsyncPgConnection, key: &str) -> Result<(), Error> {
-    diesel::delete(login_failures::table.find(key))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// Names of the hand-written statements in the statement cache.
 struct RotateSql;
 struct FreshSql;
 struct FreshWithoutGroupsSql;
-struct CountAttemptSql;
-struct UncountAttemptSql;
+struct StartSql;

@@ -285,29 +285,47 @@ pub async fn group_exists(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool
         .await?)
 }
 
-/// What a login needs of a user: the row and its hash. A login name is a
-/// canonical username or email; `login_names` makes it name one user only.
+/// What a password check needs of a user: the row, its hash, and when the
+/// password last changed (what a session is started against).
+#[derive(Debug)]
+pub struct Credentials {
+    pub user: UserRow,
+    pub hash: String,
+    pub password_changed_at: DateTime<Utc>,
+}
+
+/// What a login needs of a user. A login name is a canonical username or
+/// email; `login_names` makes it name one user only.
 pub async fn for_login(
     conn: &mut AsyncPgConnection,
     canonical_login: &str,
-) -> Result<Option<(UserRow, String)>, Error> {
+) -> Result<Option<Credentials>, Error> {
     Ok(login_names::table
         .inner_join(users::table)
         .filter(login_names::name.eq(canonical_login))
-        .select((UserRow::as_select(), users::password_hash))
-        .first(conn)
+        .select((
+            UserRow::as_select(),
+            users::password_hash,
+            users::password_changed_at,
+        ))
+        .first::<(UserRow, String, DateTime<Utc>)>(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(|(user, hash, password_changed_at)| Credentials {
+            user,
+            hash,
+            password_changed_at,
+        }))
 }
 
-/// The password hash of a user.
+/// The password hash of a user, and when it was set.
 pub async fn password_hash(
     conn: &mut AsyncPgConnection,
     id: Uuid,
-) -> Result<Option<String>, Error> {
+) -> Result<Option<(String, DateTime<Utc>)>, Error> {
     Ok(users::table
         .find(id)
-        .select(users::password_hash)
+        .select((users::password_hash, users::password_changed_at))
         .first(conn)
         .await
         .optional()?)

@@ -1,6 +1,6 @@
 //! A group's fields and their input rules.
 
-use super::text::{fold, length, nfkc_trimmed, no_control};
+use super::text::{fold, length, nfkc_trimmed, no_control, no_invisible};
 
 /// The longest slug.
 pub const MAX_SLUG: usize = 64;
@@ -15,8 +15,10 @@ pub struct Groupname {
 impl Groupname {
     /// Trimmed, NFKC, 1 to 150 characters, no control characters.
     pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
         no_control(raw)?;
         let display = nfkc_trimmed(raw);
+        no_invisible(&display)?;
         length(&display, 1, 150)?;
         let canonical = fold(&display);
         Ok(Self { display, canonical })

@@ -30,6 +30,44 @@ pub fn no_control(s: &str) -> Result<(), String> {
     }
 }
 
+/// Refuses characters that display as nothing or reorder what follows:
+/// Unicode's Default_Ignorable_Code_Point (zero-width space, soft hyphen,
+/// word joiner, variation selectors, Hangul fillers, ...) and every format
+/// character (General_Category Cf: bidi controls, ...). In a username,
+/// email or groupname they make two names that look alike differ
+/// (`admin@exa\u{200B}mple.com`).
+pub fn no_invisible(s: &str) -> Result<(), String> {
+    invisible(s, |_| false)
+}
+
+/// As [`no_invisible`], for people's names: the zero-width non-joiner and
+/// joiner (which Persian, Indic scripts and emoji sequences need) and the
+/// variation selectors (emoji presentation) are allowed.
+pub fn no_invisible_in_name(s: &str) -> Result<(), String> {
+    invisible(
+        s,
+        |c| matches!(c, '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}'),
+    )
+}
+
+fn invisible(s: &str, allowed: impl Fn(char) -> bool) -> Result<(), String> {
+    use icu_properties::{
+        CodePointMapData, CodePointSetData,
+        props::{DefaultIgnorableCodePoint, GeneralCategory},
+    };
+    let ignorable = CodePointSetData::new::<DefaultIgnorableCodePoint>();
+    let category = CodePointMapData::<GeneralCategory>::new();
+    match s.chars().find(|&c| {
+        (ignorable.contains(c) || category.get(c) == GeneralCategory::Format) && !allowed(c)
+    }) {
+        Some(c) => Err(format!(
+            "must not contain invisible characters (found U+{:04X})",
+            c as u32
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks a length in characters (Unicode scalar values).
 pub fn length(s: &str, min: usize, max: usize) -> Result<(), String> {
     let n = s.chars().count();
@@ -42,11 +80,13 @@ pub fn length(s: &str, min: usize, max: usize) -> Result<(), String> {
     }
 }
 
-/// A free-text name (first_name, last_name): trimmed, at most `max`
-/// characters, no control characters.
+/// A free-text name (first_name, last_name): trimmed, then at most `max`
+/// characters, no control characters, no invisible ones but those scripts
+/// need ([`no_invisible_in_name`]).
 pub fn name(s: &str, max: usize) -> Result<String, String> {
-    no_control(s)?;
     let s = s.trim();
+    no_control(s)?;
+    no_invisible_in_name(s)?;
     length(s, 0, max)?;
     Ok(s.to_owned())
 }
@@ -111,6 +151,44 @@ mod tests {
         assert!(no_control("a\u{7f}").is_err());
         assert!(no_control("tab\t").is_err());
         assert!(no_control("Zoë").is_ok());
+    }
+
+    #[test]
+    fn invisible_characters_are_refused() {
+        for s in [
+            "a\u{200B}b",  // zero-width space
+            "a\u{00AD}b",  // soft hyphen
+            "a\u{2060}b",  // word joiner
+            "a\u{202E}b",  // right-to-left override
+            "a\u{2066}b",  // left-to-right isolate
+            "a\u{FEFF}b",  // zero-width no-break space
+            "a\u{034F}b",  // combining grapheme joiner
+            "a\u{3164}b",  // Hangul filler
+            "a\u{E0041}b", // tag latin capital letter a
+        ] {
+            assert!(no_invisible(s).is_err(), "{s:?}");
+        }
+        assert!(no_invisible("Zoë Ωmega").is_ok());
+    }
+
+    #[test]
+    fn names_keep_the_joiners_scripts_need() {
+        assert!(
+            no_invisible_in_name(
+                "\u{0645}\u{06CC}\u{200C}\u{062E}\u{0648}\u{0627}\u{0647}\u{0645}"
+            )
+            .is_ok()
+        );
+        assert!(no_invisible_in_name("\u{1F468}\u{200D}\u{1F469}\u{2764}\u{FE0F}").is_ok());
+        assert!(no_invisible_in_name("a\u{200B}b").is_err());
+        assert!(no_invisible_in_name("a\u{202E}b").is_err());
+        assert!(no_invisible("a\u{200D}b").is_err());
+    }
+
+    #[test]
+    fn names_are_trimmed_before_they_are_checked() {
+        assert_eq!(name("\tAda\n", 150).unwrap(), "Ada");
+        assert!(name("A\tda", 150).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt};
 use unicode_normalization::char::is_combining_mark;
 use unicode_script::{Script, UnicodeScript};
 
-use super::text::{fold, length, name, nfkc_trimmed, no_control};
+use super::text::{fold, length, name, nfkc_trimmed, no_control, no_invisible};
 
 /// A valid username, as shown and in its canonical (unique) form.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +17,10 @@ pub struct Username {
 impl Username {
     /// Trims, applies NFKC, then checks length, characters and script.
     pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
         no_control(raw)?;
         let display = nfkc_trimmed(raw);
+        no_invisible(&display)?;
         length(&display, 3, 150)?;
         let mut scripts: Vec<Script> = Vec::new();
         for c in display.chars() {
@@ -78,8 +80,9 @@ impl Email {
     /// Trims, then checks the shape of the address. Deliberately simple: the
     /// only real test of an address is a mail that arrives.
     pub fn parse(raw: &str) -> Result<Self, String> {
-        no_control(raw)?;
         let display = raw.trim();
+        no_control(display)?;
+        no_invisible(display)?;
         length(display, 3, 254)?;
         if display.chars().any(char::is_whitespace) {
             return Err("must not contain spaces".into());

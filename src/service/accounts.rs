@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::db::{
     self, Pool,
     accounts::{Purpose, TokenState},
-    sessions::{self, end_reason},
+    sessions::end_reason,
     users::{NewUserRow, UserRow},
 };
 use crate::domain::{Attributes, Email, Password, Slug, Username, text, user::person_name};
@@ -202,11 +202,15 @@ impl AccountService {
     pub async fn request_reset(&self, email: &str) -> Result<Option<IssuedToken>, Error> {
         let email = Email::parse(email).map_err(|e| Error::invalid("email", e))?;
         let mut conn = db::conn(&self.pool).await?;
-        let key = sessions::hashed_key("reset", email.canonical());
-        let attempt =
-            sessions::count_attempt(&mut conn, &key, FREE_RESET_REQUESTS, MAX_RESET_LOCK_SECONDS)
-                .await?;
-        if let Some(until) = attempt.refused_until {
+        let key = super::throttle::hashed_key("reset", email.canonical());
+        let locked = db::throttle::count_request(
+            &mut conn,
+            &key,
+            FREE_RESET_REQUESTS,
+            MAX_RESET_LOCK_SECONDS,
+        )
+        .await?;
+        if let Some(until) = locked {
             return Err(crate::service::throttled(
                 "too many password reset requests for this address",
                 until,
@@ -284,9 +288,7 @@ impl AccountService {
                 if !db::users::set_password_hash(conn, user_id, &new_hash).await? {
                     return Err(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"));
                 }
-                db::accounts::spend_all(conn, user_id, Purpose::ResetPassword).await?;
-                sessions::clear_failures(conn, &sessions::user_key(user_id)).await?;
-                sessions::end_all_of_user(conn, user_id, None, end_reason::PASSWORD_RESET).await
+                super::password_changed(conn, user_id, None, end_reason::PASSWORD_RESET).await
             })
             .await?;
         tracing::info!(user_id = %user_id, sessions_ended = ended, "password reset");

@@ -10,22 +10,31 @@ use uuid::Uuid;
 use crate::db::{
     self, Pool,
     groups::GroupRow,
-    sessions::{self, NewSessionRow, Rotation, end_reason, user_key},
+    sessions::{self, NewSessionRow, Rotation, end_reason},
     users::UserRow,
 };
 use crate::domain::{Password, text};
 use crate::error::Error;
 use crate::hashing::Hasher;
+use crate::service::throttle::{Throttle, hashed_key, user_key};
 use crate::token::{
     AccessClaims, TokenIssuer,
     jwt::{Subject, reason},
     refresh,
 };
 
-/// Consecutive failures allowed before a login key is locked.
-pub const FREE_FAILURES: i32 = 5;
-/// The longest lock, in seconds.
-pub const MAX_LOCK_SECONDS: i32 = 15 * 60;
+/// Retired refresh tokens a session keeps for reuse detection: a client
+/// refreshing in a loop keeps at most this many rows (docs/tokens.md).
+pub const KEEP_RETIRED: i64 = 64;
+
+/// FAILED_PRECONDITION EMAIL_NOT_VERIFIED: `REQUIRE_VERIFIED_LOGIN` is on
+/// and the user's address is not verified.
+fn email_not_verified() -> Error {
+    Error::Refused(
+        crate::service::accounts::reason::EMAIL_NOT_VERIFIED,
+        "email not verified",
+    )
+}
 
 /// A pair of tokens and their lifetimes. Its `Debug` hides the tokens.
 pub struct IssuedTokens {
@@ -63,12 +72,21 @@ pub struct AuthService {
     tokens: TokenIssuer,
     refresh_ttl: Duration,
     require_verified: bool,
+    throttle: Throttle,
 }
 
 impl AuthService {
-    /// The service over `pool`.
-    pub fn new(pool: Pool, hasher: Hasher, tokens: TokenIssuer, refresh_ttl: Duration) -> Self {
+    /// The service over `pool`. `call_limit` is the longest a call may
+    /// last (`REQUEST_TIMEOUT`): a login's throttling lease outlives it.
+    pub fn new(
+        pool: Pool,
+        hasher: Hasher,
+        tokens: TokenIssuer,
+        refresh_ttl: Duration,
+        call_limit: Duration,
+    ) -> Self {
         Self {
+            throttle: Throttle::new(pool.clone(), call_limit + Duration::from_secs(30)),
             pool,
             hasher,
             tokens,
@@ -99,82 +117,58 @@ impl AuthService {
         login: &str,
         password: &str,
     ) -> Result<(IssuedTokens, UserRow), Error> {
+        let login = login.trim();
         text::no_control(login).map_err(|e| Error::invalid("login", e))?;
-        text::length(login.trim(), 1, 254).map_err(|e| Error::invalid("login", e))?;
+        text::length(login, 1, 254).map_err(|e| Error::invalid("login", e))?;
         let canonical = text::fold(&text::nfkc_trimmed(login));
-        let (found, key) = {
+        let read = async || {
             let mut conn = db::conn(&self.pool).await?;
-            let found = db::users::for_login(&mut conn, &canonical).await?;
-            let key = match &found {
-                Some((user, _)) => user_key(user.id),
-                None => sessions::hashed_key("login", &canonical),
-            };
-            self.count_attempt(&mut conn, &key).await?;
-            (found, key)
+            db::users::for_login(&mut conn, &canonical).await
         };
+        let mut found = read().await?;
+        let key = match &found {
+            Some(c) => user_key(c.user.id),
+            None => hashed_key("login", &canonical),
+        };
+        let (lease, waited) = self.throttle.claim(key).await?;
+        if waited {
+            // A password may have changed while this attempt waited.
+            found = read().await?;
+        }
 
-        let hash = found.as_ref().map(|(_, h)| h.as_str());
-        let matches = match self.hasher.verify(password, hash).await {
-            Ok(matches) => matches,
-            Err(e) => return Err(self.uncount(&key, e).await),
-        };
-        let (user, hash) = match found {
-            Some((user, hash)) if matches && user.is_active => (user, hash),
+        // Dropped unsettled (an error here, or the call cancelled), the
+        // lease counts nothing.
+        let hash = found.as_ref().map(|c| c.hash.as_str());
+        let matches = self.hasher.verify(password, hash).await?;
+        let found = match found {
+            Some(c) if matches && c.user.is_active => c,
             _ => {
+                lease.mismatched().await?;
                 tracing::info!("login failed");
                 return Err(Error::InvalidCredentials);
             }
         };
-        let mut conn = db::conn(&self.pool).await?;
-        sessions::clear_failures(&mut conn, &key).await?;
-        drop(conn);
+        lease.matched().await?;
+        let user = found.user;
         if self.require_verified && !user.is_verified {
             tracing::info!(user_id = %user.id, "login refused: email not verified");
-            return Err(Error::Refused(
-                crate::service::accounts::reason::EMAIL_NOT_VERIFIED,
-                "email not verified",
-            ));
+            return Err(email_not_verified());
         }
-        let tokens = self.start_session(&user).await?;
-        if self.hasher.needs_rehash(&hash) {
+        let Some(tokens) = self.start_session(&user, found.password_changed_at).await? else {
+            // The password changed (or the user was deactivated) between
+            // the check and the session: the checked password is no more.
+            tracing::info!(user_id = %user.id, "login lost a race with a password change");
+            return Err(Error::InvalidCredentials);
+        };
+        if self.hasher.needs_rehash(&found.hash) {
             // Best effort: the login stands even if the upgrade must wait for
             // another day (hashing queue full, a database blip).
-            if let Err(e) = self.upgrade_hash(user.id, &hash, password).await {
+            if let Err(e) = self.upgrade_hash(user.id, &found.hash, password).await {
                 tracing::warn!(user_id = %user.id, error = %e, "password hash not upgraded");
             }
         }
         tracing::info!(user_id = %user.id, "logged in");
         Ok((tokens, user))
-    }
-
-    /// Takes back the count of an attempt whose password was never checked
-    /// (no hashing capacity, a database blip): the service's own trouble
-    /// must not push a user towards a lock. Returns `error`.
-    async fn uncount(&self, key: &str, error: Error) -> Error {
-        let undone = async {
-            let mut conn = db::conn(&self.pool).await?;
-            sessions::uncount_attempt(&mut conn, key, FREE_FAILURES).await
-        };
-        if let Err(e) = undone.await {
-            tracing::warn!(error = %e, "an unchecked attempt stays counted");
-        }
-        error
-    }
-
-    /// Counts an attempt on `key` before any password is checked; refuses it
-    /// while the key is locked.
-    async fn count_attempt(&self, conn: &mut crate::db::Conn, key: &str) -> Result<(), Error> {
-        let attempt = sessions::count_attempt(conn, key, FREE_FAILURES, MAX_LOCK_SECONDS).await?;
-        match attempt.refused_until {
-            Some(until) => {
-                tracing::info!(failures = attempt.failures, "attempt refused: throttled");
-                Err(crate::service::throttled(
-                    "too many failed logins; try again later",
-                    until,
-                ))
-            }
-            None => Ok(()),
-        }
     }
 
     async fn upgrade_hash(&self, user_id: Uuid, old: &str, password: &str) -> Result<(), Error> {
@@ -188,24 +182,30 @@ impl AuthService {
         Ok(())
     }
 
-    async fn start_session(&self, user: &UserRow) -> Result<IssuedTokens, Error> {
+    /// A new session and its tokens, unless the password changed since
+    /// `password_changed_at` or the user was deactivated (`None`).
+    async fn start_session(
+        &self,
+        user: &UserRow,
+        password_changed_at: chrono::DateTime<Utc>,
+    ) -> Result<Option<IssuedTokens>, Error> {
         let session_id = Uuid::now_v7();
         let refresh = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
         let refresh_expire = Utc::now() + self.refresh_ttl;
         let mut conn = db::conn(&self.pool).await?;
-        sessions::insert(
-            &mut conn,
-            &NewSessionRow {
-                id: session_id,
-                user_id: user.id,
-                refresh_hash: &refresh.hash,
-                refresh_expire_time: refresh_expire,
-            },
-        )
-        .await?;
+        let row = NewSessionRow {
+            id: session_id,
+            user_id: user.id,
+            refresh_hash: &refresh.hash,
+            refresh_expire_time: refresh_expire,
+        };
+        if !sessions::start(&mut conn, &row, password_changed_at).await? {
+            return Ok(None);
+        }
         let groups = db::groups::of_user(&mut conn, user.id).await?;
         drop(conn);
         self.issue(user, &groups, session_id, refresh.token, refresh_expire)
+            .map(Some)
     }
 
     fn issue(
@@ -250,7 +250,8 @@ impl AuthService {
         // client's retry is not mistaken for reuse.
         let outcome = conn
             .transaction(async |conn| {
-                let rotation = sessions::rotate(conn, &old, &new.hash, refresh_expire).await?;
+                let rotation =
+                    sessions::rotate(conn, &old, &new.hash, refresh_expire, KEEP_RETIRED).await?;
                 let Rotation::Rotated {
                     session_id,
                     user_id,
@@ -261,6 +262,11 @@ impl AuthService {
                 let fresh = sessions::fresh(conn, user_id, session_id, true)
                     .await?
                     .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+                if self.require_verified && !fresh.user.is_verified {
+                    // Rolled back: the token stays current, usable once the
+                    // address is verified.
+                    return Err(email_not_verified());
+                }
                 let tokens = self.issue(
                     &fresh.user,
                     &fresh.groups,
@@ -368,21 +374,18 @@ impl AuthService {
         let forbidden = [text::fold(&user.username), text::fold(&user.email)];
         let new = Password::parse(new, &[&forbidden[0], &forbidden[1]])
             .map_err(|e| Error::invalid("new_password", e))?;
-        let key = user_key(user.id);
-        let stored = {
+        let (lease, _) = self.throttle.claim(user_key(user.id)).await?;
+        let (stored, _) = {
             let mut conn = db::conn(&self.pool).await?;
-            self.count_attempt(&mut conn, &key).await?;
             db::users::password_hash(&mut conn, user.id)
                 .await?
                 .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?
         };
-        let matches = match self.hasher.verify(current, Some(&stored)).await {
-            Ok(matches) => matches,
-            Err(e) => return Err(self.uncount(&key, e).await),
-        };
-        if !matches {
+        if !self.hasher.verify(current, Some(&stored)).await? {
+            lease.mismatched().await?;
             return Err(Error::InvalidCredentials);
         }
+        lease.matched().await?;
         let hash = self.hasher.hash(&new).await?;
         let mut conn = db::conn(&self.pool).await?;
         let (user_id, keep) = (user.id, caller.session_id);
@@ -393,8 +396,7 @@ impl AuthService {
                 if !db::users::replace_password_hash(conn, user_id, &stored, &hash).await? {
                     return Err(Error::InvalidCredentials);
                 }
-                sessions::clear_failures(conn, &key).await?;
-                sessions::end_all_of_user(conn, user_id, Some(keep), end_reason::PASSWORD_CHANGED)
+                super::password_changed(conn, user_id, Some(keep), end_reason::PASSWORD_CHANGED)
                     .await
             })
             .await?;

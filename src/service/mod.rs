@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod auth;
 pub mod groups;
+pub mod throttle;
 pub mod users;
 
 pub use accounts::AccountService;
@@ -14,6 +15,23 @@ pub use users::UserService;
 use uuid::Uuid;
 
 use crate::error::Error;
+
+/// What every password change (ChangePassword, SetPassword, ResetPassword)
+/// does beside writing the new hash, in the same transaction: every unspent
+/// reset token of the user is spent (a link mailed earlier cannot take the
+/// account back), a login lock is lifted, and every session but `keep`
+/// ends with `reason`. Returns how many sessions ended.
+pub(crate) async fn password_changed(
+    conn: &mut crate::db::Conn,
+    user_id: Uuid,
+    keep: Option<Uuid>,
+    reason: &str,
+) -> Result<usize, Error> {
+    use crate::db::{accounts::Purpose, sessions, throttle};
+    crate::db::accounts::spend_all(conn, user_id, Purpose::ResetPassword).await?;
+    throttle::clear(conn, &self::throttle::user_key(user_id)).await?;
+    sessions::end_all_of_user(conn, user_id, keep, reason).await
+}
 
 /// RESOURCE_EXHAUSTED until `until` (a throttling lock), with the wait
 /// rounded up to whole seconds in its RetryInfo.

@@ -216,8 +216,7 @@ impl UserService {
                     return Err(Error::NotFound("user"));
                 }
                 // A new password from an administrator also lifts a lock.
-                db::sessions::clear_failures(conn, &db::sessions::user_key(id)).await?;
-                db::sessions::end_all_of_user(conn, id, None, end_reason::PASSWORD_SET).await
+                super::password_changed(conn, id, None, end_reason::PASSWORD_SET).await
             })
             .await?;
         tracing::info!(user_id = %id, sessions_ended = ended, "password set");

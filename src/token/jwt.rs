@@ -20,6 +20,14 @@ pub const TOKEN_TYPE: &str = "at+jwt";
 const LEEWAY_SECONDS: u64 = 10;
 /// Longer tokens are refused unread.
 const MAX_TOKEN_LEN: usize = 8 * 1024;
+/// The most group slugs an access token carries, and the most bytes of them:
+/// with every other claim at its longest, a token stays well under
+/// [`MAX_TOKEN_LEN`], so every token identity issues is one it accepts. A
+/// user in more groups gets the first ones in slug order and the claim
+/// `groups_truncated: true`; VerifyToken answers with all of them.
+pub const MAX_GROUP_CLAIMS: usize = 64;
+/// See [`MAX_GROUP_CLAIMS`].
+pub const MAX_GROUP_CLAIM_BYTES: usize = 2048;
 
 /// Why a token is refused, as `google.rpc.ErrorInfo` reasons.
 pub mod reason {
@@ -85,6 +93,9 @@ pub struct AccessClaims {
     pub is_active: bool,
     pub is_verified: bool,
     pub groups: Vec<String>,
+    /// Present (and true) only when `groups` was cut to its bound.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub groups_truncated: bool,
 }
 
 /// The user facts an access token carries.
@@ -155,8 +166,10 @@ impl TokenIssuer {
             is_superuser: subject.is_superuser,
             is_active: subject.is_active,
             is_verified: subject.is_verified,
-            groups: subject.groups,
+            groups_truncated: false,
+            groups: Vec::new(),
         };
+        let claims = bound_groups(claims, subject.groups);
         let keys = self.keys.load();
         let key = keys.signing();
         let mut header = Header::new(key.algorithm);
@@ -211,5 +224,78 @@ impl TokenIssuer {
                 })
             })?;
         Ok(data.claims)
+    }
+}
+
+/// Puts `groups` into `claims`, in slug order, within [`MAX_GROUP_CLAIMS`]
+/// and [`MAX_GROUP_CLAIM_BYTES`]; marks the claims when some were left out.
+fn bound_groups(mut claims: AccessClaims, mut groups: Vec<String>) -> AccessClaims {
+    groups.sort_unstable();
+    let mut bytes = 0;
+    let kept = groups
+        .iter()
+        .take(MAX_GROUP_CLAIMS)
+        .take_while(|slug| {
+            bytes += slug.len();
+            bytes <= MAX_GROUP_CLAIM_BYTES
+        })
+        .count();
+    claims.groups_truncated = kept < groups.len();
+    groups.truncate(kept);
+    claims.groups = groups;
+    claims
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> AccessClaims {
+        AccessClaims {
+            iss: String::new(),
+            aud: Audience::One(String::new()),
+            sub: String::new(),
+            exp: 0,
+            iat: 0,
+            nbf: 0,
+            jti: String::new(),
+            sid: String::new(),
+            username: String::new(),
+            email: String::new(),
+            is_superuser: false,
+            is_active: true,
+            is_verified: false,
+            groups: Vec::new(),
+            groups_truncated: false,
+        }
+    }
+
+    #[test]
+    fn a_few_groups_are_all_kept_in_slug_order_without_the_mark() {
+        let c = bound_groups(claims(), vec!["b".into(), "a".into()]);
+        assert_eq!(c.groups, ["a", "b"]);
+        assert!(!c.groups_truncated);
+        let json = serde_json::to_value(&c).unwrap();
+        assert!(json.get("groups_truncated").is_none());
+    }
+
+    #[test]
+    fn many_groups_are_cut_to_the_bound_and_marked() {
+        let slugs: Vec<String> = (0..500).map(|i| format!("group-{i:03}")).collect();
+        let c = bound_groups(claims(), slugs);
+        assert_eq!(c.groups.len(), MAX_GROUP_CLAIMS);
+        assert_eq!(c.groups[0], "group-000");
+        assert!(c.groups_truncated);
+        assert_eq!(serde_json::to_value(&c).unwrap()["groups_truncated"], true);
+    }
+
+    #[test]
+    fn long_slugs_are_cut_by_bytes() {
+        let slugs: Vec<String> = (0..64)
+            .map(|i| format!("{i:02}{}", "x".repeat(62)))
+            .collect();
+        let c = bound_groups(claims(), slugs);
+        assert_eq!(c.groups.len(), MAX_GROUP_CLAIM_BYTES / 64);
+        assert!(c.groups_truncated);
     }
 }

@@ -992,7 +992,7 @@ async fn a_rotated_key_signs_while_the_old_one_still_verifies() {
 #[tokio::test]
 async fn old_sessions_and_idle_throttling_rows_are_purged() {
     use diesel_async::SimpleAsyncConnection;
-    use identity::db::sessions::{purge_failures, purge_sessions};
+    use identity::db::{sessions::purge_sessions, throttle::purge as purge_failures};
     let app = spawn_app().await;
     let (user, live) = app.signed_in_user("purged").await;
     let (_, ended) = {

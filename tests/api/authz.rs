@@ -9,7 +9,7 @@ use identity::proto::identity::v1 as pb;
 /// The outcome of a call, as far as authorization goes: refused (with its
 /// code) or let through (whatever the handler then answered).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Through,
     Unauthenticated,
     Denied,
@@ -47,7 +47,7 @@ fn by_id(id: &str) -> pb::GetUserRequest {
 
 /// Every RPC, called by `c` about `me` (the caller's own user, if any) and
 /// `other` (someone else). Returns (name, outcome).
-async fn every_rpc(
+pub(crate) async fn every_rpc(
     c: &Clients,
     me: &pb::User,
     other: &pb::User,

@@ -12,6 +12,7 @@ mod cli;
 mod examples;
 mod faults;
 mod groups;
+mod hardening;
 mod lifecycle;
 mod limits;
 mod logs;

@@ -6,7 +6,7 @@ use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 use crate::helpers::TestDb;
-use identity::db::sessions;
+use identity::db::{sessions, throttle};
 
 #[derive(QueryableByName)]
 struct Count {
@@ -23,7 +23,7 @@ async fn the_token_check_and_login_counting_are_prepared_once_per_connection() {
             .await
             .unwrap();
         assert!(found.is_none());
-        sessions::count_attempt(&mut conn, "some-key", 5, 60)
+        throttle::claim(&mut conn, "some-key", Uuid::now_v7(), 5, 60.0)
             .await
             .unwrap();
     }

@@ -1,0 +1,207 @@
+//! Login throttling: consecutive failed password checks lock an account (or
+//! an unknown login name) for a delay that doubles from 1 s to 15 min.
+//!
+//! An attempt takes a lease before its password is checked and settles it
+//! after: success clears the failures, a mismatch counts one, and an attempt
+//! that never reached a verdict (cancelled, timed out, no hashing capacity,
+//! a database blip) counts nothing. Leases are rows shared by the replicas
+//! (`db::throttle`), and only as many checks may be under way as the
+//! failures so far leave room for (`FREE_FAILURES` in all), so 100 parallel
+//! wrong guesses reach at most 5 password checks before the lock.
+//!
+//! Attempts beyond that room wait for the checks under way to end instead of
+//! being refused or counted: 50 workers of one service logging in with one
+//! account at start-up all get in, a few at a time. The wait is bounded by
+//! the call's deadline (the deadline layer drops the future) and by the
+//! lease's lifetime. The rejected alternative, counting every attempt as a
+//! failure before its check and taking the count back after, locked out
+//! exactly those parallel correct logins, and lost the take-back whenever a
+//! call was cancelled.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::db::{self, Pool, throttle::Claim};
+use crate::error::Error;
+
+/// Consecutive failures allowed before a login key is locked.
+pub const FREE_FAILURES: i32 = 5;
+/// The longest lock, in seconds.
+pub const MAX_LOCK_SECONDS: i32 = 15 * 60;
+/// The longest pause between two looks at a busy key; a check ending on this
+/// replica wakes waiters at once, one on another replica within this.
+const MAX_PAUSE: Duration = Duration::from_millis(100);
+
+/// The throttling key of an account.
+pub fn user_key(id: Uuid) -> String {
+    format!("user:{id}")
+}
+
+/// The throttling key `<kind>:<SHA-256 of name>` of something that may name
+/// no account (a login, an address): the table holds no typed-in names.
+pub fn hashed_key(kind: &str, name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hex: String = Sha256::digest(name.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{kind}:{hex}")
+}
+
+/// Hands out leases for password checks.
+#[derive(Clone)]
+pub struct Throttle {
+    pool: Pool,
+    /// How long a lease lives if its replica dies before settling it: longer
+    /// than any call may last.
+    lease: Duration,
+    /// Woken whenever a lease of this process ends.
+    ended: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Throttle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Throttle")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Throttle {
+    /// A throttle whose leases outlive a dead replica by `lease`.
+    pub fn new(pool: Pool, lease: Duration) -> Self {
+        Self {
+            pool,
+            lease,
+            ended: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Waits for room to check a password on `key`; RESOURCE_EXHAUSTED while
+    /// the key is locked. Returns the lease and whether the attempt had to
+    /// wait (the caller then reads the password hash again: it may have
+    /// changed meanwhile).
+    pub async fn claim(&self, key: String) -> Result<(Lease, bool), Error> {
+        let id = Uuid::now_v7();
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(5);
+        let mut waited = false;
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let claim = {
+                let mut conn = db::conn(&self.pool).await?;
+                db::throttle::claim(&mut conn, &key, id, FREE_FAILURES, self.lease.as_secs_f64())
+                    .await?
+            };
+            match claim {
+                Claim::Granted => {
+                    let lease = Lease {
+                        id,
+                        key,
+                        throttle: self.clone(),
+                        settled: false,
+                    };
+                    return Ok((lease, waited));
+                }
+                Claim::Locked(until) => {
+                    tracing::info!("attempt refused: throttled");
+                    return Err(super::throttled(
+                        "too many failed logins; try again later",
+                        until,
+                    ));
+                }
+                Claim::Busy if started.elapsed() >= self.lease => {
+                    // Leases that never end: a replica died mid-check, or the
+                    // clocks disagree. Refuse rather than wait for ever.
+                    return Err(super::throttled(
+                        "too many logins at once; try again later",
+                        chrono::Utc::now() + chrono::Duration::seconds(1),
+                    ));
+                }
+                Claim::Busy => {
+                    waited = true;
+                    tokio::select! {
+                        () = &mut ended => {}
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// Wakes the attempts of this process that wait for room.
+    fn wake(&self) {
+        self.ended.notify_waiters();
+    }
+}
+
+/// The right to check one password on one key. Settle it with
+/// [`Lease::matched`] or [`Lease::mismatched`]; dropped unsettled (the call
+/// was cancelled, or failed before a verdict), it is given back in the
+/// background and counts nothing.
+pub struct Lease {
+    id: Uuid,
+    key: String,
+    throttle: Throttle,
+    settled: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).finish()
+    }
+}
+
+impl Lease {
+    /// The password matched: the key's failures are forgotten.
+    pub async fn matched(mut self) -> Result<(), Error> {
+        let mut conn = db::conn(&self.throttle.pool).await?;
+        db::throttle::succeed(&mut conn, &self.key, self.id).await?;
+        self.settled = true;
+        self.throttle.wake();
+        Ok(())
+    }
+
+    /// The password did not match: one more failure on the key.
+    pub async fn mismatched(mut self) -> Result<(), Error> {
+        let mut conn = db::conn(&self.throttle.pool).await?;
+        db::throttle::fail(
+            &mut conn,
+            &self.key,
+            self.id,
+            FREE_FAILURES,
+            MAX_LOCK_SECONDS,
+        )
+        .await?;
+        self.settled = true;
+        self.throttle.wake();
+        Ok(())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let (id, throttle) = (self.id, self.throttle.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // No runtime left: the lease expires on its own.
+        };
+        runtime.spawn(async move {
+            let released = async {
+                let mut conn = db::conn(&throttle.pool).await?;
+                db::throttle::release(&mut conn, id).await
+            };
+            if let Err(e) = released.await {
+                tracing::warn!(error = %e, "a login lease stays until it expires");
+            }
+            throttle.wake();
+        });
+    }
+}

@@ -23,8 +23,9 @@ const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// The most group slugs an access token carries, and the most bytes of them:
 /// with every other claim at its longest, a token stays well under
 /// [`MAX_TOKEN_LEN`], so every token identity issues is one it accepts. A
-/// user in more groups gets the first ones in slug order and the claim
-/// `groups_truncated: true`; VerifyToken answers with all of them.
+/// user in more groups gets the oldest ones (the order is the caller's: by
+/// group id) and the claim `groups_truncated: true`; VerifyToken answers
+/// with all of them.
 pub const MAX_GROUP_CLAIMS: usize = 64;
 /// See [`MAX_GROUP_CLAIMS`].
 pub const MAX_GROUP_CLAIM_BYTES: usize = 2048;
@@ -227,10 +228,9 @@ impl TokenIssuer {
     }
 }
 
-/// Puts `groups` into `claims`, in slug order, within [`MAX_GROUP_CLAIMS`]
+/// Puts the first of `groups` into `claims`, within [`MAX_GROUP_CLAIMS`]
 /// and [`MAX_GROUP_CLAIM_BYTES`]; marks the claims when some were left out.
 fn bound_groups(mut claims: AccessClaims, mut groups: Vec<String>) -> AccessClaims {
-    groups.sort_unstable();
     let mut bytes = 0;
     let kept = groups
         .iter()
@@ -271,9 +271,9 @@ mod tests {
     }
 
     #[test]
-    fn a_few_groups_are_all_kept_in_slug_order_without_the_mark() {
+    fn a_few_groups_are_all_kept_in_their_order_without_the_mark() {
         let c = bound_groups(claims(), vec!["b".into(), "a".into()]);
-        assert_eq!(c.groups, ["a", "b"]);
+        assert_eq!(c.groups, ["b", "a"]);
         assert!(!c.groups_truncated);
         let json = serde_json::to_value(&c).unwrap();
         assert!(json.get("groups_truncated").is_none());

@@ -121,40 +121,43 @@ impl AuthService {
         text::no_control(login).map_err(|e| Error::invalid("login", e))?;
         text::length(login, 1, 254).map_err(|e| Error::invalid("login", e))?;
         let canonical = text::fold(&text::nfkc_trimmed(login));
-        let read = async || {
-            let mut conn = db::conn(&self.pool).await?;
-            db::users::for_login(&mut conn, &canonical).await
-        };
-        let mut found = read().await?;
+        let mut conn = db::conn(&self.pool).await?;
+        let mut found = db::users::for_login(&mut conn, &canonical).await?;
         let key = match &found {
             Some(c) => user_key(c.user.id),
             None => hashed_key("login", &canonical),
         };
-        let (lease, waited) = self.throttle.claim(key).await?;
+        let (lease, waited) = self.throttle.claim(conn, key).await?;
         if waited {
             // A password may have changed while this attempt waited.
-            found = read().await?;
+            let mut conn = db::conn(&self.pool).await?;
+            found = db::users::for_login(&mut conn, &canonical).await?;
         }
 
         // Dropped unsettled (an error here, or the call cancelled), the
         // lease counts nothing.
         let hash = found.as_ref().map(|c| c.hash.as_str());
         let matches = self.hasher.verify(password, hash).await?;
+        let mut conn = db::conn(&self.pool).await?;
         let found = match found {
             Some(c) if matches && c.user.is_active => c,
             _ => {
-                lease.mismatched().await?;
+                lease.mismatched(&mut conn).await?;
                 tracing::info!("login failed");
                 return Err(Error::InvalidCredentials);
             }
         };
-        lease.matched().await?;
+        lease.matched(&mut conn).await?;
         let user = found.user;
         if self.require_verified && !user.is_verified {
             tracing::info!(user_id = %user.id, "login refused: email not verified");
             return Err(email_not_verified());
         }
-        let Some(tokens) = self.start_session(&user, found.password_changed_at).await? else {
+        let started = self
+            .start_session(&mut conn, &user, found.password_changed_at)
+            .await?;
+        drop(conn);
+        let Some(tokens) = started else {
             // The password changed (or the user was deactivated) between
             // the check and the session: the checked password is no more.
             tracing::info!(user_id = %user.id, "login lost a race with a password change");
@@ -186,24 +189,23 @@ impl AuthService {
     /// `password_changed_at` or the user was deactivated (`None`).
     async fn start_session(
         &self,
+        conn: &mut db::Conn,
         user: &UserRow,
         password_changed_at: chrono::DateTime<Utc>,
     ) -> Result<Option<IssuedTokens>, Error> {
         let session_id = Uuid::now_v7();
         let refresh = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
         let refresh_expire = Utc::now() + self.refresh_ttl;
-        let mut conn = db::conn(&self.pool).await?;
         let row = NewSessionRow {
             id: session_id,
             user_id: user.id,
             refresh_hash: &refresh.hash,
             refresh_expire_time: refresh_expire,
         };
-        if !sessions::start(&mut conn, &row, password_changed_at).await? {
+        if !sessions::start(conn, &row, password_changed_at).await? {
             return Ok(None);
         }
-        let groups = db::groups::of_user(&mut conn, user.id).await?;
-        drop(conn);
+        let groups = db::groups::of_user(conn, user.id).await?;
         self.issue(user, &groups, session_id, refresh.token, refresh_expire)
             .map(Some)
     }
@@ -374,18 +376,28 @@ impl AuthService {
         let forbidden = [text::fold(&user.username), text::fold(&user.email)];
         let new = Password::parse(new, &[&forbidden[0], &forbidden[1]])
             .map_err(|e| Error::invalid("new_password", e))?;
-        let (lease, _) = self.throttle.claim(user_key(user.id)).await?;
-        let (stored, _) = {
+        let mut conn = db::conn(&self.pool).await?;
+        let (stored, _) = db::users::password_hash(&mut conn, user.id)
+            .await?
+            .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+        let (lease, waited) = self.throttle.claim(conn, user_key(user.id)).await?;
+        let stored = if waited {
             let mut conn = db::conn(&self.pool).await?;
             db::users::password_hash(&mut conn, user.id)
                 .await?
                 .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?
+                .0
+        } else {
+            stored
         };
-        if !self.hasher.verify(current, Some(&stored)).await? {
-            lease.mismatched().await?;
+        let matches = self.hasher.verify(current, Some(&stored)).await?;
+        let mut conn = db::conn(&self.pool).await?;
+        if !matches {
+            lease.mismatched(&mut conn).await?;
             return Err(Error::InvalidCredentials);
         }
-        lease.matched().await?;
+        lease.matched(&mut conn).await?;
+        drop(conn);
         let hash = self.hasher.hash(&new).await?;
         let mut conn = db::conn(&self.pool).await?;
         let (user_id, keep) = (user.id, caller.session_id);

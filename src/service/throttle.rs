@@ -20,6 +20,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use diesel_async::AsyncPgConnection;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -80,24 +81,25 @@ impl Throttle {
     }
 
     /// Waits for room to check a password on `key`; RESOURCE_EXHAUSTED while
-    /// the key is locked. Returns the lease and whether the attempt had to
-    /// wait (the caller then reads the password hash again: it may have
-    /// changed meanwhile).
-    pub async fn claim(&self, key: String) -> Result<(Lease, bool), Error> {
+    /// the key is locked. The first look uses `conn` (which the caller has
+    /// checked out anyway), later ones their own. Returns the lease and
+    /// whether the attempt had to wait (the caller then reads the password
+    /// hash again: it may have changed meanwhile).
+    pub async fn claim(&self, conn: db::Conn, key: String) -> Result<(Lease, bool), Error> {
         let id = Uuid::now_v7();
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(5);
+        let mut conn = Some(conn);
         let mut waited = false;
         loop {
             let ended = self.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let claim = {
-                let mut conn = db::conn(&self.pool).await?;
-                db::throttle::claim(&mut conn, &key, id, FREE_FAILURES, self.lease.as_secs_f64())
-                    .await?
+            let conn = match conn.take() {
+                Some(conn) => conn,
+                None => db::conn(&self.pool).await?,
             };
-            match claim {
+            match self.try_claim(conn, &key, id).await? {
                 Claim::Granted => {
                     let lease = Lease {
                         id,
@@ -134,6 +136,28 @@ impl Throttle {
         }
     }
 
+    /// One look at `key`, taking lease `id` if there is room. The statement
+    /// runs in a task of its own, so that a call cancelled meanwhile cannot
+    /// leave a lease behind that nothing gives back: if nobody awaits the
+    /// answer any more, the task gives a granted lease back itself.
+    async fn try_claim(&self, mut conn: db::Conn, key: &str, id: Uuid) -> Result<Claim, Error> {
+        let (answer, asked) = tokio::sync::oneshot::channel();
+        let (key, lease) = (key.to_owned(), self.lease.as_secs_f64());
+        let throttle = self.clone();
+        tokio::spawn(async move {
+            let claim = db::throttle::claim(&mut conn, &key, id, FREE_FAILURES, lease).await;
+            if let Err(Ok(Claim::Granted)) = answer.send(claim) {
+                if let Err(e) = db::throttle::release(&mut conn, id).await {
+                    tracing::warn!(error = %e, "a login lease stays until it expires");
+                }
+                throttle.wake();
+            }
+        });
+        asked
+            .await
+            .map_err(|_| Error::internal("the claim of a login lease was lost"))?
+    }
+
     /// Wakes the attempts of this process that wait for room.
     fn wake(&self) {
         self.ended.notify_waiters();
@@ -159,25 +183,16 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     /// The password matched: the key's failures are forgotten.
-    pub async fn matched(mut self) -> Result<(), Error> {
-        let mut conn = db::conn(&self.throttle.pool).await?;
-        db::throttle::succeed(&mut conn, &self.key, self.id).await?;
+    pub async fn matched(mut self, conn: &mut AsyncPgConnection) -> Result<(), Error> {
+        db::throttle::succeed(conn, &self.key, self.id).await?;
         self.settled = true;
         self.throttle.wake();
         Ok(())
     }
 
     /// The password did not match: one more failure on the key.
-    pub async fn mismatched(mut self) -> Result<(), Error> {
-        let mut conn = db::conn(&self.throttle.pool).await?;
-        db::throttle::fail(
-            &mut conn,
-            &self.key,
-            self.id,
-            FREE_FAILURES,
-            MAX_LOCK_SECONDS,
-        )
-        .await?;
+    pub async fn mismatched(mut self, conn: &mut AsyncPgConnection) -> Result<(), Error> {
+        db::throttle::fail(conn, &self.key, self.id, FREE_FAILURES, MAX_LOCK_SECONDS).await?;
         self.settled = true;
         self.throttle.wake();
         Ok(())

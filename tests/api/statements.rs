@@ -30,7 +30,7 @@ async fn the_token_check_and_login_counting_are_prepared_once_per_connection() {
     let prepared: Count = diesel::sql_query(
         "SELECT count(*) AS n FROM pg_prepared_statements \
          WHERE statement NOT LIKE '%pg_prepared_statements%' \
-           AND (statement LIKE '%session_live%' OR statement LIKE '%INSERT INTO login_failures%')",
+           AND (statement LIKE '%session_live%' OR statement LIKE '%identity_claim_login%')",
     )
     .get_result(&mut conn)
     .await

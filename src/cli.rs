@@ -247,7 +247,7 @@ async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
             })
     };
     let closed = database.close().await;
-    result.map_err(StartupError::Database)?;
+    result.map_err(|e| StartupError::Database(e.into()))?;
     closed
 }
 
@@ -296,9 +296,10 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
     let closed = database.close().await;
     match result {
         Ok(user) => println!("created superuser {} ({})", user.username, user.id),
-        Err(crate::error::Error::AlreadyExists(field)) => {
+        Err(crate::error::Error::AlreadyExists { field, .. }) => {
             return Err(StartupError::Other(format!(
-                "that {field} is already taken"
+                "that {} is already taken",
+                field.as_str()
             )));
         }
         Err(e) => return Err(StartupError::Database(e)),
@@ -377,7 +378,7 @@ async fn import(args: ImportArgs) -> Result<(), StartupError> {
     }
     .await;
     let closed = database.close().await;
-    let (imported, already, refused) = result.map_err(StartupError::Database)?;
+    let (imported, already, refused) = result.map_err(|e| StartupError::Database(e.into()))?;
     closed?;
     println!("imported {imported}, already there {already}, refused {refused}");
     if refused > 0 {

@@ -18,17 +18,20 @@ pub enum Error {
     #[error("invalid argument")]
     InvalidArgument(Vec<FieldViolation>),
 
-    /// NOT_FOUND: no such user or group. The string names what was missing.
-    #[error("{0} not found")]
-    NotFound(&'static str),
+    /// NOT_FOUND: no such user or group.
+    #[error("{} not found", .0.as_str())]
+    NotFound(Resource),
 
-    /// ALREADY_EXISTS: a unique field is taken; the string names the field.
-    #[error("{0} already exists")]
-    AlreadyExists(&'static str),
-
-    /// ALREADY_EXISTS naming the field, with advice on what to do instead.
-    #[error("{0} already exists: {1}")]
-    AlreadyExistsHint(&'static str, &'static str),
+    /// ALREADY_EXISTS: a unique field is taken. The message names the field,
+    /// and so does a `google.rpc.ErrorInfo` (reason `FIELD_TAKEN`, metadata
+    /// `field`), with advice on what to do instead when there is some.
+    #[error("{} already exists", field.as_str())]
+    AlreadyExists {
+        /// The request field whose value is taken.
+        field: Field,
+        /// What to do instead, if anything.
+        hint: Option<&'static str>,
+    },
 
     /// UNAUTHENTICATED: wrong login or password. One message for an unknown
     /// login and a wrong password, so that the answer enumerates nobody.
@@ -37,8 +40,8 @@ pub enum Error {
 
     /// UNAUTHENTICATED: no, invalid or expired token, or an inactive caller.
     /// The reason is machine-readable (`google.rpc.ErrorInfo`).
-    #[error("invalid token")]
-    InvalidToken(&'static str),
+    #[error("invalid token: {}", .0.as_str())]
+    InvalidToken(Reason),
 
     /// PERMISSION_DENIED: authenticated, but not allowed.
     #[error("permission denied")]
@@ -51,8 +54,13 @@ pub enum Error {
     /// FAILED_PRECONDITION with a machine-readable reason
     /// (`google.rpc.ErrorInfo`): an account token used, expired or not
     /// valid; a login refused for an unverified email.
-    #[error("{1}")]
-    Refused(&'static str, &'static str),
+    #[error("{message}")]
+    Refused {
+        /// Why, for machines.
+        reason: Reason,
+        /// Why, for people.
+        message: &'static str,
+    },
 
     /// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo`: too many failed logins,
     /// or hashing capacity exhausted.
@@ -72,6 +80,121 @@ pub enum Error {
     /// message "for security reasons".
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What NOT_FOUND says is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// A user.
+    User,
+    /// A group.
+    Group,
+}
+
+impl Resource {
+    /// The name in the message.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Resource::User => "user",
+            Resource::Group => "group",
+        }
+    }
+}
+
+/// A request field whose value must be unique.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// A user's id (an import that brings its own).
+    Id,
+    /// A username.
+    Username,
+    /// An email.
+    Email,
+    /// A groupname.
+    Groupname,
+    /// A group's slug.
+    Slug,
+}
+
+impl Field {
+    /// The request field's name, as clients send it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Field::Id => "id",
+            Field::Username => "username",
+            Field::Email => "email",
+            Field::Groupname => "groupname",
+            Field::Slug => "slug",
+        }
+    }
+}
+
+/// The `google.rpc.ErrorInfo` reasons of this service (domain `identity`),
+/// one enum for them all; [`Reason::as_str`] is the wire value, which
+/// clients match on and which never changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// No bearer token where one is needed.
+    TokenMissing,
+    /// Not a JWT, not an access token, or a required claim is missing.
+    TokenMalformed,
+    /// Bad signature, unknown key or wrong algorithm.
+    TokenSignature,
+    /// Past `exp`.
+    TokenExpired,
+    /// Before `nbf`.
+    TokenNotYetValid,
+    /// Another `iss` or `aud`.
+    TokenIssuerOrAudience,
+    /// The subject no longer exists.
+    UserNotFound,
+    /// The subject is deactivated.
+    UserInactive,
+    /// The session was ended (logout, password change, reuse detection).
+    SessionEnded,
+    /// The token predates the user's last password change.
+    CredentialsChanged,
+    /// A refresh token that is unknown, expired, or of an ended session or
+    /// an inactive user.
+    RefreshTokenInvalid,
+    /// A wrong login or password.
+    InvalidCredentials,
+    /// An account token that is unknown, for another purpose, or for an
+    /// address the user no longer has.
+    AccountTokenInvalid,
+    /// An account token already used.
+    AccountTokenUsed,
+    /// An account token past its expiry.
+    AccountTokenExpired,
+    /// `REQUIRE_VERIFIED_LOGIN` is on and the user's email is not verified.
+    EmailNotVerified,
+    /// A unique field's value is taken (ALREADY_EXISTS).
+    FieldTaken,
+}
+
+impl Reason {
+    /// The wire value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::TokenMissing => "TOKEN_MISSING",
+            Reason::TokenMalformed => "TOKEN_MALFORMED",
+            Reason::TokenSignature => "TOKEN_SIGNATURE",
+            Reason::TokenExpired => "TOKEN_EXPIRED",
+            Reason::TokenNotYetValid => "TOKEN_NOT_YET_VALID",
+            Reason::TokenIssuerOrAudience => "TOKEN_ISSUER_OR_AUDIENCE",
+            Reason::UserNotFound => "USER_NOT_FOUND",
+            Reason::UserInactive => "USER_INACTIVE",
+            Reason::SessionEnded => "SESSION_ENDED",
+            Reason::CredentialsChanged => "CREDENTIALS_CHANGED",
+            Reason::RefreshTokenInvalid => "REFRESH_TOKEN_INVALID",
+            Reason::InvalidCredentials => "INVALID_CREDENTIALS",
+            Reason::AccountTokenInvalid => "ACCOUNT_TOKEN_INVALID",
+            Reason::AccountTokenUsed => "ACCOUNT_TOKEN_USED",
+            Reason::AccountTokenExpired => "ACCOUNT_TOKEN_EXPIRED",
+            Reason::EmailNotVerified => "EMAIL_NOT_VERIFIED",
+            Reason::FieldTaken => "FIELD_TAKEN",
+        }
+    }
 }
 
 /// The `google.rpc.ErrorInfo` domain of this service's refusals.
@@ -126,69 +249,6 @@ impl Violations {
     }
 }
 
-impl From<diesel::result::Error> for Error {
-    fn from(e: diesel::result::Error) -> Self {
-        use diesel::result::{DatabaseErrorKind, Error as D};
-        match e {
-            D::NotFound => Error::internal("unexpected NotFound from the database"),
-            // COMMIT or ROLLBACK failed: the connection went away mid-transaction.
-            D::RollbackErrorOnCommit { .. } | D::BrokenTransactionManager => {
-                Error::Unavailable(Box::new(e))
-            }
-            D::DatabaseError(DatabaseErrorKind::UniqueViolation, ref info)
-                if info
-                    .constraint_name()
-                    .and_then(crate::db::unique_field)
-                    .is_some() =>
-            {
-                let field = info.constraint_name().and_then(crate::db::unique_field);
-                Error::AlreadyExists(field.unwrap_or("value"))
-            }
-            D::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, ref info)
-                if info
-                    .constraint_name()
-                    .and_then(crate::db::missing_reference)
-                    .is_some() =>
-            {
-                let what = info
-                    .constraint_name()
-                    .and_then(crate::db::missing_reference);
-                Error::NotFound(what.unwrap_or("row"))
-            }
-            // A lost connection, a standby that took over (read-only), or a
-            // transaction that lost a conflict: all transient, worth a retry.
-            D::DatabaseError(
-                DatabaseErrorKind::ClosedConnection
-                | DatabaseErrorKind::UnableToSendCommand
-                | DatabaseErrorKind::ReadOnlyTransaction
-                | DatabaseErrorKind::SerializationFailure,
-                _,
-            ) => Error::Unavailable(Box::new(e)),
-            D::DatabaseError(DatabaseErrorKind::Unknown, ref info)
-                if info.message().starts_with("terminating connection")
-                    || info.message().contains("the database system is") =>
-            {
-                // 57P01 admin_shutdown and 57P03 cannot_connect_now: the
-                // server is going away or not there yet.
-                Error::Unavailable(Box::new(e))
-            }
-            other => Error::Internal(Box::new(other)),
-        }
-    }
-}
-
-impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
-    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
-        use deadpool::managed::PoolError as P;
-        match e {
-            // No connection in time, or none could be made: the database is
-            // away (or overloaded); worth a retry.
-            P::Timeout(_) | P::Backend(_) | P::Closed => Error::Unavailable(Box::new(e)),
-            P::NoRuntimeSpecified | P::PostCreateHook(_) => Error::Internal(Box::new(e)),
-        }
-    }
-}
-
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
@@ -197,33 +257,47 @@ impl From<Error> for Status {
                 summarize(&violations),
                 ErrorDetails::with_bad_request(violations),
             ),
-            Error::NotFound(what) => Status::not_found(format!("{what} not found")),
-            Error::AlreadyExists(field) => {
-                Status::already_exists(format!("{field} already exists"))
-            }
-            Error::AlreadyExistsHint(field, hint) => {
-                Status::already_exists(format!("{field} already exists: {hint}"))
+            Error::NotFound(what) => Status::not_found(format!("{} not found", what.as_str())),
+            Error::AlreadyExists { field, hint } => {
+                let message = match hint {
+                    Some(hint) => format!("{} already exists: {hint}", field.as_str()),
+                    None => format!("{} already exists", field.as_str()),
+                };
+                Status::with_error_details(
+                    Code::AlreadyExists,
+                    message,
+                    ErrorDetails::with_error_info(
+                        Reason::FieldTaken.as_str(),
+                        ERROR_DOMAIN,
+                        [("field".to_owned(), field.as_str().to_owned())],
+                    ),
+                )
             }
             Error::InvalidCredentials => Status::with_error_details(
                 Code::Unauthenticated,
                 "invalid login or password",
-                ErrorDetails::with_error_info("INVALID_CREDENTIALS", ERROR_DOMAIN, []),
+                ErrorDetails::with_error_info(
+                    Reason::InvalidCredentials.as_str(),
+                    ERROR_DOMAIN,
+                    [],
+                ),
             ),
             Error::InvalidToken(reason) => Status::with_error_details(
                 Code::Unauthenticated,
-                if reason == crate::token::jwt::reason::MISSING {
-                    "authentication required: send authorization: Bearer <access token>"
-                } else {
-                    "invalid or expired token"
+                match reason {
+                    Reason::TokenMissing => {
+                        "authentication required: send authorization: Bearer <access token>"
+                    }
+                    _ => "invalid or expired token",
                 },
-                ErrorDetails::with_error_info(reason, ERROR_DOMAIN, []),
+                ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, []),
             ),
             Error::PermissionDenied => Status::permission_denied("permission denied"),
             Error::FailedPrecondition(message) => Status::failed_precondition(message),
-            Error::Refused(reason, message) => Status::with_error_details(
+            Error::Refused { reason, message } => Status::with_error_details(
                 Code::FailedPrecondition,
                 message,
-                ErrorDetails::with_error_info(reason, ERROR_DOMAIN, []),
+                ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, []),
             ),
             Error::Throttled {
                 message,
@@ -270,21 +344,36 @@ mod tests {
                 Error::invalid("username", "too short"),
                 Code::InvalidArgument,
             ),
-            (Error::NotFound("user"), Code::NotFound),
-            (Error::AlreadyExists("email"), Code::AlreadyExists),
+            (Error::NotFound(Resource::User), Code::NotFound),
             (
-                Error::AlreadyExistsHint("slug", "pass one"),
+                Error::AlreadyExists {
+                    field: Field::Email,
+                    hint: None,
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                Error::AlreadyExists {
+                    field: Field::Slug,
+                    hint: Some("pass one"),
+                },
                 Code::AlreadyExists,
             ),
             (Error::InvalidCredentials, Code::Unauthenticated),
-            (Error::InvalidToken("TOKEN_EXPIRED"), Code::Unauthenticated),
+            (
+                Error::InvalidToken(Reason::TokenExpired),
+                Code::Unauthenticated,
+            ),
             (Error::PermissionDenied, Code::PermissionDenied),
             (
                 Error::FailedPrecondition("last superuser"),
                 Code::FailedPrecondition,
             ),
             (
-                Error::Refused("ACCOUNT_TOKEN_USED", "token already used"),
+                Error::Refused {
+                    reason: Reason::AccountTokenUsed,
+                    message: "token already used",
+                },
                 Code::FailedPrecondition,
             ),
             (
@@ -301,6 +390,48 @@ mod tests {
             let status = Status::from(error);
             assert_eq!(status.code(), code);
             assert!(!status.message().contains("secret detail"));
+        }
+    }
+
+    #[test]
+    fn already_exists_names_the_field_in_error_info() {
+        let status = Status::from(Error::AlreadyExists {
+            field: Field::Username,
+            hint: None,
+        });
+        assert_eq!(status.message(), "username already exists");
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "FIELD_TAKEN");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(
+            info.metadata.get("field").map(String::as_str),
+            Some("username")
+        );
+    }
+
+    #[test]
+    fn reasons_keep_their_wire_values() {
+        let all = [
+            (Reason::TokenMissing, "TOKEN_MISSING"),
+            (Reason::TokenMalformed, "TOKEN_MALFORMED"),
+            (Reason::TokenSignature, "TOKEN_SIGNATURE"),
+            (Reason::TokenExpired, "TOKEN_EXPIRED"),
+            (Reason::TokenNotYetValid, "TOKEN_NOT_YET_VALID"),
+            (Reason::TokenIssuerOrAudience, "TOKEN_ISSUER_OR_AUDIENCE"),
+            (Reason::UserNotFound, "USER_NOT_FOUND"),
+            (Reason::UserInactive, "USER_INACTIVE"),
+            (Reason::SessionEnded, "SESSION_ENDED"),
+            (Reason::CredentialsChanged, "CREDENTIALS_CHANGED"),
+            (Reason::RefreshTokenInvalid, "REFRESH_TOKEN_INVALID"),
+            (Reason::InvalidCredentials, "INVALID_CREDENTIALS"),
+            (Reason::AccountTokenInvalid, "ACCOUNT_TOKEN_INVALID"),
+            (Reason::AccountTokenUsed, "ACCOUNT_TOKEN_USED"),
+            (Reason::AccountTokenExpired, "ACCOUNT_TOKEN_EXPIRED"),
+            (Reason::EmailNotVerified, "EMAIL_NOT_VERIFIED"),
+            (Reason::FieldTaken, "FIELD_TAKEN"),
+        ];
+        for (reason, wire) in all {
+            assert_eq!(reason.as_str(), wire);
         }
     }
 

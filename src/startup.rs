@@ -82,7 +82,7 @@ impl Database {
         .map_err(|e| StartupError::Other(e.to_string()))??;
         create_database(&pg.url("postgres"), EMBEDDED_DATABASE)
             .await
-            .map_err(StartupError::Database)?;
+            .map_err(|e| StartupError::Database(e.into()))?;
         Ok(Self {
             url: pg.url(EMBEDDED_DATABASE),
             embedded: Some(pg),
@@ -169,17 +169,18 @@ impl Application {
         let database = Database::open(config).await?;
         let applied = db::migrations::run_pending(&database.url)
             .await
-            .map_err(StartupError::Database)?;
+            .map_err(|e| StartupError::Database(e.into()))?;
         if !applied.is_empty() {
             tracing::info!(migrations = ?applied, "applied migrations");
         }
-        let pool = db::pool(&database.url, config.pool_size()).map_err(StartupError::Database)?;
+        let pool = db::pool(&database.url, config.pool_size())
+            .map_err(|e| StartupError::Database(e.into()))?;
         let hasher = Hasher::new(
             config.hash_params(),
             config.hash_concurrency(),
             config.hash_queue as usize,
         )
-        .map_err(StartupError::Database)?;
+        .map_err(|e| StartupError::Database(e.into()))?;
         let keys_dir = config.keys_dir.clone();
         let alg = config.jwt_algorithm;
         let delay = config.keys_activation_delay;

@@ -6,8 +6,8 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::Error;
 use super::schema::account_tokens;
-use crate::error::Error;
 
 /// What a token is for; a token of one purpose never serves the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

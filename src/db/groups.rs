@@ -5,8 +5,8 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::Error;
 use super::schema::{group_members, groups};
-use crate::error::Error;
 
 /// A group as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -143,16 +143,15 @@ pub async fn both_exist(
 }
 
 /// The id of the group with `slug`, created (named by its slug) when there
-/// is none. ALREADY_EXISTS when another group already has that name.
+/// is none; `None` when another group already has that name.
 pub async fn ensure_by_slug(
     conn: &mut AsyncPgConnection,
     slug: &crate::domain::Slug,
-) -> Result<Uuid, Error> {
+) -> Result<Option<Uuid>, Error> {
     if let Some(group) = by_slug(conn, slug.as_str()).await? {
-        return Ok(group.id);
+        return Ok(Some(group.id));
     }
-    let name =
-        crate::domain::Groupname::parse(slug.as_str()).map_err(|e| Error::invalid("groups", e))?;
+    let name = crate::domain::Groupname::from(slug);
     let search = crate::domain::text::search_text(&[name.as_str(), slug.as_str()]);
     diesel::insert_into(groups::table)
         .values(&NewGroupRow {
@@ -165,13 +164,7 @@ pub async fn ensure_by_slug(
         .on_conflict_do_nothing()
         .execute(conn)
         .await?;
-    match by_slug(conn, slug.as_str()).await? {
-        Some(group) => Ok(group.id),
-        None => Err(Error::AlreadyExistsHint(
-            "groups",
-            "a group of that name has another slug",
-        )),
-    }
+    Ok(by_slug(conn, slug.as_str()).await?.map(|group| group.id))
 }
 
 /// Adds a membership; nothing when it exists (concurrent adds of one pair

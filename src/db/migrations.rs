@@ -9,7 +9,7 @@ use diesel::pg::Pg;
 use diesel_async::{AsyncPgConnection, async_connection_wrapper::AsyncConnectionWrapper};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use crate::error::Error;
+use super::Error;
 
 /// Every migration of `migrations/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -33,11 +33,11 @@ where
     use diesel::Connection;
     let url = database_url.to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut conn = SyncConn::establish(&url).map_err(|e| Error::Unavailable(Box::new(e)))?;
+        let mut conn = SyncConn::establish(&url)?;
         f(&mut conn)
     })
     .await
-    .map_err(Error::internal)?
+    .map_err(|e| Error::Other(Box::new(e)))?
 }
 
 /// Applies every pending migration; returns the versions applied.
@@ -45,7 +45,7 @@ pub async fn run_pending(database_url: &str) -> Result<Vec<String>, Error> {
     with_connection(database_url, |conn| {
         let applied = conn
             .run_pending_migrations(MIGRATIONS)
-            .map_err(Error::Internal)?;
+            .map_err(Error::Other)?;
         Ok(applied.iter().map(ToString::to_string).collect())
     })
     .await
@@ -56,7 +56,7 @@ pub async fn revert_last(database_url: &str) -> Result<String, Error> {
     with_connection(database_url, |conn| {
         let reverted = conn
             .revert_last_migration(MIGRATIONS)
-            .map_err(Error::Internal)?;
+            .map_err(Error::Other)?;
         Ok(reverted.to_string())
     })
     .await
@@ -65,10 +65,10 @@ pub async fn revert_last(database_url: &str) -> Result<String, Error> {
 /// Every embedded migration, oldest first, with whether it is applied.
 pub async fn status(database_url: &str) -> Result<Vec<MigrationStatus>, Error> {
     with_connection(database_url, |conn| {
-        let applied = conn.applied_migrations().map_err(Error::Internal)?;
+        let applied = conn.applied_migrations().map_err(Error::Other)?;
         let applied: Vec<String> = applied.iter().map(ToString::to_string).collect();
         let mut all: Vec<String> = MigrationSource::<Pg>::migrations(&MIGRATIONS)
-            .map_err(Error::Internal)?
+            .map_err(Error::Other)?
             .iter()
             .map(|m| m.name().version().to_string())
             .collect();

@@ -4,12 +4,15 @@
 
 pub mod accounts;
 pub mod embedded;
+mod error;
 pub mod groups;
 pub mod migrations;
 pub mod schema;
 pub mod sessions;
 pub mod throttle;
 pub mod users;
+
+pub use error::{BoxError, CHECKS, Error, Ref, UniqueKey};
 
 use std::time::Duration;
 
@@ -20,8 +23,6 @@ use diesel_async::{
         deadpool::{self, Object},
     },
 };
-
-use crate::error::Error;
 
 /// The connection pool.
 pub type Pool = deadpool::Pool<AsyncPgConnection>;
@@ -67,30 +68,7 @@ pub fn pool(database_url: &str, size: u32) -> Result<Pool, Error> {
         .create_timeout(Some(CHECKOUT_TIMEOUT))
         .recycle_timeout(Some(CHECKOUT_TIMEOUT))
         .build()
-        .map_err(Error::internal)
-}
-
-/// The request field a unique constraint guards, so that a violation (also
-/// one that lost a race) answers ALREADY_EXISTS naming the field.
-pub fn unique_field(constraint: &str) -> Option<&'static str> {
-    match constraint {
-        "users_pkey" => Some("id"),
-        "users_username_canonical_key" => Some("username"),
-        "users_email_canonical_key" => Some("email"),
-        "groups_groupname_canonical_key" => Some("groupname"),
-        "groups_slug_key" => Some("slug"),
-        _ => None,
-    }
-}
-
-/// The missing row a foreign key points at, so that a violation (a row
-/// deleted meanwhile, too) answers NOT_FOUND naming it.
-pub fn missing_reference(constraint: &str) -> Option<&'static str> {
-    match constraint {
-        "group_members_group_id_fkey" => Some("group"),
-        "group_members_user_id_fkey" => Some("user"),
-        _ => None,
-    }
+        .map_err(|e| Error::Other(Box::new(e)))
 }
 
 /// Borrows a connection; UNAVAILABLE when none can be had in time.

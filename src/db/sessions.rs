@@ -6,11 +6,11 @@ use diesel::sql_types::{Array, Bool, Bytea, Jsonb, Nullable, Text, Timestamptz, 
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::Error;
 use super::groups::GroupRow;
 use super::prepared;
 use super::schema::{retired_refresh_tokens, sessions};
 use super::users::UserRow;
-use crate::error::Error;
 
 /// Why a session ended, as stored.
 pub mod end_reason {

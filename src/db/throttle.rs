@@ -8,9 +8,9 @@ use diesel::sql_types::{Bool, Double, Int4, Nullable, Text, Timestamptz, Uuid as
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::Error;
 use super::prepared;
 use super::schema::{login_attempts, login_failures};
-use crate::error::Error;
 
 /// What a key's row says when an attempt arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

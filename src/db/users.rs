@@ -6,9 +6,9 @@ use diesel::prelude::*;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::Error;
 use super::schema::{group_members, login_names, users};
 use crate::domain::PageRequest;
-use crate::error::Error;
 
 /// A user as clients see it.
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -83,23 +83,19 @@ pub async fn insert(conn: &mut AsyncPgConnection, row: &NewUserRow<'_>) -> Resul
         .await?)
 }
 
-/// Claims a name the user logs in with; ALREADY_EXISTS naming `field` when
-/// another user logs in with it (as a username or an email).
+/// Claims a name the user logs in with; false when another user logs in
+/// with it already (as a username or an email).
 pub async fn claim_login_name(
     conn: &mut AsyncPgConnection,
     name: &str,
     user_id: Uuid,
-    field: &'static str,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     let inserted = diesel::insert_into(login_names::table)
         .values((login_names::name.eq(name), login_names::user_id.eq(user_id)))
         .on_conflict_do_nothing()
         .execute(conn)
         .await?;
-    if inserted == 0 {
-        return Err(Error::AlreadyExists(field));
-    }
-    Ok(())
+    Ok(inserted == 1)
 }
 
 /// The user with this id.

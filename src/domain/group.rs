@@ -35,6 +35,17 @@ impl Groupname {
     }
 }
 
+/// A slug is always a valid groupname (lowercase ASCII letters, digits and
+/// dashes, 1 to 64 characters): the name of a group created from its slug.
+impl From<&Slug> for Groupname {
+    fn from(slug: &Slug) -> Self {
+        Self {
+            display: slug.0.clone(),
+            canonical: fold(&slug.0),
+        }
+    }
+}
+
 /// A valid slug: `^[a-z0-9]+(-[a-z0-9]+)*$`, at most 64 characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slug(String);

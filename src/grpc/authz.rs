@@ -20,8 +20,8 @@ use tower::{Layer, Service};
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::error::Reason;
 use crate::service::{AuthService, auth::Verified};
-use crate::token::jwt::reason;
 
 /// Who is calling.
 #[derive(Debug, Clone)]
@@ -51,7 +51,7 @@ impl Caller {
     pub fn signed_in(&self) -> Result<&Arc<Verified>, Error> {
         match self {
             Caller::User(v) => Ok(v),
-            Caller::Anonymous => Err(Error::InvalidToken(reason::MISSING)),
+            Caller::Anonymous => Err(Error::InvalidToken(Reason::TokenMissing)),
         }
     }
 
@@ -59,7 +59,7 @@ impl Caller {
     /// PERMISSION_DENIED to the signed-in.
     pub fn refusal(&self) -> Error {
         match self {
-            Caller::Anonymous => Error::InvalidToken(reason::MISSING),
+            Caller::Anonymous => Error::InvalidToken(Reason::TokenMissing),
             Caller::User(_) => Error::PermissionDenied,
         }
     }
@@ -235,7 +235,7 @@ where
             };
             let caller = match token {
                 None => Caller::Anonymous,
-                Some(Err(())) => return Ok(refuse(Error::InvalidToken(reason::MALFORMED))),
+                Some(Err(())) => return Ok(refuse(Error::InvalidToken(Reason::TokenMalformed))),
                 Some(Ok(token)) => match auth.authenticate(token).await {
                     Ok(verified) => Caller::User(Arc::new(verified)),
                     Err(e) => return Ok(refuse(e)),

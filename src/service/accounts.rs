@@ -12,25 +12,12 @@ use crate::db::{
     self, Pool,
     accounts::{Purpose, TokenState},
     sessions::end_reason,
-    users::{NewUserRow, UserRow},
+    users::UserRow,
 };
-use crate::domain::{Attributes, Email, Password, Slug, Username, text, user::person_name};
-use crate::error::Error;
+use crate::domain::{Attributes, Email, Password, Slug, Username, user::person_name};
+use crate::error::{Error, Field, Reason, Resource};
 use crate::hashing::{self, Hasher};
 use crate::token::refresh;
-
-/// The machine-readable reasons (`google.rpc.ErrorInfo`) of refused
-/// account tokens and logins.
-pub mod reason {
-    /// The token is unknown, for another purpose, or for another address.
-    pub const TOKEN_INVALID: &str = "ACCOUNT_TOKEN_INVALID";
-    /// The token was used before.
-    pub const TOKEN_USED: &str = "ACCOUNT_TOKEN_USED";
-    /// The token is past its expiry.
-    pub const TOKEN_EXPIRED: &str = "ACCOUNT_TOKEN_EXPIRED";
-    /// REQUIRE_VERIFIED_LOGIN is on and the user's email is not verified.
-    pub const EMAIL_NOT_VERIFIED: &str = "EMAIL_NOT_VERIFIED";
-}
 
 /// Throttling of reset requests per address: free requests a day, then a
 /// lock doubling up to an hour.
@@ -146,10 +133,10 @@ impl AccountService {
         let mut conn = db::conn(&self.pool).await?;
         let user = db::users::by_id(&mut conn, user_id)
             .await?
-            .ok_or(Error::NotFound("user"))?;
+            .ok_or(Error::NotFound(Resource::User))?;
         let (_, email_canonical) = db::users::canonical_names(&mut conn, user_id)
             .await?
-            .ok_or(Error::NotFound("user"))?;
+            .ok_or(Error::NotFound(Resource::User))?;
         let issued = self
             .issue(
                 &mut conn,
@@ -181,14 +168,14 @@ impl AccountService {
                 let current = db::users::canonical_names(conn, user_id).await?;
                 if current.as_ref().map(|(_, e)| e) != Some(&email) {
                     // Rolled back: the token stays unused.
-                    return Err(Error::Refused(
-                        reason::TOKEN_INVALID,
-                        "token not valid for this address",
-                    ));
+                    return Err(Error::Refused {
+                        reason: Reason::AccountTokenInvalid,
+                        message: "token not valid for this address",
+                    });
                 }
                 db::users::set_verified(conn, user_id)
                     .await?
-                    .ok_or(Error::NotFound("user"))
+                    .ok_or(Error::NotFound(Resource::User))
             })
             .await?;
         tracing::info!(user_id = %user.id, "email verified");
@@ -255,11 +242,17 @@ impl AccountService {
                 .await?
                 .is_some_and(|u| u.is_active)
             {
-                return Err(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"));
+                return Err(Error::Refused {
+                    reason: Reason::AccountTokenInvalid,
+                    message: "invalid reset token",
+                });
             }
             let names = db::users::canonical_names(&mut conn, user_id)
                 .await?
-                .ok_or(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"))?;
+                .ok_or(Error::Refused {
+                    reason: Reason::AccountTokenInvalid,
+                    message: "invalid reset token",
+                })?;
             (user_id, names)
         };
         let password = Password::parse(new_password, &[&names.0, &names.1])
@@ -283,10 +276,16 @@ impl AccountService {
                 if used_by != user_id || !active || current.as_ref().map(|(_, e)| e) != Some(&email)
                 {
                     // Rolled back: nothing changes, the token stays unused.
-                    return Err(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"));
+                    return Err(Error::Refused {
+                        reason: Reason::AccountTokenInvalid,
+                        message: "invalid reset token",
+                    });
                 }
                 if !db::users::set_password_hash(conn, user_id, &new_hash).await? {
-                    return Err(Error::Refused(reason::TOKEN_INVALID, "invalid reset token"));
+                    return Err(Error::Refused {
+                        reason: Reason::AccountTokenInvalid,
+                        message: "invalid reset token",
+                    });
                 }
                 super::password_changed(conn, user_id, None, end_reason::PASSWORD_RESET).await
             })
@@ -380,11 +379,23 @@ fn token_hash(token: &str) -> Result<Vec<u8>, Error> {
 
 fn refusal(state: TokenState) -> Error {
     match state {
-        TokenState::Used => Error::Refused(reason::TOKEN_USED, "token already used"),
-        TokenState::Expired => Error::Refused(reason::TOKEN_EXPIRED, "token expired"),
+        TokenState::Used => Error::Refused {
+            reason: Reason::AccountTokenUsed,
+            message: "token already used",
+        },
+        TokenState::Expired => Error::Refused {
+            reason: Reason::AccountTokenExpired,
+            message: "token expired",
+        },
         // A valid token that could not be used was used meanwhile.
-        TokenState::Valid { .. } => Error::Refused(reason::TOKEN_USED, "token already used"),
-        TokenState::Unknown => Error::Refused(reason::TOKEN_INVALID, "invalid token"),
+        TokenState::Valid { .. } => Error::Refused {
+            reason: Reason::AccountTokenUsed,
+            message: "token already used",
+        },
+        TokenState::Unknown => Error::Refused {
+            reason: Reason::AccountTokenInvalid,
+            message: "invalid token",
+        },
     }
 }
 
@@ -450,39 +461,29 @@ async fn import_one(
     {
         return Ok(ImportOutcome::AlreadyImported(existing.id));
     }
-    let search = text::search_text(&[
-        user.username.as_str(),
-        user.email.as_str(),
-        &user.first_name,
-        &user.last_name,
-    ]);
-    let row = NewUserRow {
+    let account = super::users::Account {
         id: user.id,
-        username: user.username.as_str(),
-        username_canonical: user.username.canonical(),
-        email: user.email.as_str(),
-        email_canonical: user.email.canonical(),
-        password_hash: &user.hash,
+        username: &user.username,
+        email: &user.email,
+        hash: &user.hash,
         first_name: &user.first_name,
         last_name: &user.last_name,
         is_superuser: user.is_superuser,
         is_active: user.is_active,
         is_verified: user.is_verified,
         attributes: user.attributes.clone(),
-        search: &search,
-        password_changed_at: Utc::now(),
     };
     // A savepoint: a taken name rolls back this user only.
     let inserted = conn
         .transaction(async |conn| {
-            db::users::insert(conn, &row).await?;
-            let (username, email) = (user.username.canonical(), user.email.canonical());
-            db::users::claim_login_name(conn, username, user.id, "username").await?;
-            if email != username {
-                db::users::claim_login_name(conn, email, user.id, "email").await?;
-            }
+            super::users::insert_account(conn, &account).await?;
             for slug in &user.groups {
-                let group = db::groups::ensure_by_slug(conn, slug).await?;
+                let Some(group) = db::groups::ensure_by_slug(conn, slug).await? else {
+                    return Err(Error::AlreadyExists {
+                        field: Field::Groupname,
+                        hint: Some("a group of that name has another slug"),
+                    });
+                };
                 db::groups::add_member(conn, group, user.id).await?;
             }
             Ok::<_, Error>(())
@@ -490,12 +491,14 @@ async fn import_one(
         .await;
     match inserted {
         Ok(()) => Ok(ImportOutcome::Imported(user.id)),
-        Err(Error::AlreadyExists(field)) => Ok(ImportOutcome::Refused(format!(
-            "{field}: taken by another user"
+        Err(Error::AlreadyExists {
+            field: Field::Groupname,
+            hint: Some(hint),
+        }) => Ok(ImportOutcome::Refused(format!("groups: {hint}"))),
+        Err(Error::AlreadyExists { field, .. }) => Ok(ImportOutcome::Refused(format!(
+            "{}: taken by another user",
+            field.as_str()
         ))),
-        Err(Error::AlreadyExistsHint(field, hint)) => {
-            Ok(ImportOutcome::Refused(format!("{field}: {hint}")))
-        }
         Err(e) => Err(e),
     }
 }

@@ -14,14 +14,10 @@ use crate::db::{
     users::UserRow,
 };
 use crate::domain::{Password, text};
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::hashing::Hasher;
 use crate::service::throttle::{Throttle, hashed_key, user_key};
-use crate::token::{
-    AccessClaims, TokenIssuer,
-    jwt::{Subject, reason},
-    refresh,
-};
+use crate::token::{AccessClaims, TokenIssuer, jwt::Subject, refresh};
 
 /// Retired refresh tokens a session keeps for reuse detection: a client
 /// refreshing in a loop keeps at most this many rows (docs/tokens.md).
@@ -30,10 +26,10 @@ pub const KEEP_RETIRED: i64 = 64;
 /// FAILED_PRECONDITION EMAIL_NOT_VERIFIED: `REQUIRE_VERIFIED_LOGIN` is on
 /// and the user's address is not verified.
 fn email_not_verified() -> Error {
-    Error::Refused(
-        crate::service::accounts::reason::EMAIL_NOT_VERIFIED,
-        "email not verified",
-    )
+    Error::Refused {
+        reason: Reason::EmailNotVerified,
+        message: "email not verified",
+    }
 }
 
 /// A pair of tokens and their lifetimes. Its `Debug` hides the tokens.
@@ -263,7 +259,7 @@ impl AuthService {
                 };
                 let fresh = sessions::fresh(conn, user_id, session_id, true)
                     .await?
-                    .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+                    .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
                 if self.require_verified && !fresh.user.is_verified {
                     // Rolled back: the token stays current, usable once the
                     // address is verified.
@@ -285,9 +281,9 @@ impl AuthService {
                 // Outside the rolled-back transaction: reuse ends the session
                 // for good.
                 sessions::end_reused(&mut conn, &old).await?;
-                return Err(Error::InvalidToken(reason::SESSION_ENDED));
+                return Err(Error::InvalidToken(Reason::SessionEnded));
             }
-            Err(_) => return Err(Error::InvalidToken(reason::REFRESH_INVALID)),
+            Err(_) => return Err(Error::InvalidToken(Reason::RefreshTokenInvalid)),
         };
         drop(conn);
         tracing::info!(user_id = %user_id, session_id = %session_id, "refreshed");
@@ -305,14 +301,14 @@ impl AuthService {
         let mut conn = db::conn(&self.pool).await?;
         let owner = sessions::owner_of(&mut conn, &hash)
             .await?
-            .ok_or(Error::InvalidToken(reason::REFRESH_INVALID))?;
+            .ok_or(Error::InvalidToken(Reason::RefreshTokenInvalid))?;
         let (session_id, user_id) = (owner.session_id, owner.user_id);
         if all_sessions {
             // Only the current token of a live session speaks for the user:
             // an old one (which may have leaked) ends its own session only.
             if !owner.current_and_live {
                 sessions::end(&mut conn, session_id, end_reason::LOGOUT).await?;
-                return Err(Error::InvalidToken(reason::REFRESH_INVALID));
+                return Err(Error::InvalidToken(Reason::RefreshTokenInvalid));
             }
             sessions::end_all_of_user(&mut conn, user_id, None, end_reason::LOGOUT).await?;
         } else {
@@ -337,22 +333,22 @@ impl AuthService {
 
     async fn check(&self, access_token: &str, with_groups: bool) -> Result<Verified, Error> {
         let claims = self.tokens.verify(access_token)?;
-        let malformed = || Error::InvalidToken(reason::MALFORMED);
+        let malformed = || Error::InvalidToken(Reason::TokenMalformed);
         let user_id = Uuid::try_parse(&claims.sub).map_err(|_| malformed())?;
         let session_id = Uuid::try_parse(&claims.sid).map_err(|_| malformed())?;
         let mut conn = db::conn(&self.pool).await?;
         let fresh = sessions::fresh(&mut conn, user_id, session_id, with_groups)
             .await?
-            .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+            .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
         drop(conn);
         if !fresh.user.is_active {
-            return Err(Error::InvalidToken(reason::USER_INACTIVE));
+            return Err(Error::InvalidToken(Reason::UserInactive));
         }
         if !fresh.session_live {
-            return Err(Error::InvalidToken(reason::SESSION_ENDED));
+            return Err(Error::InvalidToken(Reason::SessionEnded));
         }
         if issue_millis(&claims) < fresh.password_changed_at.timestamp_millis() {
-            return Err(Error::InvalidToken(reason::CREDENTIALS_CHANGED));
+            return Err(Error::InvalidToken(Reason::CredentialsChanged));
         }
         Ok(Verified {
             user: fresh.user,
@@ -379,13 +375,13 @@ impl AuthService {
         let mut conn = db::conn(&self.pool).await?;
         let (stored, _) = db::users::password_hash(&mut conn, user.id)
             .await?
-            .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?;
+            .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
         let (lease, waited) = self.throttle.claim(conn, user_key(user.id)).await?;
         let stored = if waited {
             let mut conn = db::conn(&self.pool).await?;
             db::users::password_hash(&mut conn, user.id)
                 .await?
-                .ok_or(Error::InvalidToken(reason::USER_NOT_FOUND))?
+                .ok_or(Error::InvalidToken(Reason::UserNotFound))?
                 .0
         } else {
             stored

@@ -8,7 +8,7 @@ use crate::db::{
     users::UserRow,
 };
 use crate::domain::{Groupname, PageRequest, Slug, text};
-use crate::error::Error;
+use crate::error::{Error, Field, Resource};
 use crate::service::Page;
 
 /// How GetGroup finds a group.
@@ -62,11 +62,13 @@ impl GroupService {
         };
         let mut conn = db::conn(&self.pool).await?;
         let group = match db::groups::insert(&mut conn, &row).await {
-            Err(Error::AlreadyExists("slug")) if derived => {
-                return Err(Error::AlreadyExistsHint(
-                    "slug",
-                    "the slug derived from this groupname is taken; pass a slug explicitly",
-                ));
+            Err(db::Error::Unique(db::UniqueKey::GroupsSlug)) if derived => {
+                return Err(Error::AlreadyExists {
+                    field: Field::Slug,
+                    hint: Some(
+                        "the slug derived from this groupname is taken; pass a slug explicitly",
+                    ),
+                });
             }
             other => other?,
         };
@@ -84,7 +86,7 @@ impl GroupService {
             }
             GroupLookup::Slug(slug) => db::groups::by_slug(&mut conn, slug).await?,
         };
-        found.ok_or(Error::NotFound("group"))
+        found.ok_or(Error::NotFound(Resource::Group))
     }
 
     /// One page of the groups matching `search`.
@@ -104,7 +106,7 @@ impl GroupService {
     pub async fn delete(&self, id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
         if !db::groups::delete(&mut conn, id).await? {
-            return Err(Error::NotFound("group"));
+            return Err(Error::NotFound(Resource::Group));
         }
         tracing::info!(group_id = %id, "group deleted");
         Ok(())
@@ -125,8 +127,8 @@ impl GroupService {
     pub async fn remove_member(&self, group_id: Uuid, user_id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
         match db::groups::both_exist(&mut conn, group_id, user_id).await? {
-            (false, _) => return Err(Error::NotFound("group")),
-            (_, false) => return Err(Error::NotFound("user")),
+            (false, _) => return Err(Error::NotFound(Resource::Group)),
+            (_, false) => return Err(Error::NotFound(Resource::User)),
             _ => {}
         }
         db::groups::remove_member(&mut conn, group_id, user_id).await?;
@@ -138,7 +140,7 @@ impl GroupService {
     pub async fn members(&self, group_id: Uuid, page: PageRequest) -> Result<Page<UserRow>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         if db::groups::by_id(&mut conn, group_id).await?.is_none() {
-            return Err(Error::NotFound("group"));
+            return Err(Error::NotFound(Resource::Group));
         }
         let filter = db::users::UserFilter {
             group_id: Some(group_id),
@@ -152,9 +154,9 @@ impl GroupService {
     pub async fn of_user(&self, user_id: Uuid) -> Result<Vec<GroupRow>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         if db::users::by_id(&mut conn, user_id).await?.is_none() {
-            return Err(Error::NotFound("user"));
+            return Err(Error::NotFound(Resource::User));
         }
-        db::groups::of_user(&mut conn, user_id).await
+        Ok(db::groups::of_user(&mut conn, user_id).await?)
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod auth;
+mod errors;
 pub mod groups;
 pub mod throttle;
 pub mod users;
@@ -22,7 +23,7 @@ use crate::error::Error;
 /// account back), a login lock is lifted, and every session but `keep`
 /// ends with `reason`. Returns how many sessions ended.
 pub(crate) async fn password_changed(
-    conn: &mut crate::db::Conn,
+    conn: &mut diesel_async::AsyncPgConnection,
     user_id: Uuid,
     keep: Option<Uuid>,
     reason: &str,
@@ -30,7 +31,7 @@ pub(crate) async fn password_changed(
     use crate::db::{accounts::Purpose, sessions, throttle};
     crate::db::accounts::spend_all(conn, user_id, Purpose::ResetPassword).await?;
     throttle::clear(conn, &self::throttle::user_key(user_id)).await?;
-    sessions::end_all_of_user(conn, user_id, keep, reason).await
+    Ok(sessions::end_all_of_user(conn, user_id, keep, reason).await?)
 }
 
 /// RESOURCE_EXHAUSTED until `until` (a throttling lock), with the wait

@@ -153,9 +153,9 @@ impl Throttle {
                 throttle.wake();
             }
         });
-        asked
+        Ok(asked
             .await
-            .map_err(|_| Error::internal("the claim of a login lease was lost"))?
+            .map_err(|_| Error::internal("the claim of a login lease was lost"))??)
     }
 
     /// Wakes the attempts of this process that wait for room.

@@ -9,7 +9,7 @@ use crate::db::{
     users::{NewUserRow, UserChangesRow, UserFilter, UserRow},
 };
 use crate::domain::{Attributes, Email, PageRequest, Password, Username, text};
-use crate::error::Error;
+use crate::error::{Error, Field, Resource};
 use crate::hashing::Hasher;
 use crate::service::Page;
 
@@ -49,6 +49,65 @@ pub struct UserUpdate {
     pub attributes: Option<Attributes>,
 }
 
+/// A user to create, whatever asks for it (CreateUser, `createsuperuser`,
+/// an import): the fields, checked, and the password's hash.
+#[derive(Debug)]
+pub(crate) struct Account<'a> {
+    pub id: Uuid,
+    pub username: &'a Username,
+    pub email: &'a Email,
+    pub hash: &'a str,
+    pub first_name: &'a str,
+    pub last_name: &'a str,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub attributes: serde_json::Value,
+}
+
+/// The one path that creates users: inserts the row (with its canonical
+/// forms and search text) and claims its login names, the username and (when
+/// it differs) the email; ALREADY_EXISTS naming the field when another user
+/// logs in with either. Run it in a transaction (or a savepoint), so that a
+/// lost claim leaves nothing behind.
+pub(crate) async fn insert_account(
+    conn: &mut diesel_async::AsyncPgConnection,
+    account: &Account<'_>,
+) -> Result<UserRow, Error> {
+    let search = text::search_text(&[
+        account.username.as_str(),
+        account.email.as_str(),
+        account.first_name,
+        account.last_name,
+    ]);
+    let (username, email) = (account.username.canonical(), account.email.canonical());
+    let row = NewUserRow {
+        id: account.id,
+        username: account.username.as_str(),
+        username_canonical: username,
+        email: account.email.as_str(),
+        email_canonical: email,
+        password_hash: account.hash,
+        first_name: account.first_name,
+        last_name: account.last_name,
+        is_superuser: account.is_superuser,
+        is_active: account.is_active,
+        is_verified: account.is_verified,
+        attributes: account.attributes.clone(),
+        search: &search,
+        password_changed_at: chrono::Utc::now(),
+    };
+    let user = db::users::insert(conn, &row).await?;
+    let taken = |field| Error::AlreadyExists { field, hint: None };
+    if !db::users::claim_login_name(conn, username, user.id).await? {
+        return Err(taken(Field::Username));
+    }
+    if email != username && !db::users::claim_login_name(conn, email, user.id).await? {
+        return Err(taken(Field::Email));
+    }
+    Ok(user)
+}
+
 /// Users: creation, lookup, listing, changes, deletion and passwords.
 #[derive(Clone)]
 pub struct UserService {
@@ -67,40 +126,21 @@ impl UserService {
     #[tracing::instrument(skip_all, fields(username = %new.username.as_str()))]
     pub async fn create(&self, new: NewUser) -> Result<UserRow, Error> {
         let hash = self.hasher.hash(&new.password).await?;
-        let attributes = new.attributes.to_json();
-        let search = text::search_text(&[
-            new.username.as_str(),
-            new.email.as_str(),
-            &new.first_name,
-            &new.last_name,
-        ]);
-        let row = NewUserRow {
+        let account = Account {
             id: Uuid::now_v7(),
-            username: new.username.as_str(),
-            username_canonical: new.username.canonical(),
-            email: new.email.as_str(),
-            email_canonical: new.email.canonical(),
-            password_hash: &hash,
+            username: &new.username,
+            email: &new.email,
+            hash: &hash,
             first_name: &new.first_name,
             last_name: &new.last_name,
             is_superuser: new.is_superuser,
             is_active: new.is_active,
             is_verified: new.is_verified,
-            attributes,
-            search: &search,
-            password_changed_at: chrono::Utc::now(),
+            attributes: new.attributes.to_json(),
         };
         let mut conn = db::conn(&self.pool).await?;
-        let (username, email) = (new.username.canonical(), new.email.canonical());
         let user = conn
-            .transaction(async |conn| {
-                let user = db::users::insert(conn, &row).await?;
-                db::users::claim_login_name(conn, username, user.id, "username").await?;
-                if email != username {
-                    db::users::claim_login_name(conn, email, user.id, "email").await?;
-                }
-                Ok::<_, Error>(user)
-            })
+            .transaction(async |conn| insert_account(conn, &account).await)
             .await?;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
@@ -114,7 +154,7 @@ impl UserService {
             Lookup::Username(canonical) => db::users::by_username(&mut conn, canonical).await?,
             Lookup::Email(canonical) => db::users::by_email(&mut conn, canonical).await?,
         };
-        found.ok_or(Error::NotFound("user"))
+        found.ok_or(Error::NotFound(Resource::User))
     }
 
     /// One page of the users matching `filter`. A `group_id` naming no group
@@ -129,7 +169,7 @@ impl UserService {
         if let Some(group) = filter.group_id
             && !db::users::group_exists(&mut conn, group).await?
         {
-            return Err(Error::NotFound("group"));
+            return Err(Error::NotFound(Resource::Group));
         }
         let (users, total, more) = db::users::list(&mut conn, filter, page).await?;
         Ok(Page::new(users, total, more, |u| u.id))
@@ -147,7 +187,7 @@ impl UserService {
                     keep_a_superuser(conn, id).await?;
                 }
                 let Some(current) = db::users::by_id_for_update(conn, id).await? else {
-                    return Err(Error::NotFound("user"));
+                    return Err(Error::NotFound(Resource::User));
                 };
                 let first_name = update.first_name.unwrap_or(current.first_name);
                 let last_name = update.last_name.unwrap_or(current.last_name);
@@ -171,7 +211,7 @@ impl UserService {
                 };
                 db::users::update(conn, id, &changes)
                     .await?
-                    .ok_or(Error::NotFound("user"))
+                    .ok_or(Error::NotFound(Resource::User))
             })
             .await?;
         tracing::info!(user_id = %id, "user updated");
@@ -188,7 +228,7 @@ impl UserService {
             if db::users::delete(conn, id).await? {
                 Ok(())
             } else {
-                Err(Error::NotFound("user"))
+                Err(Error::NotFound(Resource::User))
             }
         })
         .await?;
@@ -204,7 +244,7 @@ impl UserService {
             let mut conn = db::conn(&self.pool).await?;
             db::users::canonical_names(&mut conn, id)
                 .await?
-                .ok_or(Error::NotFound("user"))?
+                .ok_or(Error::NotFound(Resource::User))?
         };
         let password = Password::parse(new_password, &[&username, &email])
             .map_err(|e| Error::invalid("new_password", e))?;
@@ -213,7 +253,7 @@ impl UserService {
         let ended = conn
             .transaction(async |conn| {
                 if !db::users::set_password_hash(conn, id, &hash).await? {
-                    return Err(Error::NotFound("user"));
+                    return Err(Error::NotFound(Resource::User));
                 }
                 // A new password from an administrator also lifts a lock.
                 super::password_changed(conn, id, None, end_reason::PASSWORD_SET).await

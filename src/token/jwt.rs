@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::KeyStore;
-use crate::error::Error;
+use crate::error::{Error, Reason};
 
 /// The `typ` header of access tokens (RFC 9068).
 pub const TOKEN_TYPE: &str = "at+jwt";
@@ -29,33 +29,6 @@ const MAX_TOKEN_LEN: usize = 8 * 1024;
 pub const MAX_GROUP_CLAIMS: usize = 64;
 /// See [`MAX_GROUP_CLAIMS`].
 pub const MAX_GROUP_CLAIM_BYTES: usize = 2048;
-
-/// Why a token is refused, as `google.rpc.ErrorInfo` reasons.
-pub mod reason {
-    /// Not a JWT, not an access token, or a required claim is missing.
-    pub const MALFORMED: &str = "TOKEN_MALFORMED";
-    /// Bad signature, unknown key or wrong algorithm.
-    pub const SIGNATURE: &str = "TOKEN_SIGNATURE";
-    /// Past `exp`.
-    pub const EXPIRED: &str = "TOKEN_EXPIRED";
-    /// Before `nbf`.
-    pub const NOT_YET_VALID: &str = "TOKEN_NOT_YET_VALID";
-    /// Another `iss` or `aud`.
-    pub const ISSUER_OR_AUDIENCE: &str = "TOKEN_ISSUER_OR_AUDIENCE";
-    /// The subject no longer exists.
-    pub const USER_NOT_FOUND: &str = "USER_NOT_FOUND";
-    /// The subject is deactivated.
-    pub const USER_INACTIVE: &str = "USER_INACTIVE";
-    /// The session was ended (logout, password change, reuse detection).
-    pub const SESSION_ENDED: &str = "SESSION_ENDED";
-    /// The token predates the user's last password change.
-    pub const CREDENTIALS_CHANGED: &str = "CREDENTIALS_CHANGED";
-    /// No bearer token where one is needed.
-    pub const MISSING: &str = "TOKEN_MISSING";
-    /// A refresh token that is unknown, expired, or of an ended session or
-    /// an inactive user.
-    pub const REFRESH_INVALID: &str = "REFRESH_TOKEN_INVALID";
-}
 
 /// `aud` may be one string or an array (RFC 7519 §4.1.3).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -184,23 +157,27 @@ impl TokenIssuer {
     /// Checks signature, kid, typ, exp and nbf (with a small leeway), iss
     /// and aud. Says nothing of the user or session: see the auth service.
     pub fn verify(&self, token: &str) -> Result<AccessClaims, Error> {
-        let refuse = |r: &'static str| Error::InvalidToken(r);
+        let refuse = Error::InvalidToken;
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
-            return Err(refuse(reason::MALFORMED));
+            return Err(refuse(Reason::TokenMalformed));
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse(reason::MALFORMED))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| refuse(Reason::TokenMalformed))?;
         let typ_ok = header.typ.as_deref().is_some_and(|t| {
             t.eq_ignore_ascii_case(TOKEN_TYPE) || t.eq_ignore_ascii_case("application/at+jwt")
         });
         if !typ_ok {
-            return Err(refuse(reason::MALFORMED));
+            return Err(refuse(Reason::TokenMalformed));
         }
-        let kid = header.kid.as_deref().ok_or(refuse(reason::MALFORMED))?;
+        let kid = header
+            .kid
+            .as_deref()
+            .ok_or(refuse(Reason::TokenMalformed))?;
         let keys = self.keys.load();
-        let key = keys.find(kid).ok_or(refuse(reason::SIGNATURE))?;
+        let key = keys.find(kid).ok_or(refuse(Reason::TokenSignature))?;
         // The key decides the algorithm; a token naming another is refused.
         if header.alg != key.algorithm {
-            return Err(refuse(reason::SIGNATURE));
+            return Err(refuse(Reason::TokenSignature));
         }
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = LEEWAY_SECONDS;
@@ -215,13 +192,13 @@ impl TokenIssuer {
                     ErrorKind::InvalidSignature
                     | ErrorKind::InvalidAlgorithm
                     | ErrorKind::InvalidAlgorithmName
-                    | ErrorKind::InvalidKeyFormat => reason::SIGNATURE,
-                    ErrorKind::ExpiredSignature => reason::EXPIRED,
-                    ErrorKind::ImmatureSignature => reason::NOT_YET_VALID,
+                    | ErrorKind::InvalidKeyFormat => Reason::TokenSignature,
+                    ErrorKind::ExpiredSignature => Reason::TokenExpired,
+                    ErrorKind::ImmatureSignature => Reason::TokenNotYetValid,
                     ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
-                        reason::ISSUER_OR_AUDIENCE
+                        Reason::TokenIssuerOrAudience
                     }
-                    _ => reason::MALFORMED,
+                    _ => Reason::TokenMalformed,
                 })
             })?;
         Ok(data.claims)

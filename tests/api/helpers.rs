@@ -338,7 +338,7 @@ async fn bootstrap_root(config: &Config) {
         })
         .await;
     match result {
-        Ok(_) | Err(identity::error::Error::AlreadyExists(_)) => {}
+        Ok(_) | Err(identity::error::Error::AlreadyExists { .. }) => {}
         Err(e) => panic!("bootstrap root: {e:?}"),
     }
 }

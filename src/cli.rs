@@ -378,7 +378,7 @@ async fn import(args: ImportArgs) -> Result<(), StartupError> {
     }
     .await;
     let closed = database.close().await;
-    let (imported, already, refused) = result.map_err(|e| StartupError::Database(e.into()))?;
+    let (imported, already, refused) = result.map_err(StartupError::Database)?;
     closed?;
     println!("imported {imported}, already there {already}, refused {refused}");
     if refused > 0 {

@@ -82,7 +82,7 @@ impl Database {
         .map_err(|e| StartupError::Other(e.to_string()))??;
         create_database(&pg.url("postgres"), EMBEDDED_DATABASE)
             .await
-            .map_err(|e| StartupError::Database(e.into()))?;
+            .map_err(StartupError::Database)?;
         Ok(Self {
             url: pg.url(EMBEDDED_DATABASE),
             embedded: Some(pg),
@@ -180,7 +180,7 @@ impl Application {
             config.hash_concurrency(),
             config.hash_queue as usize,
         )
-        .map_err(|e| StartupError::Database(e.into()))?;
+        .map_err(StartupError::Database)?;
         let keys_dir = config.keys_dir.clone();
         let alg = config.jwt_algorithm;
         let delay = config.keys_activation_delay;

@@ -273,11 +273,11 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
         .map_err(|e| invalid("password", e))?;
 
     let config = &args.config;
+    let hasher = Hasher::new(config.hash_params(), 1, 1)?;
     let database = admin_database(config).await?;
     let result = async {
         db::migrations::run_pending(&database.url).await?;
         let pool = db::pool(&database.url, 1)?;
-        let hasher = Hasher::new(config.hash_params(), 1, 1)?;
         UserService::new(pool, hasher)
             .create(NewUser {
                 username,
@@ -317,12 +317,12 @@ async fn import(args: ImportArgs) -> Result<(), StartupError> {
         Box::new(std::io::BufReader::new(file))
     };
     let config = &args.config;
+    // Nothing is hashed here: the hashes come with the users.
+    let hasher = Hasher::new(config.hash_params(), 1, 1)?;
     let database = admin_database(config).await?;
     let result = async {
         db::migrations::run_pending(&database.url).await?;
         let pool = db::pool(&database.url, 1)?;
-        // Nothing is hashed here: the hashes come with the users.
-        let hasher = Hasher::new(config.hash_params(), 1, 1)?;
         let accounts = AccountService::new(
             pool,
             hasher,

@@ -37,6 +37,9 @@ pub enum StartupError {
     /// The database could not be prepared.
     #[error("database: {0}")]
     Database(#[source] Error),
+    /// The password hashing threads could not start.
+    #[error("password hashing: {0}")]
+    Hashing(#[from] crate::hashing::HasherError),
     /// The listener could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
@@ -166,6 +169,13 @@ impl Application {
     /// Opens the database, applies pending migrations, builds the services
     /// and binds `LISTEN_ADDR`.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        // First: settings argon2 refuses together fail before any database
+        // work, with a message of their own.
+        let hasher = Hasher::new(
+            config.hash_params(),
+            config.hash_concurrency(),
+            config.hash_queue as usize,
+        )?;
         let database = Database::open(config).await?;
         let applied = db::migrations::run_pending(&database.url)
             .await
@@ -174,12 +184,6 @@ impl Application {
             tracing::info!(migrations = ?applied, "applied migrations");
         }
         let pool = db::pool(&database.url, config.pool_size()).map_err(StartupError::Database)?;
-        let hasher = Hasher::new(
-            config.hash_params(),
-            config.hash_concurrency(),
-            config.hash_queue as usize,
-        )
-        .map_err(StartupError::Database)?;
         let keys_dir = config.keys_dir.clone();
         let alg = config.jwt_algorithm;
         let delay = config.keys_activation_delay;

@@ -216,3 +216,28 @@ fn keys_generate_rotate_and_list_manage_the_keys_dir() {
     assert!(list.lines().next().unwrap().contains("ES256"), "{list}");
     assert_eq!(list.lines().count(), 3);
 }
+
+#[tokio::test]
+async fn argon2_settings_refused_together_stop_serve_with_a_hashing_error_not_a_database_one() {
+    // Each is in range alone; argon2 wants at least 8 KiB per lane.
+    let db = TestDb::migrated().await;
+    let out = identity(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("ARGON2_MEMORY_KIB", "8"),
+            ("ARGON2_PARALLELISM", "2"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("identity: password hashing: ")
+            && last.contains("ARGON2_MEMORY_KIB=8")
+            && last.contains("ARGON2_PARALLELISM=2"),
+        "{stderr}"
+    );
+    assert!(!last.contains("database"), "{stderr}");
+}

@@ -398,7 +398,7 @@ fn keys(args: KeysArgs) -> Result<(), StartupError> {
             let before = keys::KeyStore::load(dir, alg, delay).ok();
             let store = keys::KeyStore::load_or_generate(dir, alg, delay)?;
             match before {
-                Some(_) => println!("a {alg:?} key exists already: {}", store.signing().kid),
+                Some(_) => println!("a {alg} key exists already: {}", store.signing().kid),
                 None => println!("generated {}", store.signing().kid),
             }
         }
@@ -417,9 +417,9 @@ fn keys(args: KeysArgs) -> Result<(), StartupError> {
             for (i, key) in store.keys().iter().enumerate() {
                 let role = if i == 0 { "signs" } else { "verifies" };
                 println!(
-                    "{}  {:?}  {role}  {}",
+                    "{}  {}  {role}  {}",
                     key.kid,
-                    key.algorithm,
+                    keys::algorithm_name(key.algorithm),
                     key.path.display()
                 );
             }

@@ -253,6 +253,25 @@ pub enum JwtAlgorithm {
     Es256,
 }
 
+impl JwtAlgorithm {
+    /// The JWS name (RFC 7518 `alg`), exactly as `JWT_ALGORITHM` takes it
+    /// and as GetPublicKeys and the JWKS show it: "EdDSA", "RS256", "ES256".
+    /// Written out rather than taken from `Debug`, which is no contract.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::EdDsa => "EdDSA",
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+        }
+    }
+}
+
+impl std::fmt::Display for JwtAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -392,6 +411,22 @@ mod tests {
             parse(&["--jwt-algorithm", "ES256"]).unwrap().jwt_algorithm,
             JwtAlgorithm::Es256
         );
+    }
+
+    #[test]
+    fn algorithm_names_are_the_ones_jwt_algorithm_takes() {
+        for (alg, name) in [
+            (JwtAlgorithm::EdDsa, "EdDSA"),
+            (JwtAlgorithm::Rs256, "RS256"),
+            (JwtAlgorithm::Es256, "ES256"),
+        ] {
+            assert_eq!(alg.as_str(), name);
+            assert_eq!(alg.to_string(), name);
+            assert_eq!(
+                parse(&["--jwt-algorithm", name]).unwrap().jwt_algorithm,
+                alg
+            );
+        }
     }
 
     #[test]

@@ -47,6 +47,39 @@ mod tests {
         assert!(known.contains("/grpc.health.v1.Health/Check"));
         assert!(!known.contains("/a.b/random"));
     }
+
+    #[test]
+    fn code_labels_are_the_documented_names() {
+        use tonic::Code;
+        let labels: Vec<&str> = (0..=16)
+            .map(|c| super::code_label(Code::from_i32(c)))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "Ok",
+                "Cancelled",
+                "Unknown",
+                "InvalidArgument",
+                "DeadlineExceeded",
+                "NotFound",
+                "AlreadyExists",
+                "PermissionDenied",
+                "ResourceExhausted",
+                "FailedPrecondition",
+                "Aborted",
+                "OutOfRange",
+                "Unimplemented",
+                "Internal",
+                "Unavailable",
+                "DataLoss",
+                "Unauthenticated",
+            ]
+        );
+        assert_eq!(super::code_name(b"8"), "ResourceExhausted");
+        assert_eq!(super::code_name(b"99"), "Unknown");
+        assert_eq!(super::code_name(b"x"), "Unknown");
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -182,13 +215,39 @@ fn known_methods() -> std::collections::HashSet<String> {
     known
 }
 
-/// The gRPC status code's name, as Prometheus labels show it.
+/// The gRPC status code of a `grpc-status` value, by its label name.
 fn code_name(value: &[u8]) -> String {
     std::str::from_utf8(value)
         .ok()
         .and_then(|s| s.parse::<i32>().ok())
-        .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
-        .unwrap_or_else(|| "Unknown".to_owned())
+        .map_or("Unknown", |c| code_label(tonic::Code::from_i32(c)))
+        .to_owned()
+}
+
+/// The `code` label of a status, as docs/operations.md documents it: the
+/// code's name in CamelCase. Written out rather than taken from `Debug`,
+/// which is no contract (dashboards and alerts match these strings).
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
 }
 
 /// Records every call's status and latency in [`Metrics`].

@@ -173,6 +173,13 @@ pub struct Config {
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_requests: u32,
 
+    /// Requests a client may have in flight at once on one HTTP/2
+    /// connection: the SETTINGS_MAX_CONCURRENT_STREAMS the server advertises
+    /// (RFC 9113, 6.5.2). A client past it waits or opens another connection.
+    #[arg(long, env = "HTTP2_MAX_CONCURRENT_STREAMS", value_name = "HTTP2_MAX_CONCURRENT_STREAMS",
+          default_value = "200", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http2_max_concurrent_streams: u32,
+
     /// Server certificate chain (PEM) for TLS; plaintext h2c when unset (for
     /// a mesh sidecar to wrap).
     #[arg(long, env = "TLS_CERT", value_name = "TLS_CERT", requires = "tls_key")]
@@ -395,6 +402,15 @@ mod tests {
         assert!(c.allow_registration);
         assert_eq!(c.listen_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.pool_size() as usize, 2 * c.worker_threads());
+        assert_eq!(c.http2_max_concurrent_streams, 200);
+    }
+
+    #[test]
+    fn stream_limits_are_at_least_one() {
+        let flag = "--http2-max-concurrent-streams";
+        assert!(parse(&[flag, "0"]).is_err());
+        assert!(parse(&[flag, "many"]).is_err());
+        assert!(parse(&[flag, "1"]).is_ok());
     }
 
     #[test]

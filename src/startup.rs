@@ -160,6 +160,7 @@ struct Limits {
     request_timeout: Duration,
     shutdown_grace: Duration,
     max_concurrent_requests: usize,
+    http2_max_concurrent_streams: u32,
 }
 
 /// The largest request message: 64 KiB is far above any valid request.
@@ -252,6 +253,7 @@ impl Application {
                 request_timeout: config.request_timeout,
                 shutdown_grace: config.shutdown_grace,
                 max_concurrent_requests: config.max_concurrent_requests as usize,
+                http2_max_concurrent_streams: config.http2_max_concurrent_streams,
             },
         })
     }
@@ -357,6 +359,9 @@ impl Application {
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // tonic's default, None, would override hyper's 200 and
+            // advertise no limit at all.
+            .max_concurrent_streams(Some(self.limits.http2_max_concurrent_streams))
             .layer(layers)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signalled);

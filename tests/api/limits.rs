@@ -225,3 +225,56 @@ async fn an_attempt_refused_for_hashing_capacity_does_not_count_towards_a_lock()
         .unwrap_or(0);
     assert_eq!(counted as usize, checked, "only checked passwords count");
 }
+
+/// The server's SETTINGS, read off a raw connection: the client preface and
+/// an empty SETTINGS frame out, frames in until the server's own (not an
+/// ACK). Pairs of identifier and value (RFC 9113, 6.5).
+async fn server_settings(addr: std::net::SocketAddr) -> Vec<(u16, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // Length 0, type 0x4 (SETTINGS), no flags, stream 0.
+    tcp.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+    loop {
+        let mut header = [0u8; 9];
+        tcp.read_exact(&mut header).await.unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.unwrap();
+        let (kind, flags) = (header[3], header[4]);
+        if kind == 0x4 && flags & 0x1 == 0 {
+            return payload
+                .chunks_exact(6)
+                .map(|s| {
+                    (
+                        u16::from_be_bytes([s[0], s[1]]),
+                        u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+                    )
+                })
+                .collect();
+        }
+    }
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS.
+const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+#[tokio::test]
+async fn the_server_advertises_a_limit_of_streams_per_connection() {
+    let app = spawn_app().await;
+    let settings = server_settings(app.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 200)),
+        "200 by default: {settings:?}"
+    );
+
+    let db = TestDb::migrated().await;
+    let app = spawn_app_on(db, |c| c.http2_max_concurrent_streams = 7).await;
+    let settings = server_settings(app.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+        "HTTP2_MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+}

@@ -17,18 +17,32 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. Later calls do nothing, so that tests may
 /// call it once per test.
 pub fn init(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Without a Sentry client bound, this layer sends nothing.
     let sentry = sentry::integrations::tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR);
     let registry = tracing_subscriber::registry().with(sentry).with(filter);
+    let ansi = colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let _ = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
             .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(fmt::layer().json().with_ansi(false).with_writer(std::io::stderr))
             .try_init(),
     };
+}
+
+/// Whether text log lines are coloured: only when standard error is a
+/// terminal (a file, a pipe or a log collector would keep the escape
+/// sequences as text), and never when `NO_COLOR` is set to anything but the
+/// empty string (<https://no-color.org>). tracing-subscriber on its own
+/// honours `NO_COLOR` but colours a pipe.
+pub fn colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Starts the Sentry client when `dsn` is set; keep the guard for the life
@@ -156,6 +170,17 @@ mod tests {
         let headers = &event.request.unwrap().headers;
         assert!(!headers.contains_key("Authorization"));
         assert!(headers.contains_key("x-request-id"));
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colours(true, None));
+        assert!(colours(true, Some(OsStr::new(""))), "empty NO_COLOR is unset");
+        assert!(!colours(true, Some(OsStr::new("1"))));
+        assert!(!colours(true, Some(OsStr::new("0"))), "any value counts");
+        assert!(!colours(false, None));
+        assert!(!colours(false, Some(OsStr::new(""))));
     }
 
     #[test]

@@ -292,3 +292,26 @@ fn a_data_dir_postgres_cannot_reach_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_sigterm_during_start_up_stops_the_service_cleanly_once_started() {
+    let dir = TempDir::new("identity-early-term");
+    let data = dir.0.join("data");
+    let mut child = command(&data).spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = stderr.lines().map_while(Result::ok);
+    // Logged while start-up is under way, before serving begins.
+    assert!(
+        lines.any(|l| l.contains("applied migrations")),
+        "no start-up line"
+    );
+    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let rest: Vec<String> = lines.collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("SIGTERM received")));
+    assert!(
+        !data.join("pg/postmaster.pid").exists(),
+        "the cluster was stopped"
+    );
+}

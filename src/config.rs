@@ -173,6 +173,15 @@ pub struct Config {
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_requests: u32,
 
+    /// Server streams open at once across all connections: health Watch,
+    /// reflection, and every RPC that streams (its descriptor says so). More
+    /// are refused at once with RESOURCE_EXHAUSTED. Streams do not count
+    /// against MAX_CONCURRENT_REQUESTS, do not end at REQUEST_TIMEOUT, and
+    /// end with OK when the service shuts down.
+    #[arg(long, env = "MAX_STREAMS", value_name = "MAX_STREAMS",
+          default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams: u32,
+
     /// Requests a client may have in flight at once on one HTTP/2
     /// connection: the SETTINGS_MAX_CONCURRENT_STREAMS the server advertises
     /// (RFC 9113, 6.5.2). A client past it waits or opens another connection.
@@ -402,15 +411,17 @@ mod tests {
         assert!(c.allow_registration);
         assert_eq!(c.listen_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.pool_size() as usize, 2 * c.worker_threads());
+        assert_eq!(c.max_streams, 1024);
         assert_eq!(c.http2_max_concurrent_streams, 200);
     }
 
     #[test]
     fn stream_limits_are_at_least_one() {
-        let flag = "--http2-max-concurrent-streams";
-        assert!(parse(&[flag, "0"]).is_err());
-        assert!(parse(&[flag, "many"]).is_err());
-        assert!(parse(&[flag, "1"]).is_ok());
+        for flag in ["--max-streams", "--http2-max-concurrent-streams"] {
+            assert!(parse(&[flag, "0"]).is_err(), "{flag}");
+            assert!(parse(&[flag, "many"]).is_err(), "{flag}");
+            assert!(parse(&[flag, "1"]).is_ok(), "{flag}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::db::{
 use crate::error::Error;
 use crate::grpc::{AccountsGrpc, AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::Hasher;
-use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer};
+use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};
 use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AccountService, AuthService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
@@ -141,6 +141,7 @@ pub struct Application {
     limits: Limits,
     keys: KeysSource,
     metrics: crate::metrics::Metrics,
+    streams: StreamLimit,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
@@ -199,7 +200,8 @@ impl Application {
             config.jwt_audience.clone(),
             config.access_token_ttl,
         );
-        let metrics = crate::metrics::Metrics::new(pool.clone(), hasher.clone())
+        let streams = StreamLimit::new(config.max_streams as usize);
+        let metrics = crate::metrics::Metrics::new(pool.clone(), hasher.clone(), streams.clone())
             .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
         let users = UserService::new(pool.clone(), hasher.clone());
         let accounts = AccountService::new(
@@ -241,6 +243,7 @@ impl Application {
             groups,
             registration_open: config.allow_registration,
             metrics,
+            streams,
             tls: tls_config(config)?,
             keys: KeysSource {
                 activation_delay: config.keys_activation_delay,
@@ -322,11 +325,14 @@ impl Application {
         let layers = tower::ServiceBuilder::new()
             .layer(crate::telemetry::RequestContextLayer)
             .layer(crate::metrics::MetricsLayer::new(self.metrics.clone()))
+            // Streams first: they are exempt from the two below.
+            .layer(self.streams.layer())
             .layer(ShedLayer::new(self.limits.max_concurrent_requests))
             .layer(DeadlineLayer::new(self.limits.request_timeout))
             .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
             .layer(AuthLayer::new(self.auth));
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let streams = self.streams.clone();
         let signalled = async move {
             shutdown.await;
             tracing::info!("shutting down: no new calls, waiting for those in flight");
@@ -340,6 +346,10 @@ impl Application {
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
+            // Open streams end with OK (a health watcher after hearing
+            // NOT_SERVING), so that the drain below waits only for unary
+            // calls, which REQUEST_TIMEOUT bounds.
+            streams.close();
             let _ = shutdown_tx.send(());
         };
         // Accepted connections get TCP_NODELAY (without it Nagle's algorithm

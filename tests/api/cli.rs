@@ -45,6 +45,7 @@ fn a_bad_setting_stops_serve_with_one_line_naming_it_and_exit_2() {
         ("LOG_FORMAT", "xml"),
         ("SENTRY_DSN", "not a dsn"),
         ("HASH_QUEUE", "0"),
+        ("MAX_STREAMS", "0"),
         ("HTTP2_MAX_CONCURRENT_STREAMS", "0"),
         ("HTTP2_MAX_CONCURRENT_STREAMS", "lots"),
         // A certificate without its key.

@@ -164,8 +164,14 @@ impl Serve {
     }
 
     /// SIGTERM, then the exit code.
-    pub fn terminate(mut self) -> i32 {
+    pub fn terminate(self) -> i32 {
         self.signal(Signal::SIGTERM);
+        self.wait()
+    }
+
+    /// Waits for the process to exit (after a signal sent with
+    /// [`Serve::signal`]); its exit code.
+    pub fn wait(mut self) -> i32 {
         let status = self.child.wait().unwrap();
         // The log is complete once the pipe is drained.
         if let Some(drain) = self.drain.take() {

@@ -60,6 +60,22 @@ pub enum EmbeddedError {
          allow it (e.g. chmod o+x) or choose a DATA_DIR it can reach"
     )]
     Unreachable(PathBuf),
+    /// DATA_DIR, or a file in it, is open to other users and cannot be
+    /// closed (it belongs to another user).
+    #[error(
+        "DATA_DIR: {path} is open to other users (mode {was:04o}) and cannot be made private \
+         ({source}); make it mode {want:04o}, owned by the user that runs identity"
+    )]
+    NotPrivate {
+        /// DATA_DIR or the file in it.
+        path: PathBuf,
+        /// Its mode.
+        was: u32,
+        /// The mode it should have.
+        want: u32,
+        /// Why chmod failed.
+        source: io::Error,
+    },
     /// Running as root with no unprivileged user to run PostgreSQL as.
     #[error("running as root, and there is no '{POSTGRES_OS_USER}' user to run PostgreSQL as")]
     NoUser,
@@ -451,8 +467,14 @@ fn restrict(path: &Path, mode: u32) -> Result<(), EmbeddedError> {
     if meta.file_type().is_symlink() || was & 0o077 == 0 {
         return Ok(());
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(io_err("setting the mode of", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
+        EmbeddedError::NotPrivate {
+            path: path.to_owned(),
+            was,
+            want: mode,
+            source,
+        }
+    })?;
     tracing::warn!(
         path = %path.display(),
         was = %format!("{was:04o}"),

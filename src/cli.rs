@@ -185,24 +185,36 @@ async fn serve(config: Config) -> Result<(), StartupError> {
     // "terminate": a rotation hook may fire while the service starts.
     let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| StartupError::Other(format!("cannot handle SIGHUP: {e}")))?;
+    let stop = shutdown_signal();
     let app = Application::build(&config).await?;
-    app.run_until_stopped(shutdown_signal()).await
+    app.run_until_stopped(stop).await
 }
 
-/// Resolves on Ctrl-C or SIGTERM (what a mesh or orchestrator sends).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Resolves on Ctrl-C or SIGTERM (what a mesh or orchestrator sends). The
+/// handlers are installed when this is called, not when the future is first
+/// polled (once serving starts): a SIGTERM that arrives while the service
+/// starts, or just after its ready line, then stops it cleanly instead of
+/// killing it with the default action and orphaning its embedded cluster.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn received(signal: std::io::Result<Signal>, name: &str) {
+        match signal {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for {name}");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
+    }
+    let interrupt = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        tokio::select! {
+            _ = received(interrupt, "SIGINT") => tracing::info!("interrupt received: shutting down"),
+            _ = received(term, "SIGTERM") => tracing::info!("SIGTERM received: shutting down"),
+        }
     }
 }
 
@@ -273,11 +285,11 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
         .map_err(|e| invalid("password", e))?;
 
     let config = &args.config;
+    let hasher = Hasher::new(config.hash_params(), 1, 1)?;
     let database = admin_database(config).await?;
     let result = async {
         db::migrations::run_pending(&database.url).await?;
         let pool = db::pool(&database.url, 1)?;
-        let hasher = Hasher::new(config.hash_params(), 1, 1)?;
         UserService::new(pool, hasher)
             .create(NewUser {
                 username,
@@ -318,12 +330,12 @@ async fn import(args: ImportArgs) -> Result<(), StartupError> {
         Box::new(std::io::BufReader::new(file))
     };
     let config = &args.config;
+    // Nothing is hashed here: the hashes come with the users.
+    let hasher = Hasher::new(config.hash_params(), 1, 1)?;
     let database = admin_database(config).await?;
     let result = async {
         db::migrations::run_pending(&database.url).await?;
         let pool = db::pool(&database.url, 1)?;
-        // Nothing is hashed here: the hashes come with the users.
-        let hasher = Hasher::new(config.hash_params(), 1, 1)?;
         let accounts = AccountService::new(
             pool,
             hasher,
@@ -399,7 +411,7 @@ fn keys(args: KeysArgs) -> Result<(), StartupError> {
             let before = keys::KeyStore::load(dir, alg, delay).ok();
             let store = keys::KeyStore::load_or_generate(dir, alg, delay)?;
             match before {
-                Some(_) => println!("a {alg:?} key exists already: {}", store.signing().kid),
+                Some(_) => println!("a {alg} key exists already: {}", store.signing().kid),
                 None => println!("generated {}", store.signing().kid),
             }
         }
@@ -418,9 +430,9 @@ fn keys(args: KeysArgs) -> Result<(), StartupError> {
             for (i, key) in store.keys().iter().enumerate() {
                 let role = if i == 0 { "signs" } else { "verifies" };
                 println!(
-                    "{}  {:?}  {role}  {}",
+                    "{}  {}  {role}  {}",
                     key.kid,
-                    key.algorithm,
+                    keys::algorithm_name(key.algorithm),
                     key.path.display()
                 );
             }

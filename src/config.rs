@@ -173,6 +173,22 @@ pub struct Config {
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_requests: u32,
 
+    /// Server streams open at once across all connections: health Watch,
+    /// reflection, and every RPC that streams (its descriptor says so). More
+    /// are refused at once with RESOURCE_EXHAUSTED. Streams do not count
+    /// against MAX_CONCURRENT_REQUESTS, do not end at REQUEST_TIMEOUT, and
+    /// end with OK when the service shuts down.
+    #[arg(long, env = "MAX_STREAMS", value_name = "MAX_STREAMS",
+          default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams: u32,
+
+    /// Requests a client may have in flight at once on one HTTP/2
+    /// connection: the SETTINGS_MAX_CONCURRENT_STREAMS the server advertises
+    /// (RFC 9113, 6.5.2). A client past it waits or opens another connection.
+    #[arg(long, env = "HTTP2_MAX_CONCURRENT_STREAMS", value_name = "HTTP2_MAX_CONCURRENT_STREAMS",
+          default_value = "200", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub http2_max_concurrent_streams: u32,
+
     /// Server certificate chain (PEM) for TLS; plaintext h2c when unset (for
     /// a mesh sidecar to wrap).
     #[arg(long, env = "TLS_CERT", value_name = "TLS_CERT", requires = "tls_key")]
@@ -251,6 +267,25 @@ pub enum JwtAlgorithm {
     /// ECDSA P-256 with SHA-256.
     #[value(name = "ES256")]
     Es256,
+}
+
+impl JwtAlgorithm {
+    /// The JWS name (RFC 7518 `alg`), exactly as `JWT_ALGORITHM` takes it
+    /// and as GetPublicKeys and the JWKS show it: "EdDSA", "RS256", "ES256".
+    /// Written out rather than taken from `Debug`, which is no contract.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::EdDsa => "EdDSA",
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+        }
+    }
+}
+
+impl std::fmt::Display for JwtAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How log lines are written.
@@ -376,6 +411,17 @@ mod tests {
         assert!(c.allow_registration);
         assert_eq!(c.listen_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.pool_size() as usize, 2 * c.worker_threads());
+        assert_eq!(c.max_streams, 1024);
+        assert_eq!(c.http2_max_concurrent_streams, 200);
+    }
+
+    #[test]
+    fn stream_limits_are_at_least_one() {
+        for flag in ["--max-streams", "--http2-max-concurrent-streams"] {
+            assert!(parse(&[flag, "0"]).is_err(), "{flag}");
+            assert!(parse(&[flag, "many"]).is_err(), "{flag}");
+            assert!(parse(&[flag, "1"]).is_ok(), "{flag}");
+        }
     }
 
     #[test]
@@ -392,6 +438,22 @@ mod tests {
             parse(&["--jwt-algorithm", "ES256"]).unwrap().jwt_algorithm,
             JwtAlgorithm::Es256
         );
+    }
+
+    #[test]
+    fn algorithm_names_are_the_ones_jwt_algorithm_takes() {
+        for (alg, name) in [
+            (JwtAlgorithm::EdDsa, "EdDSA"),
+            (JwtAlgorithm::Rs256, "RS256"),
+            (JwtAlgorithm::Es256, "ES256"),
+        ] {
+            assert_eq!(alg.as_str(), name);
+            assert_eq!(alg.to_string(), name);
+            assert_eq!(
+                parse(&["--jwt-algorithm", name]).unwrap().jwt_algorithm,
+                alg
+            );
+        }
     }
 
     #[test]

@@ -68,21 +68,58 @@ struct Inner {
     dummy_hash: String,
 }
 
+/// Why the hasher could not start. Not a database error, nor a call's: it
+/// stops start-up with a message of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum HasherError {
+    /// argon2 refuses the parameters together (each is valid on its own).
+    #[error(
+        "argon2 refuses ARGON2_MEMORY_KIB={memory_kib}, ARGON2_ITERATIONS={iterations}, \
+         ARGON2_PARALLELISM={parallelism} together: {reason}"
+    )]
+    Params {
+        /// Memory in KiB.
+        memory_kib: u32,
+        /// Passes.
+        iterations: u32,
+        /// Lanes.
+        parallelism: u32,
+        /// argon2's words.
+        reason: String,
+    },
+    /// The first hash (of the dummy password) failed.
+    #[error("argon2 could not hash: {0}")]
+    Hash(String),
+    /// The operating system would not start a hashing thread.
+    #[error("cannot start a hashing thread (HASH_CONCURRENCY): {0}")]
+    Thread(#[source] std::io::Error),
+}
+
 impl Hasher {
     /// A hasher with `concurrency` slots and a queue of `queue_limit`.
-    pub fn new(params: HashParams, concurrency: usize, queue_limit: usize) -> Result<Self, Error> {
-        let params = Params::new(
-            params.memory_kib,
-            params.iterations,
-            params.parallelism,
-            None,
-        )
-        .map_err(|e| Error::internal(format!("argon2 parameters: {e}")))?;
+    pub fn new(
+        params: HashParams,
+        concurrency: usize,
+        queue_limit: usize,
+    ) -> Result<Self, HasherError> {
+        let HashParams {
+            memory_kib,
+            iterations,
+            parallelism,
+        } = params;
+        let params = Params::new(memory_kib, iterations, parallelism, None).map_err(|e| {
+            HasherError::Params {
+                memory_kib,
+                iterations,
+                parallelism,
+                reason: e.to_string(),
+            }
+        })?;
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let salt = SaltString::generate(&mut OsRng);
         let dummy_hash = argon2
             .hash_password(SaltString::generate(&mut OsRng).as_str().as_bytes(), &salt)
-            .map_err(|e| Error::internal(format!("argon2: {e}")))?
+            .map_err(|e| HasherError::Hash(e.to_string()))?
             .to_string();
         let concurrency = concurrency.max(1);
         let (jobs, queue) = mpsc::channel::<Job>();
@@ -93,7 +130,7 @@ impl Hasher {
             std::thread::Builder::new()
                 .name(format!("identity-hash-{n}"))
                 .spawn(move || hashing_thread(&queue, memory))
-                .map_err(|e| Error::internal(format!("starting a hashing thread: {e}")))?;
+                .map_err(HasherError::Thread)?;
         }
         Ok(Self {
             inner: Arc::new(Inner {

@@ -1,6 +1,6 @@
 //! Prometheus metrics, served as text on `GET /metrics`: calls by service,
-//! method and status code; call latency; the database pool; the hashing
-//! queue; and the process (CPU, memory, file descriptors).
+//! method and status code; call latency; open streams; the database pool;
+//! the hashing queue; and the process (CPU, memory, file descriptors).
 
 use std::{
     pin::Pin,
@@ -17,6 +17,7 @@ use tower::{Layer, Service};
 
 use crate::db::Pool;
 use crate::hashing::Hasher;
+use crate::limits::StreamLimit;
 
 /// The service's metrics and what they are read from.
 #[derive(Clone)]
@@ -26,6 +27,7 @@ pub struct Metrics {
     latency: HistogramVec,
     pool: IntGaugeVec,
     hash_queue: IntGauge,
+    open_streams: IntGauge,
     sources: Arc<Sources>,
     /// "/package.Service/Method" of every RPC served: only these become
     /// labels, so random paths cannot grow the registry.
@@ -35,6 +37,7 @@ pub struct Metrics {
 struct Sources {
     pool: Pool,
     hasher: Hasher,
+    streams: StreamLimit,
 }
 
 #[cfg(test)]
@@ -45,7 +48,41 @@ mod tests {
         assert!(known.contains("/identity.v1.UserService/CreateUser"));
         assert!(known.contains("/identity.v1.AuthService/VerifyToken"));
         assert!(known.contains("/grpc.health.v1.Health/Check"));
+        assert!(known.contains("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"));
         assert!(!known.contains("/a.b/random"));
+    }
+
+    #[test]
+    fn code_labels_are_the_documented_names() {
+        use tonic::Code;
+        let labels: Vec<&str> = (0..=16)
+            .map(|c| super::code_label(Code::from_i32(c)))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "Ok",
+                "Cancelled",
+                "Unknown",
+                "InvalidArgument",
+                "DeadlineExceeded",
+                "NotFound",
+                "AlreadyExists",
+                "PermissionDenied",
+                "ResourceExhausted",
+                "FailedPrecondition",
+                "Aborted",
+                "OutOfRange",
+                "Unimplemented",
+                "Internal",
+                "Unavailable",
+                "DataLoss",
+                "Unauthenticated",
+            ]
+        );
+        assert_eq!(super::code_name(b"8"), "ResourceExhausted");
+        assert_eq!(super::code_name(b"99"), "Unknown");
+        assert_eq!(super::code_name(b"x"), "Unknown");
     }
 }
 
@@ -56,8 +93,13 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; `pool` and `hasher` are read at each scrape.
-    pub fn new(db_pool: Pool, hasher: Hasher) -> Result<Self, prometheus::Error> {
+    /// Registers every metric; `pool`, `hasher` and `streams` are read at
+    /// each scrape.
+    pub fn new(
+        db_pool: Pool,
+        hasher: Hasher,
+        streams: StreamLimit,
+    ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -88,7 +130,12 @@ impl Metrics {
             "identity_hash_queue_depth",
             "Callers waiting for a password hashing slot.",
         )?;
+        let open_streams = IntGauge::new(
+            "identity_grpc_open_streams",
+            "Server streams open now (health Watch, reflection, streaming RPCs), of MAX_STREAMS.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(open_streams.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(hash_queue.clone()))?;
@@ -101,10 +148,12 @@ impl Metrics {
             latency,
             pool,
             hash_queue,
+            open_streams,
             known: Arc::new(known_methods()),
             sources: Arc::new(Sources {
                 pool: db_pool,
                 hasher,
+                streams,
             }),
         })
     }
@@ -121,6 +170,8 @@ impl Metrics {
             .set(i64::try_from(status.waiting).unwrap_or(i64::MAX));
         self.hash_queue
             .set(i64::try_from(self.sources.hasher.queue_depth()).unwrap_or(i64::MAX));
+        self.open_streams
+            .set(i64::try_from(self.sources.streams.open()).unwrap_or(i64::MAX));
         let mut out = Vec::new();
         if let Err(e) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -150,45 +201,47 @@ impl Metrics {
     }
 }
 
-/// Every RPC in the descriptor sets the server registers, plus reflection.
+/// Every RPC of the descriptor sets the server registers.
 fn known_methods() -> std::collections::HashSet<String> {
-    use prost::Message;
-    let mut known = std::collections::HashSet::new();
-    for set in [
-        crate::proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-    ] {
-        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else {
-            continue;
-        };
-        for file in set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    known.insert(format!(
-                        "/{}.{}/{}",
-                        file.package(),
-                        service.name(),
-                        method.name()
-                    ));
-                }
-            }
-        }
-    }
-    for version in ["v1", "v1alpha"] {
-        known.insert(format!(
-            "/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
-        ));
-    }
-    known
+    crate::limits::rpc_methods()
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
 }
 
-/// The gRPC status code's name, as Prometheus labels show it.
+/// The gRPC status code of a `grpc-status` value, by its label name.
 fn code_name(value: &[u8]) -> String {
     std::str::from_utf8(value)
         .ok()
         .and_then(|s| s.parse::<i32>().ok())
-        .map(|c| format!("{:?}", tonic::Code::from_i32(c)))
-        .unwrap_or_else(|| "Unknown".to_owned())
+        .map_or("Unknown", |c| code_label(tonic::Code::from_i32(c)))
+        .to_owned()
+}
+
+/// The `code` label of a status, as docs/operations.md documents it: the
+/// code's name in CamelCase. Written out rather than taken from `Debug`,
+/// which is no contract (dashboards and alerts match these strings).
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
 }
 
 /// Records every call's status and latency in [`Metrics`].

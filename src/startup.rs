@@ -18,7 +18,7 @@ use crate::db::{
 use crate::error::Error;
 use crate::grpc::{AccountsGrpc, AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::Hasher;
-use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer};
+use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};
 use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AccountService, AuthService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
@@ -37,6 +37,9 @@ pub enum StartupError {
     /// The database could not be prepared.
     #[error("database: {0}")]
     Database(#[source] Error),
+    /// The password hashing threads could not start.
+    #[error("password hashing: {0}")]
+    Hashing(#[from] crate::hashing::HasherError),
     /// The listener could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, #[source] std::io::Error),
@@ -138,6 +141,7 @@ pub struct Application {
     limits: Limits,
     keys: KeysSource,
     metrics: crate::metrics::Metrics,
+    streams: StreamLimit,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
@@ -157,6 +161,7 @@ struct Limits {
     request_timeout: Duration,
     shutdown_grace: Duration,
     max_concurrent_requests: usize,
+    http2_max_concurrent_streams: u32,
 }
 
 /// The largest request message: 64 KiB is far above any valid request.
@@ -166,6 +171,13 @@ impl Application {
     /// Opens the database, applies pending migrations, builds the services
     /// and binds `LISTEN_ADDR`.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        // First: settings argon2 refuses together fail before any database
+        // work, with a message of their own.
+        let hasher = Hasher::new(
+            config.hash_params(),
+            config.hash_concurrency(),
+            config.hash_queue as usize,
+        )?;
         let database = Database::open(config).await?;
         let applied = db::migrations::run_pending(&database.url)
             .await
@@ -175,12 +187,6 @@ impl Application {
         }
         let pool = db::pool(&database.url, config.pool_size())
             .map_err(|e| StartupError::Database(e.into()))?;
-        let hasher = Hasher::new(
-            config.hash_params(),
-            config.hash_concurrency(),
-            config.hash_queue as usize,
-        )
-        .map_err(StartupError::Database)?;
         let keys_dir = config.keys_dir.clone();
         let alg = config.jwt_algorithm;
         let delay = config.keys_activation_delay;
@@ -195,7 +201,8 @@ impl Application {
             config.jwt_audience.clone(),
             config.access_token_ttl,
         );
-        let metrics = crate::metrics::Metrics::new(pool.clone(), hasher.clone())
+        let streams = StreamLimit::new(config.max_streams as usize);
+        let metrics = crate::metrics::Metrics::new(pool.clone(), hasher.clone(), streams.clone())
             .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
         let users = UserService::new(pool.clone(), hasher.clone());
         let accounts = AccountService::new(
@@ -243,6 +250,7 @@ impl Application {
             groups,
             registration_open: config.allow_registration,
             metrics,
+            streams,
             tls: tls_config(config)?,
             keys: KeysSource {
                 activation_delay: config.keys_activation_delay,
@@ -255,6 +263,7 @@ impl Application {
                 request_timeout: config.request_timeout,
                 shutdown_grace: config.shutdown_grace,
                 max_concurrent_requests: config.max_concurrent_requests as usize,
+                http2_max_concurrent_streams: config.http2_max_concurrent_streams,
             },
         })
     }
@@ -323,11 +332,14 @@ impl Application {
         let layers = tower::ServiceBuilder::new()
             .layer(crate::telemetry::RequestContextLayer)
             .layer(crate::metrics::MetricsLayer::new(self.metrics.clone()))
+            // Streams first: they are exempt from the two below.
+            .layer(self.streams.layer())
             .layer(ShedLayer::new(self.limits.max_concurrent_requests))
             .layer(DeadlineLayer::new(self.limits.request_timeout))
             .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
             .layer(AuthLayer::new(self.auth));
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let streams = self.streams.clone();
         let signalled = async move {
             shutdown.await;
             tracing::info!("shutting down: no new calls, waiting for those in flight");
@@ -341,6 +353,10 @@ impl Application {
                     .set_service_status(name, ServingStatus::NotServing)
                     .await;
             }
+            // Open streams end with OK (a health watcher after hearing
+            // NOT_SERVING), so that the drain below waits only for unary
+            // calls, which REQUEST_TIMEOUT bounds.
+            streams.close();
             let _ = shutdown_tx.send(());
         };
         // Accepted connections get TCP_NODELAY (without it Nagle's algorithm
@@ -360,6 +376,9 @@ impl Application {
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // tonic's default, None, would override hyper's 200 and
+            // advertise no limit at all.
+            .max_concurrent_streams(Some(self.limits.http2_max_concurrent_streams))
             .layer(layers)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signalled);

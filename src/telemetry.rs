@@ -5,30 +5,84 @@
 //!
 //! Nothing logged anywhere carries a password, a hash or a token: handlers
 //! are instrumented with `skip_all`/`skip`, [`crate::domain::Password`]'s
-//! `Debug` hides its value, and Sentry events lose any Authorization or
-//! Cookie header before they leave (`before_send`).
+//! `Debug` hides its value, library log lines that print what they carry
+//! are held back whatever `RUST_LOG` says ([`CAPPED`]), and Sentry events
+//! lose any Authorization or Cookie header before they leave
+//! (`before_send`).
 
 use std::sync::Arc;
 
-use tracing_subscriber::{EnvFilter, filter::LevelFilter, fmt, prelude::*};
+use tracing_subscriber::{
+    EnvFilter,
+    filter::{LevelFilter, Targets},
+    fmt,
+    prelude::*,
+};
+
+/// Library targets and the most they may log, whatever `RUST_LOG` asks:
+/// a second filter beside `RUST_LOG`'s, which an event must pass too, so
+/// that no directive (`RUST_LOG=trace`, `tokio_postgres=trace`) widens it.
+///
+/// - `tokio_postgres` (through the `log` bridge) prints at debug every
+///   statement's bound parameters, as byte lists: password hashes, account
+///   token hashes, emails and canonical logins. It logs nothing above debug.
+///
+/// Read at trace, and left open: `h2` prints frames without their header
+/// fields or data (its `Debug` leaves them out on purpose) and the value of
+/// a `te` header that is not "trailers"; `hyper` prints sizes and header
+/// names, never values; `tonic` prints errors and connection events;
+/// `diesel`, `diesel_async` and `deadpool` do not log. The tests `logs::`
+/// run the service at trace, debug and the default level and scan every
+/// line for every secret in every encoding, so that a library that starts
+/// printing one is caught.
+pub const CAPPED: &[(&str, LevelFilter)] = &[("tokio_postgres", LevelFilter::INFO)];
+
+/// The filter of [`CAPPED`]: everything else passes.
+pub fn caps() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_targets(CAPPED.iter().copied())
+}
 
 use crate::config::LogFormat;
 
 /// Installs the global subscriber. Later calls do nothing, so that tests may
 /// call it once per test.
 pub fn init(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Without a Sentry client bound, this layer sends nothing.
     let sentry = sentry::integrations::tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR);
-    let registry = tracing_subscriber::registry().with(sentry).with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(sentry)
+        .with(filter)
+        .with(caps());
+    let ansi = colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let _ = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
             .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_ansi(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
+}
+
+/// Whether text log lines are coloured: only when standard error is a
+/// terminal (a file, a pipe or a log collector would keep the escape
+/// sequences as text), and never when `NO_COLOR` is set to anything but the
+/// empty string (<https://no-color.org>). tracing-subscriber on its own
+/// honours `NO_COLOR` but colours a pipe.
+pub fn colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Starts the Sentry client when `dsn` is set; keep the guard for the life
@@ -156,6 +210,44 @@ mod tests {
         let headers = &event.request.unwrap().headers;
         assert!(!headers.contains_key("Authorization"));
         assert!(headers.contains_key("x-request-id"));
+    }
+
+    #[test]
+    fn statement_parameters_stay_out_at_every_level() {
+        use tracing::Level;
+        let caps = caps();
+        for target in [
+            "tokio_postgres::query",
+            "tokio_postgres::prepare",
+            "tokio_postgres",
+        ] {
+            for level in [Level::TRACE, Level::DEBUG] {
+                assert!(!caps.would_enable(target, &level), "{target} at {level}");
+            }
+            assert!(caps.would_enable(target, &Level::INFO));
+        }
+        for target in [
+            "identity::service::auth",
+            "h2::codec",
+            "hyper::proto",
+            "tonic",
+        ] {
+            assert!(caps.would_enable(target, &Level::TRACE), "{target}");
+        }
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colours(true, None));
+        assert!(
+            colours(true, Some(OsStr::new(""))),
+            "empty NO_COLOR is unset"
+        );
+        assert!(!colours(true, Some(OsStr::new("1"))));
+        assert!(!colours(true, Some(OsStr::new("0"))), "any value counts");
+        assert!(!colours(false, None));
+        assert!(!colours(false, Some(OsStr::new(""))));
     }
 
     #[test]

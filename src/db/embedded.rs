@@ -4,7 +4,16 @@
 //! The cluster lives in `DATA_DIR/pg` and listens only on a Unix socket in
 //! `DATA_DIR/run` (no TCP port). When the service runs as root, PostgreSQL
 //! (which refuses root) runs as the `postgres` user, and the folders it owns
-//! are handed to that user. A lock file, held for the life of the process,
+//! are handed to that user.
+//!
+//! What is under `DATA_DIR` is private: the server's log holds usernames and
+//! emails (in failed statements, for one). `DATA_DIR` is made mode 0700 and
+//! its files (the log, the lock) 0600, owned by the user that runs the
+//! cluster; the data folder and the socket folder are 0700 as PostgreSQL
+//! wants them. A `DATA_DIR` found open to others (one made by an older
+//! version, or by hand) is closed at start with a warning in the log,
+//! rather than refused: refusing would stop every existing installation at
+//! its first upgrade, for a fix the service can make itself. A lock file, held for the life of the process,
 //! tells a second service on the same `DATA_DIR` to go away, and lets the
 //! holder treat a postmaster still running as an orphan of a killed run.
 //!
@@ -51,6 +60,22 @@ pub enum EmbeddedError {
          allow it (e.g. chmod o+x) or choose a DATA_DIR it can reach"
     )]
     Unreachable(PathBuf),
+    /// DATA_DIR, or a file in it, is open to other users and cannot be
+    /// closed (it belongs to another user).
+    #[error(
+        "DATA_DIR: {path} is open to other users (mode {was:04o}) and cannot be made private \
+         ({source}); make it mode {want:04o}, owned by the user that runs identity"
+    )]
+    NotPrivate {
+        /// DATA_DIR or the file in it.
+        path: PathBuf,
+        /// Its mode.
+        was: u32,
+        /// The mode it should have.
+        want: u32,
+        /// Why chmod failed.
+        source: io::Error,
+    },
     /// Running as root with no unprivileged user to run PostgreSQL as.
     #[error("running as root, and there is no '{POSTGRES_OS_USER}' user to run PostgreSQL as")]
     NoUser,
@@ -108,8 +133,9 @@ impl EmbeddedPostgres {
             Some(_) => return Err(EmbeddedError::NoBinaries),
             None => find_binaries().ok_or(EmbeddedError::NoBinaries)?,
         };
-        mkdir(data_dir)?;
+        mkdir_private(data_dir)?;
         let data_dir = fs::canonicalize(data_dir).map_err(io_err("resolving", data_dir))?;
+        restrict(&data_dir, PRIVATE_DIR)?;
         let socket_dir = data_dir.join("run");
         let socket_len = socket_dir.join(SOCKET_FILE).as_os_str().len();
         if socket_len > MAX_SOCKET_PATH {
@@ -117,7 +143,7 @@ impl EmbeddedPostgres {
         }
 
         let lock_path = data_dir.join("identity.lock");
-        let lock = File::create(&lock_path).map_err(io_err("creating", &lock_path))?;
+        let lock = create_private_file(&lock_path)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => return Err(EmbeddedError::Busy(data_dir)),
@@ -152,6 +178,9 @@ impl EmbeddedPostgres {
             running: false,
             _lock: lock,
         };
+        // Mode 0700: the cluster's user must own DATA_DIR to reach its
+        // folders and its log inside.
+        pg.chown(&data_dir)?;
         pg.prepare_dir(&pg.socket_dir.clone())?;
         if !pg.pgdata.join("PG_VERSION").exists() {
             pg.initdb(&data_dir)?;
@@ -278,9 +307,8 @@ impl EmbeddedPostgres {
     }
 
     fn pg_ctl_start(&mut self) -> Result<(), EmbeddedError> {
-        if !self.log_file.exists() {
-            File::create(&self.log_file).map_err(io_err("creating", &self.log_file))?;
-        }
+        // pg_ctl appends to it, keeping its mode and owner.
+        create_private_file(&self.log_file)?;
         self.chown(&self.log_file)?;
         let log = self.log_file.to_string_lossy().into_owned();
         let out = self.pg_ctl(&["start", "-w", "-t", "120", "-l", &log])?;
@@ -392,6 +420,70 @@ fn mkdir(dir: &Path) -> Result<(), EmbeddedError> {
     fs::create_dir_all(dir).map_err(io_err("creating", dir))
 }
 
+/// The mode of `DATA_DIR` and the folders in it.
+const PRIVATE_DIR: u32 = 0o700;
+/// The mode of the files in `DATA_DIR`.
+const PRIVATE_FILE: u32 = 0o600;
+
+/// Creates `dir` with mode 0700 (its parents as usual: PostgreSQL's user
+/// must be able to pass through them).
+fn mkdir_private(dir: &Path) -> Result<(), EmbeddedError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        mkdir(parent)?;
+    }
+    match fs::DirBuilder::new().mode(PRIVATE_DIR).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(io_err("creating", dir)(e)),
+    }
+}
+
+/// Opens `path` for writing, created with mode 0600 when missing, and made
+/// 0600 when it was more open.
+fn create_private_file(path: &Path) -> Result<File, EmbeddedError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PRIVATE_FILE)
+        .open(path)
+        .map_err(io_err("creating", path))?;
+    restrict(path, PRIVATE_FILE)?;
+    Ok(file)
+}
+
+/// Takes every permission of group and others off `path` (to `mode`), with a
+/// warning naming it, when it had any. A symbolic link is left alone (its
+/// target is someone else's choice), as is a path that does not exist.
+fn restrict(path: &Path, mode: u32) -> Result<(), EmbeddedError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("reading the mode of", path)(e)),
+    };
+    let was = meta.permissions().mode() & 0o7777;
+    if meta.file_type().is_symlink() || was & 0o077 == 0 {
+        return Ok(());
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
+        EmbeddedError::NotPrivate {
+            path: path.to_owned(),
+            was,
+            want: mode,
+            source,
+        }
+    })?;
+    tracing::warn!(
+        path = %path.display(),
+        was = %format!("{was:04o}"),
+        now = %format!("{mode:04o}"),
+        "DATA_DIR: other users could read or enter this; now only its owner can"
+    );
+    Ok(())
+}
+
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> EmbeddedError {
     let path = path.to_owned();
     move |source| EmbeddedError::Io { what, path, source }
@@ -446,6 +538,40 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_others_could_open_is_closed_and_the_rest_left_alone() {
+        let root = std::env::temp_dir().join(format!("identity-modes-{}", uuid::Uuid::now_v7()));
+        let data = root.join("a/data");
+        mkdir_private(&data).unwrap();
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&data), 0o700, "made private");
+        mkdir_private(&data).unwrap();
+
+        let log = data.join("postgresql.log");
+        create_private_file(&log).unwrap();
+        assert_eq!(mode(&log), 0o600, "created private");
+        fs::write(&log, "kept").unwrap();
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o644)).unwrap();
+        create_private_file(&log).unwrap();
+        assert_eq!(mode(&log), 0o600, "closed");
+        assert_eq!(fs::read_to_string(&log).unwrap(), "kept", "not truncated");
+
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
+        restrict(&data, PRIVATE_DIR).unwrap();
+        assert_eq!(mode(&data), 0o700);
+
+        // A link's target is not ours to change; a missing path is no error.
+        let target = root.join("elsewhere.log");
+        fs::write(&target, "").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        let link = data.join("linked.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        restrict(&link, PRIVATE_FILE).unwrap();
+        assert_eq!(mode(&target), 0o644);
+        restrict(&data.join("missing"), PRIVATE_FILE).unwrap();
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn socket_folders_with_odd_characters_are_encoded() {

@@ -111,7 +111,7 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
                 .iter()
                 .map(|k| pb::PublicKey {
                     key_id: k.kid.clone(),
-                    algorithm: format!("{:?}", k.algorithm),
+                    algorithm: crate::token::keys::algorithm_name(k.algorithm).to_owned(),
                     pem: k.public_pem.clone(),
                 })
                 .collect(),

@@ -47,7 +47,7 @@ pub enum KeyError {
         reason: String,
     },
     /// Key generation failed.
-    #[error("generating a {0:?} key failed")]
+    #[error("generating a {0} key failed")]
     Generate(JwtAlgorithm),
     /// No key, and none may be generated.
     #[error("no signing key in {0}")]
@@ -99,6 +99,34 @@ pub fn algorithm(alg: JwtAlgorithm) -> Algorithm {
         JwtAlgorithm::Rs256 => Algorithm::RS256,
         JwtAlgorithm::Es256 => Algorithm::ES256,
     }
+}
+
+/// The JWS name (RFC 7518 `alg`) of `alg`, as GetPublicKeys shows it:
+/// "EdDSA", "RS256", "ES256" for the keys identity reads. Written out rather
+/// than taken from `Debug`, which is no contract.
+pub fn algorithm_name(alg: Algorithm) -> &'static str {
+    match alg {
+        Algorithm::EdDSA => "EdDSA",
+        Algorithm::RS256 => "RS256",
+        Algorithm::ES256 => "ES256",
+        Algorithm::RS384 => "RS384",
+        Algorithm::RS512 => "RS512",
+        Algorithm::PS256 => "PS256",
+        Algorithm::PS384 => "PS384",
+        Algorithm::PS512 => "PS512",
+        Algorithm::ES384 => "ES384",
+        Algorithm::HS256 => "HS256",
+        Algorithm::HS384 => "HS384",
+        Algorithm::HS512 => "HS512",
+        // jsonwebtoken's enum is non-exhaustive; read_key makes none other.
+        _ => "unknown",
+    }
+}
+
+/// The name of a new key file of `alg` made at `stamp`:
+/// `<UTC time>-<eddsa|rs256|es256>.pem`.
+fn key_file_name(stamp: &str, alg: JwtAlgorithm) -> String {
+    format!("{stamp}-{}.pem", alg.as_str().to_ascii_lowercase())
 }
 
 impl KeyStore {
@@ -215,10 +243,7 @@ pub fn generate(dir: &Path, alg: JwtAlgorithm) -> Result<PathBuf, KeyError> {
     };
     let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der));
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ");
-    let name = format!(
-        "{stamp}-{}.pem",
-        format!("{:?}", algorithm(alg)).to_lowercase()
-    );
+    let name = key_file_name(&stamp.to_string(), alg);
     let path = dir.join(&name);
     // Written aside and renamed into place, so that a reload (or another
     // replica) never reads half a key.
@@ -340,4 +365,43 @@ fn read_key(path: &Path) -> Result<Key, KeyError> {
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeyError {
     let path = path.to_owned();
     move |source| KeyError::Io { what, path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithms_and_key_files_carry_the_documented_names() {
+        for (alg, name, file) in [
+            (
+                JwtAlgorithm::EdDsa,
+                "EdDSA",
+                "20261126T100000.000000Z-eddsa.pem",
+            ),
+            (
+                JwtAlgorithm::Rs256,
+                "RS256",
+                "20261126T100000.000000Z-rs256.pem",
+            ),
+            (
+                JwtAlgorithm::Es256,
+                "ES256",
+                "20261126T100000.000000Z-es256.pem",
+            ),
+        ] {
+            assert_eq!(algorithm_name(algorithm(alg)), name);
+            assert_eq!(key_file_name("20261126T100000.000000Z", alg), file);
+        }
+    }
+
+    #[test]
+    fn a_generated_key_reads_back_under_its_name() {
+        let dir = std::env::temp_dir().join(format!("identity-keys-{}", uuid::Uuid::now_v7()));
+        let path = generate(&dir, JwtAlgorithm::EdDsa).unwrap();
+        assert!(path.to_string_lossy().ends_with("-eddsa.pem"), "{path:?}");
+        let store = KeyStore::load(&dir, JwtAlgorithm::EdDsa, std::time::Duration::ZERO).unwrap();
+        assert_eq!(algorithm_name(store.signing().algorithm), "EdDSA");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

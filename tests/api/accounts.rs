@@ -13,8 +13,8 @@ use identity::proto::identity::v1 as pb;
 
 /// Made by Python's `bcrypt` 5.0.0, an independent implementation:
 /// `bcrypt.hashpw(b"imported password one", bcrypt.gensalt(rounds=4))`.
-const BCRYPT_HASH: &str = "$2b$04$C2ySnT/AI1FbR6CJ7gXhmOGb8W0LUirb877YzEEJ.ybDTyVL0cpUq";
-const BCRYPT_PASSWORD: &str = "imported password one";
+pub const BCRYPT_HASH: &str = "$2b$04$C2ySnT/AI1FbR6CJ7gXhmOGb8W0LUirb877YzEEJ.ybDTyVL0cpUq";
+pub const BCRYPT_PASSWORD: &str = "imported password one";
 /// Made by Python's `argon2-cffi` 25.1.0 (argon2i, weaker than the
 /// service's argon2id): `PasswordHasher(time_cost=1, memory_cost=1024,
 /// parallelism=1, type=Type.I).hash("imported password two")`.

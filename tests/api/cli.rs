@@ -45,6 +45,9 @@ fn a_bad_setting_stops_serve_with_one_line_naming_it_and_exit_2() {
         ("LOG_FORMAT", "xml"),
         ("SENTRY_DSN", "not a dsn"),
         ("HASH_QUEUE", "0"),
+        ("MAX_STREAMS", "0"),
+        ("HTTP2_MAX_CONCURRENT_STREAMS", "0"),
+        ("HTTP2_MAX_CONCURRENT_STREAMS", "lots"),
         // A certificate without its key.
         ("TLS_CERT", "/etc/hostname"),
     ] {
@@ -215,4 +218,29 @@ fn keys_generate_rotate_and_list_manage_the_keys_dir() {
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(list.lines().next().unwrap().contains("ES256"), "{list}");
     assert_eq!(list.lines().count(), 3);
+}
+
+#[tokio::test]
+async fn argon2_settings_refused_together_stop_serve_with_a_hashing_error_not_a_database_one() {
+    // Each is in range alone; argon2 wants at least 8 KiB per lane.
+    let db = TestDb::migrated().await;
+    let out = identity(
+        &["serve"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("ARGON2_MEMORY_KIB", "8"),
+            ("ARGON2_PARALLELISM", "2"),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("identity: password hashing: ")
+            && last.contains("ARGON2_MEMORY_KIB=8")
+            && last.contains("ARGON2_PARALLELISM=2"),
+        "{stderr}"
+    );
+    assert!(!last.contains("database"), "{stderr}");
 }

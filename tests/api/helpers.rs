@@ -81,6 +81,8 @@ const TEMPLATE: &str = "identity_template";
 struct Cluster {
     admin_url: String,
     template_url: String,
+    /// `server_version_num`: 150004 for 15.4.
+    server_version: u32,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -94,12 +96,79 @@ extern "C" fn stop_cluster() {
     }
 }
 
+/// The server binaries the tests run: `PG_BIN_DIR` (as for the service),
+/// else the newest found.
+fn pg_bin_dir() -> Option<PathBuf> {
+    std::env::var_os("PG_BIN_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
 /// A short folder in the temp dir (Unix socket paths are limited), one per
-/// checkout so that two checkouts may test at once.
+/// checkout and per `PG_BIN_DIR`, so that two checkouts may test at once and
+/// a switch of PostgreSQL version does not meet the other's cluster.
 fn cluster_dir() -> PathBuf {
     let checkout = env!("CARGO_MANIFEST_DIR");
-    let tag = &format!("{:x}", sha_of(checkout))[..12];
+    let key = match pg_bin_dir() {
+        Some(bin) => format!("{checkout}\0{}", bin.display()),
+        None => checkout.to_owned(),
+    };
+    let tag = &format!("{:016x}", sha_of(&key))[..12];
     std::env::temp_dir().join(format!("identity-test-{tag}"))
+}
+
+/// The SQL that makes a database: from `template` by copying its files,
+/// or empty. `STRATEGY FILE_COPY` (PostgreSQL 15 and newer, whose default
+/// WAL_LOG strategy is several times slower for a small template) is named
+/// only where the server knows it; older servers always copy files.
+pub fn create_database_sql(name: &str, template: Option<&str>, server_version: u32) -> String {
+    match template {
+        Some(t) if server_version >= 150_000 => {
+            format!("CREATE DATABASE {name} TEMPLATE {t} STRATEGY FILE_COPY")
+        }
+        Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+        None => format!("CREATE DATABASE {name}"),
+    }
+}
+
+/// The server's `server_version_num`.
+async fn server_version(conn: &mut AsyncPgConnection) -> u32 {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        server_version_num: String,
+    }
+    let row: Version = diesel::sql_query("SHOW server_version_num")
+        .get_result(conn)
+        .await
+        .expect("SHOW server_version_num");
+    row.server_version_num
+        .trim()
+        .parse()
+        .expect("a numeric server_version_num")
+}
+
+#[test]
+fn databases_are_copied_with_file_copy_only_where_the_server_has_it() {
+    for version in [130_000, 130_016, 140_011, 149_999] {
+        assert_eq!(
+            create_database_sql("test_a", Some("tpl"), version),
+            "CREATE DATABASE test_a TEMPLATE tpl",
+            "{version}"
+        );
+    }
+    for version in [150_000, 150_004, 160_002, 170_000] {
+        assert_eq!(
+            create_database_sql("test_a", Some("tpl"), version),
+            "CREATE DATABASE test_a TEMPLATE tpl STRATEGY FILE_COPY",
+            "{version}"
+        );
+    }
+    assert_eq!(
+        create_database_sql("test_a", None, 170_000),
+        "CREATE DATABASE test_a"
+    );
 }
 
 fn sha_of(s: &str) -> u64 {
@@ -115,8 +184,10 @@ fn cluster() -> &'static Cluster {
         // set-up needs a runtime of its own.
         std::thread::spawn(|| {
             init_logs();
-            let pg = EmbeddedPostgres::start(&cluster_dir(), None, Durability::Throwaway)
-                .expect("start the test cluster");
+            let bin_dir = pg_bin_dir();
+            let pg =
+                EmbeddedPostgres::start(&cluster_dir(), bin_dir.as_deref(), Durability::Throwaway)
+                    .expect("start the test cluster");
             let admin_url = pg.url("postgres");
             let template_url = pg.url(TEMPLATE);
             *EMBEDDED.lock().unwrap() = Some(pg);
@@ -126,7 +197,7 @@ fn cluster() -> &'static Cluster {
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(async {
+            let server_version = rt.block_on(async {
                 let mut admin = AsyncPgConnection::establish(&admin_url).await.unwrap();
                 drop_leftovers(&mut admin).await;
                 admin
@@ -140,10 +211,12 @@ fn cluster() -> &'static Cluster {
                 identity::db::migrations::run_pending(&template_url)
                     .await
                     .expect("migrate the template");
+                server_version(&mut admin).await
             });
             Cluster {
                 admin_url,
                 template_url,
+                server_version,
             }
         })
         .join()
@@ -198,10 +271,7 @@ impl TestDb {
         let mut admin = AsyncPgConnection::establish(&cluster.admin_url)
             .await
             .unwrap();
-        let sql = match template {
-            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t} STRATEGY FILE_COPY"),
-            None => format!("CREATE DATABASE {name}"),
-        };
+        let sql = create_database_sql(&name, template, cluster.server_version);
         admin
             .batch_execute(&sql)
             .await

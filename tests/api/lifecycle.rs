@@ -164,8 +164,14 @@ impl Serve {
     }
 
     /// SIGTERM, then the exit code.
-    pub fn terminate(mut self) -> i32 {
+    pub fn terminate(self) -> i32 {
         self.signal(Signal::SIGTERM);
+        self.wait()
+    }
+
+    /// Waits for the process to exit (after a signal sent with
+    /// [`Serve::signal`]); its exit code.
+    pub fn wait(mut self) -> i32 {
         let status = self.child.wait().unwrap();
         // The log is complete once the pipe is drained.
         if let Some(drain) = self.drain.take() {
@@ -290,5 +296,104 @@ fn a_data_dir_postgres_cannot_reach_is_named() {
     assert!(
         stderr.contains("cannot enter") && stderr.contains(&*root.0.to_string_lossy()),
         "{stderr}"
+    );
+}
+
+/// The mode bits of `path` (no file type).
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// DATA_DIR 0700 and its files 0600, owned so that the cluster (run as
+/// `postgres` under root) works in it.
+fn assert_private(data: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(mode(data), 0o700, "DATA_DIR {}", data.display());
+    for dir in ["pg", "run"] {
+        assert_eq!(mode(&data.join(dir)), 0o700, "{dir}");
+    }
+    for file in ["postgresql.log", "identity.lock"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    if nix::unistd::geteuid().is_root() {
+        let postgres = nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw();
+        assert_eq!(std::fs::metadata(data).unwrap().uid(), postgres);
+        assert_eq!(
+            std::fs::metadata(data.join("postgresql.log"))
+                .unwrap()
+                .uid(),
+            postgres
+        );
+    }
+    // The cluster could write its log there.
+    let log = std::fs::read_to_string(data.join("postgresql.log")).unwrap();
+    assert!(log.contains("database system is ready"), "{log}");
+}
+
+#[test]
+fn the_data_dir_is_private_from_the_first_start_and_an_open_one_is_closed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("identity-private");
+    let data = dir.0.join("data");
+
+    let serve = Serve::start(&data);
+    assert_private(&data);
+    assert_eq!(serve.terminate(), 0);
+
+    // As older versions left it, or as an operator opened it.
+    let open = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    open(&data, 0o755);
+    open(&data.join("postgresql.log"), 0o644);
+    open(&data.join("identity.lock"), 0o664);
+    let serve = Serve::start(&data);
+    assert_private(&data);
+    let warned: Vec<String> = serve
+        .log
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("\"WARN\"") && l.contains("DATA_DIR"))
+        .collect();
+    for path in [
+        data.clone(),
+        data.join("postgresql.log"),
+        data.join("identity.lock"),
+    ] {
+        let path = std::fs::canonicalize(path).unwrap();
+        assert!(
+            warned.iter().any(|l| l.contains(&*path.to_string_lossy())),
+            "a warning names {}: {warned:?}",
+            path.display()
+        );
+    }
+    assert_eq!(serve.terminate(), 0);
+}
+
+#[test]
+fn a_sigterm_during_start_up_stops_the_service_cleanly_once_started() {
+    let dir = TempDir::new("identity-early-term");
+    let data = dir.0.join("data");
+    let mut child = command(&data).spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = stderr.lines().map_while(Result::ok);
+    // Logged while start-up is under way, before serving begins.
+    assert!(
+        lines.any(|l| l.contains("applied migrations")),
+        "no start-up line"
+    );
+    nix::sys::signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let rest: Vec<String> = lines.collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("SIGTERM received")));
+    assert!(
+        !data.join("pg/postmaster.pid").exists(),
+        "the cluster was stopped"
     );
 }

@@ -225,3 +225,261 @@ async fn an_attempt_refused_for_hashing_capacity_does_not_count_towards_a_lock()
         .unwrap_or(0);
     assert_eq!(counted as usize, checked, "only checked passwords count");
 }
+
+/// The server's SETTINGS, read off a raw connection: the client preface and
+/// an empty SETTINGS frame out, frames in until the server's own (not an
+/// ACK). Pairs of identifier and value (RFC 9113, 6.5).
+async fn server_settings(addr: std::net::SocketAddr) -> Vec<(u16, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // Length 0, type 0x4 (SETTINGS), no flags, stream 0.
+    tcp.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+    loop {
+        let mut header = [0u8; 9];
+        tcp.read_exact(&mut header).await.unwrap();
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.unwrap();
+        let (kind, flags) = (header[3], header[4]);
+        if kind == 0x4 && flags & 0x1 == 0 {
+            return payload
+                .chunks_exact(6)
+                .map(|s| {
+                    (
+                        u16::from_be_bytes([s[0], s[1]]),
+                        u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+                    )
+                })
+                .collect();
+        }
+    }
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS.
+const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+#[tokio::test]
+async fn the_server_advertises_a_limit_of_streams_per_connection() {
+    let app = spawn_app().await;
+    let settings = server_settings(app.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 200)),
+        "200 by default: {settings:?}"
+    );
+
+    let db = TestDb::migrated().await;
+    let app = spawn_app_on(db, |c| c.http2_max_concurrent_streams = 7).await;
+    let settings = server_settings(app.addr).await;
+    assert!(
+        settings.contains(&(MAX_CONCURRENT_STREAMS, 7)),
+        "HTTP2_MAX_CONCURRENT_STREAMS: {settings:?}"
+    );
+}
+
+/// A health Watch of the whole server, with its first answer read: the
+/// stream is open on the server when this returns.
+async fn open_watch(
+    channel: &tonic::transport::Channel,
+) -> Result<tonic::Streaming<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut stream = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    stream.message().await?.expect("a first status");
+    Ok(stream)
+}
+
+/// A reflection stream (v1, both ways) whose requests stay open until the
+/// returned sender is dropped; its first answer read.
+async fn open_reflection(
+    channel: &tonic::transport::Channel,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<tonic_reflection::pb::v1::ServerReflectionRequest>,
+        tonic::Streaming<tonic_reflection::pb::v1::ServerReflectionResponse>,
+    ),
+    tonic::Status,
+> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .unwrap();
+    let mut stream = ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    stream.message().await?.expect("a first answer");
+    Ok((tx, stream))
+}
+
+/// `identity serve` on a test database, with `env`, and a channel to it.
+async fn serve_with(
+    db: &TestDb,
+    dir: &crate::helpers::TempDir,
+    env: &[(&str, &str)],
+) -> (crate::lifecycle::Serve, tonic::transport::Channel) {
+    let mut cmd = crate::lifecycle::command(&dir.0.join("data"));
+    cmd.env("DATABASE_URL", &db.url);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let serve = crate::lifecycle::Serve::start_with(cmd);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", serve.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    (serve, channel)
+}
+
+/// The open-streams gauge of `/metrics`.
+async fn open_streams(addr: std::net::SocketAddr) -> f64 {
+    let (_, _, body) =
+        tokio::task::spawn_blocking(move || crate::auth::http1_get(addr, "/metrics"))
+            .await
+            .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("identity_grpc_open_streams "))
+        .and_then(|v| v.parse().ok())
+        .expect("the open-streams gauge")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_max_streams_are_refused_until_one_closes() {
+    let db = TestDb::migrated().await;
+    let dir = crate::helpers::TempDir::new("identity-streams");
+    let (serve, channel) = serve_with(
+        &db,
+        &dir,
+        &[
+            ("MAX_STREAMS", "2"),
+            // Streams are not calls: they leave this one free.
+            ("MAX_CONCURRENT_REQUESTS", "1"),
+            ("RUST_LOG", "info,identity::limits=debug"),
+        ],
+    )
+    .await;
+
+    let first = open_watch(&channel).await.unwrap();
+    let _second = open_watch(&channel).await.unwrap();
+    let third = open_watch(&channel).await.unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted, "{third:?}");
+    let reflection = open_reflection(&channel).await.unwrap_err();
+    assert_eq!(
+        reflection.code(),
+        Code::ResourceExhausted,
+        "reflection counts too"
+    );
+    assert_eq!(open_streams(serve.addr).await, 2.0);
+    // Unary calls go on, under their own limit.
+    crate::helpers::AuthServiceClient::new(channel.clone())
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .unwrap();
+
+    // The client goes away; the server sees it (its log says when).
+    let seen = serve.log.len();
+    drop(first);
+    assert!(
+        serve
+            .log
+            .wait_for(seen, "stream ended", Duration::from_secs(30)),
+        "the server noticed the closed stream"
+    );
+    let _again = open_watch(&channel).await.unwrap();
+    let full = open_watch(&channel).await.unwrap_err();
+    assert_eq!(full.code(), Code::ResourceExhausted);
+    assert_eq!(serve.terminate(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_request_timeout() {
+    let db = TestDb::migrated().await;
+    let app = spawn_app_without_login(db, |c| {
+        slow_hashing(c);
+        c.request_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut watch = open_watch(&app.channel).await.unwrap();
+    // A call that outlasts REQUEST_TIMEOUT, begun after the stream was
+    // opened: once it is cut off, the stream is older than the timeout.
+    let status = app
+        .anon
+        .users
+        .clone()
+        .create_user(TestUser::named("slowpoke").request())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded);
+
+    // Still open: it hears the database go away.
+    let name = &app.db.name;
+    app.db
+        .admin(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        ))
+        .await;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    loop {
+        let message = watch.message().await.expect("the stream is still open");
+        if message.expect("no end").status == not_serving {
+            break;
+        }
+    }
+    app.db
+        .admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_end_with_ok_at_shutdown_well_within_the_grace_period() {
+    let db = TestDb::migrated().await;
+    let dir = crate::helpers::TempDir::new("identity-stream-stop");
+    let grace = Duration::from_secs(60);
+    let (serve, channel) = serve_with(&db, &dir, &[("SHUTDOWN_GRACE", "60s")]).await;
+    let mut watch = open_watch(&channel).await.unwrap();
+    // Its client keeps its side open.
+    let (_requests, mut reflection) = open_reflection(&channel).await.unwrap();
+
+    let started = std::time::Instant::now();
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let ended = async {
+        // NOT_SERVING first, maybe; then the end, with OK.
+        while let Some(message) = watch.message().await.expect("the watch ends with OK") {
+            assert_ne!(
+                message.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            );
+        }
+        assert!(
+            reflection
+                .message()
+                .await
+                .expect("reflection ends with OK")
+                .is_none()
+        );
+    };
+    tokio::time::timeout(grace / 4, ended)
+        .await
+        .expect("the streams ended well within the grace period");
+    let code = tokio::time::timeout(grace / 4, tokio::task::spawn_blocking(|| serve.wait()))
+        .await
+        .expect("the service exited well within the grace period")
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(started.elapsed() < grace / 4);
+}

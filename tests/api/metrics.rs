@@ -52,6 +52,7 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_hashing_and_proces
         r#"identity_db_pool_connections{state="idle"}"#,
         r#"identity_db_pool_connections{state="waiting"}"#,
         "identity_hash_queue_depth",
+        "identity_grpc_open_streams",
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
     ] {

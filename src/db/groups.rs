@@ -7,26 +7,41 @@ use uuid::Uuid;
 
 use super::Error;
 use super::schema::{group_members, groups};
+use crate::domain::Group;
 
-/// A group as clients see it.
+/// A group's row, as read; the service sees [`Group`].
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = groups, check_for_backend(diesel::pg::Pg))]
-pub struct GroupRow {
+pub(crate) struct GroupRow {
     pub id: Uuid,
     pub groupname: String,
     pub slug: String,
     pub create_time: DateTime<Utc>,
 }
 
+impl From<GroupRow> for Group {
+    fn from(r: GroupRow) -> Self {
+        Group {
+            id: r.id,
+            groupname: r.groupname,
+            slug: r.slug,
+            create_time: r.create_time,
+        }
+    }
+}
+
 /// The groups of a user, by id.
-pub async fn of_user(conn: &mut AsyncPgConnection, user_id: Uuid) -> Result<Vec<GroupRow>, Error> {
+pub async fn of_user(conn: &mut AsyncPgConnection, user_id: Uuid) -> Result<Vec<Group>, Error> {
     Ok(group_members::table
         .inner_join(groups::table)
         .filter(group_members::user_id.eq(user_id))
         .order(groups::id)
         .select(GroupRow::as_select())
-        .load(conn)
-        .await?)
+        .load::<GroupRow>(conn)
+        .await?
+        .into_iter()
+        .map(Group::from)
+        .collect())
 }
 
 /// A group about to be inserted.
@@ -41,48 +56,49 @@ pub struct NewGroupRow<'a> {
 }
 
 /// Inserts a group; ALREADY_EXISTS names `groupname` or `slug`.
-pub async fn insert(
-    conn: &mut AsyncPgConnection,
-    row: &NewGroupRow<'_>,
-) -> Result<GroupRow, Error> {
+pub async fn insert(conn: &mut AsyncPgConnection, row: &NewGroupRow<'_>) -> Result<Group, Error> {
     Ok(diesel::insert_into(groups::table)
         .values(row)
         .returning(GroupRow::as_returning())
         .get_result(conn)
-        .await?)
+        .await?
+        .into())
 }
 
 /// The group with this id.
-pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<GroupRow>, Error> {
+pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Group>, Error> {
     Ok(groups::table
         .find(id)
         .select(GroupRow::as_select())
         .first(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(Group::from))
 }
 
 /// The group whose groupname has this canonical form.
 pub async fn by_groupname(
     conn: &mut AsyncPgConnection,
     canonical: &str,
-) -> Result<Option<GroupRow>, Error> {
+) -> Result<Option<Group>, Error> {
     Ok(groups::table
         .filter(groups::groupname_canonical.eq(canonical))
         .select(GroupRow::as_select())
         .first(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(Group::from))
 }
 
 /// The group with this slug.
-pub async fn by_slug(conn: &mut AsyncPgConnection, slug: &str) -> Result<Option<GroupRow>, Error> {
+pub async fn by_slug(conn: &mut AsyncPgConnection, slug: &str) -> Result<Option<Group>, Error> {
     Ok(groups::table
         .filter(groups::slug.eq(slug))
         .select(GroupRow::as_select())
         .first(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(Group::from))
 }
 
 fn filtered(search: Option<&str>) -> groups::BoxedQuery<'static, diesel::pg::Pg> {
@@ -99,7 +115,7 @@ pub async fn list(
     conn: &mut AsyncPgConnection,
     search: Option<&str>,
     page: crate::domain::PageRequest,
-) -> Result<(Vec<GroupRow>, i64, bool), Error> {
+) -> Result<(Vec<Group>, i64, bool), Error> {
     conn.build_transaction()
         .read_only()
         .repeatable_read()
@@ -117,7 +133,7 @@ pub async fn list(
             let more = rows.len() as i64 > page.size;
             rows.truncate(page.size as usize);
             let total = filtered(search).count().get_result(conn).await?;
-            Ok((rows, total, more))
+            Ok((rows.into_iter().map(Group::from).collect(), total, more))
         })
         .await
 }

@@ -7,19 +7,9 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::Error;
-use super::groups::GroupRow;
 use super::prepared;
 use super::schema::{retired_refresh_tokens, sessions};
-use super::users::UserRow;
-
-/// Why a session ended, as stored.
-pub mod end_reason {
-    pub const LOGOUT: &str = "logout";
-    pub const PASSWORD_CHANGED: &str = "password_changed";
-    pub const PASSWORD_SET: &str = "password_set";
-    pub const PASSWORD_RESET: &str = "password_reset";
-    pub const REFRESH_REUSED: &str = "refresh_token_reused";
-}
+use crate::domain::{EndReason, Group, User};
 
 /// A new session row.
 #[derive(Debug)]
@@ -158,7 +148,7 @@ pub async fn end_reused(conn: &mut AsyncPgConnection, old_hash: &[u8]) -> Result
         .filter(sessions::end_time.is_null())
         .set((
             sessions::end_time.eq(diesel::dsl::now),
-            sessions::end_reason.eq(end_reason::REFRESH_REUSED),
+            sessions::end_reason.eq(EndReason::RefreshReused.as_str()),
         ))
         .returning(sessions::id)
         .get_results::<Uuid>(conn)
@@ -217,7 +207,7 @@ pub async fn owner_of(
 }
 
 /// Ends one session; whether it was live.
-pub async fn end(conn: &mut AsyncPgConnection, id: Uuid, reason: &str) -> Result<bool, Error> {
+pub async fn end(conn: &mut AsyncPgConnection, id: Uuid, reason: EndReason) -> Result<bool, Error> {
     let n = diesel::update(
         sessions::table
             .find(id)
@@ -225,7 +215,7 @@ pub async fn end(conn: &mut AsyncPgConnection, id: Uuid, reason: &str) -> Result
     )
     .set((
         sessions::end_time.eq(diesel::dsl::now),
-        sessions::end_reason.eq(reason),
+        sessions::end_reason.eq(reason.as_str()),
     ))
     .execute(conn)
     .await?;
@@ -237,7 +227,7 @@ pub async fn end_all_of_user(
     conn: &mut AsyncPgConnection,
     user_id: Uuid,
     except: Option<Uuid>,
-    reason: &str,
+    reason: EndReason,
 ) -> Result<usize, Error> {
     let mut query = diesel::update(sessions::table)
         .filter(sessions::user_id.eq(user_id))
@@ -249,7 +239,7 @@ pub async fn end_all_of_user(
     Ok(query
         .set((
             sessions::end_time.eq(diesel::dsl::now),
-            sessions::end_reason.eq(reason),
+            sessions::end_reason.eq(reason.as_str()),
         ))
         .execute(conn)
         .await?)
@@ -259,10 +249,11 @@ pub async fn end_all_of_user(
 /// the session is live, when the password last changed, and the groups.
 #[derive(Debug)]
 pub struct Fresh {
-    pub user: UserRow,
+    pub user: User,
     pub session_live: bool,
     pub password_changed_at: DateTime<Utc>,
-    pub groups: Vec<GroupRow>,
+    /// The user's groups when asked for (`with_groups`), else `None`.
+    pub groups: Option<Vec<Group>>,
 }
 
 #[derive(Debug, QueryableByName)]
@@ -365,13 +356,14 @@ pub async fn fresh(
         .optional()?
     };
     Ok(row.map(|r| {
+        // Without groups, or with none (array_agg of no rows is NULL).
         let groups = match (r.group_ids, r.groupnames, r.slugs, r.group_times) {
             (Some(ids), Some(names), Some(slugs), Some(times)) => ids
                 .into_iter()
                 .zip(names)
                 .zip(slugs)
                 .zip(times)
-                .map(|(((id, groupname), slug), create_time)| GroupRow {
+                .map(|(((id, groupname), slug), create_time)| Group {
                     id,
                     groupname,
                     slug,
@@ -381,7 +373,8 @@ pub async fn fresh(
             _ => Vec::new(),
         };
         Fresh {
-            user: UserRow {
+            groups: with_groups.then_some(groups),
+            user: User {
                 id: r.id,
                 username: r.username,
                 email: r.email,
@@ -396,7 +389,6 @@ pub async fn fresh(
             },
             session_live: r.session_live,
             password_changed_at: r.password_changed_at,
-            groups,
         }
     }))
 }

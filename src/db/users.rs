@@ -8,12 +8,12 @@ use uuid::Uuid;
 
 use super::Error;
 use super::schema::{group_members, login_names, users};
-use crate::domain::PageRequest;
+use crate::domain::{PageRequest, User};
 
-/// A user as clients see it.
+/// A user's row, as read (never its hash); the service sees [`User`].
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
-pub struct UserRow {
+pub(crate) struct UserRow {
     pub id: Uuid,
     pub username: String,
     pub email: String,
@@ -48,6 +48,24 @@ pub struct NewUserRow<'a> {
     pub password_changed_at: DateTime<Utc>,
 }
 
+impl From<UserRow> for User {
+    fn from(r: UserRow) -> Self {
+        User {
+            id: r.id,
+            username: r.username,
+            email: r.email,
+            first_name: r.first_name,
+            last_name: r.last_name,
+            is_superuser: r.is_superuser,
+            is_active: r.is_active,
+            is_verified: r.is_verified,
+            attributes: r.attributes,
+            create_time: r.create_time,
+            update_time: r.update_time,
+        }
+    }
+}
+
 /// The mutable fields of a user, all written at once.
 #[derive(Debug, AsChangeset)]
 #[diesel(table_name = users)]
@@ -62,11 +80,11 @@ pub struct UserChangesRow {
     pub update_time: DateTime<Utc>,
 }
 
-/// The filters of ListUsers.
-#[derive(Debug, Default, Clone)]
-pub struct UserFilter {
+/// Which users a list holds (the service's filter, in the table's terms).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Filter<'a> {
     /// A `LIKE` pattern over the folded search text.
-    pub search: Option<String>,
+    pub search: Option<&'a str>,
     pub is_active: Option<bool>,
     pub is_superuser: Option<bool>,
     pub is_verified: Option<bool>,
@@ -75,12 +93,13 @@ pub struct UserFilter {
 
 /// Inserts a user; ALREADY_EXISTS names the field when one is taken, also
 /// when another insert won a race for it.
-pub async fn insert(conn: &mut AsyncPgConnection, row: &NewUserRow<'_>) -> Result<UserRow, Error> {
+pub async fn insert(conn: &mut AsyncPgConnection, row: &NewUserRow<'_>) -> Result<User, Error> {
     Ok(diesel::insert_into(users::table)
         .values(row)
         .returning(UserRow::as_returning())
         .get_result(conn)
-        .await?)
+        .await?
+        .into())
 }
 
 /// Claims a name the user logs in with; false when another user logs in
@@ -99,53 +118,57 @@ pub async fn claim_login_name(
 }
 
 /// The user with this id.
-pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<UserRow>, Error> {
+pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<User>, Error> {
     Ok(users::table
         .find(id)
         .select(UserRow::as_select())
         .first(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(User::from))
 }
 
 /// The user with this id, locked until the transaction ends.
 pub async fn by_id_for_update(
     conn: &mut AsyncPgConnection,
     id: Uuid,
-) -> Result<Option<UserRow>, Error> {
+) -> Result<Option<User>, Error> {
     Ok(users::table
         .find(id)
         .select(UserRow::as_select())
         .for_update()
         .first(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(User::from))
 }
 
 /// The user whose username has this canonical form.
 pub async fn by_username(
     conn: &mut AsyncPgConnection,
     canonical: &str,
-) -> Result<Option<UserRow>, Error> {
+) -> Result<Option<User>, Error> {
     Ok(users::table
         .filter(users::username_canonical.eq(canonical))
         .select(UserRow::as_select())
         .first(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(User::from))
 }
 
 /// The user whose email has this canonical form.
 pub async fn by_email(
     conn: &mut AsyncPgConnection,
     canonical: &str,
-) -> Result<Option<UserRow>, Error> {
+) -> Result<Option<User>, Error> {
     Ok(users::table
         .filter(users::email_canonical.eq(canonical))
         .select(UserRow::as_select())
         .first(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(User::from))
 }
 
 /// The canonical username and email of a user, for password rules.
@@ -161,10 +184,10 @@ pub async fn canonical_names(
         .optional()?)
 }
 
-fn filtered(filter: &UserFilter) -> users::BoxedQuery<'static, diesel::pg::Pg> {
+fn filtered(filter: &Filter<'_>) -> users::BoxedQuery<'static, diesel::pg::Pg> {
     let mut query = users::table.into_boxed();
     if let Some(pattern) = &filter.search {
-        query = query.filter(users::search.like(pattern.clone()));
+        query = query.filter(users::search.like(pattern.to_string()));
     }
     if let Some(v) = filter.is_active {
         query = query.filter(users::is_active.eq(v));
@@ -192,9 +215,9 @@ fn filtered(filter: &UserFilter) -> users::BoxedQuery<'static, diesel::pg::Pg> {
 /// snapshot, so they agree.
 pub async fn list(
     conn: &mut AsyncPgConnection,
-    filter: &UserFilter,
+    filter: &Filter<'_>,
     page: PageRequest,
-) -> Result<(Vec<UserRow>, i64, bool), Error> {
+) -> Result<(Vec<User>, i64, bool), Error> {
     conn.build_transaction()
         .read_only()
         .repeatable_read()
@@ -213,7 +236,7 @@ pub async fn list(
             let more = rows.len() as i64 > page.size;
             rows.truncate(page.size as usize);
             let total = filtered(filter).count().get_result(conn).await?;
-            Ok((rows, total, more))
+            Ok((rows.into_iter().map(User::from).collect(), total, more))
         })
         .await
 }
@@ -223,13 +246,14 @@ pub async fn update(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     changes: &UserChangesRow,
-) -> Result<Option<UserRow>, Error> {
+) -> Result<Option<User>, Error> {
     Ok(diesel::update(users::table.find(id))
         .set(changes)
         .returning(UserRow::as_returning())
         .get_result(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(User::from))
 }
 
 /// Deletes a user (memberships and sessions go with it, by foreign keys);
@@ -240,10 +264,7 @@ pub async fn delete(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool, Erro
 }
 
 /// Marks the user verified; the user, or `None` when there is no such user.
-pub async fn set_verified(
-    conn: &mut AsyncPgConnection,
-    id: Uuid,
-) -> Result<Option<UserRow>, Error> {
+pub async fn set_verified(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<User>, Error> {
     Ok(diesel::update(users::table.find(id))
         .set((
             users::is_verified.eq(true),
@@ -252,7 +273,8 @@ pub async fn set_verified(
         .returning(UserRow::as_returning())
         .get_result(conn)
         .await
-        .optional()?)
+        .optional()?
+        .map(User::from))
 }
 
 /// Replaces a password hash and records when; whether there was such a user.
@@ -285,7 +307,7 @@ pub async fn group_exists(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool
 /// password last changed (what a session is started against).
 #[derive(Debug)]
 pub struct Credentials {
-    pub user: UserRow,
+    pub user: User,
     pub hash: String,
     pub password_changed_at: DateTime<Utc>,
 }
@@ -308,7 +330,7 @@ pub async fn for_login(
         .await
         .optional()?
         .map(|(user, hash, password_changed_at)| Credentials {
-            user,
+            user: user.into(),
             hash,
             password_changed_at,
         }))

@@ -35,6 +35,15 @@ impl Groupname {
     }
 }
 
+/// A group as the service knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub id: uuid::Uuid,
+    pub groupname: String,
+    pub slug: String,
+    pub create_time: chrono::DateTime<chrono::Utc>,
+}
+
 /// A slug is always a valid groupname (lowercase ASCII letters, digits and
 /// dashes, 1 to 64 characters): the name of a group created from its slug.
 impl From<&Slug> for Groupname {

@@ -4,9 +4,11 @@
 
 pub mod group;
 pub mod page;
+pub mod session;
 pub mod text;
 pub mod user;
 
-pub use group::{Groupname, Slug};
+pub use group::{Group, Groupname, Slug};
 pub use page::{PageRequest, Pager};
-pub use user::{Attributes, Email, Password, Username};
+pub use session::EndReason;
+pub use user::{Attributes, Email, Password, User, Username};

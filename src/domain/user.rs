@@ -7,6 +7,23 @@ use unicode_script::{Script, UnicodeScript};
 
 use super::text::{fold, length, name, nfkc_trimmed, no_control, no_invisible};
 
+/// A user as the service knows it: never its password or hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: uuid::Uuid,
+    pub username: String,
+    pub email: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub is_superuser: bool,
+    pub is_active: bool,
+    pub is_verified: bool,
+    /// A JSON object of strings, as stored (see [`Attributes`]).
+    pub attributes: serde_json::Value,
+    pub create_time: chrono::DateTime<chrono::Utc>,
+    pub update_time: chrono::DateTime<chrono::Utc>,
+}
+
 /// A valid username, as shown and in its canonical (unique) form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Username {

@@ -84,9 +84,9 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
         let verified = self.auth.verify(&request.into_inner().access_token).await?;
-        let claims = verified.claims;
+        let claims = verified.caller.claims;
         Ok(Response::new(pb::VerifyTokenResponse {
-            user: Some(verified.user.into()),
+            user: Some(verified.caller.user.into()),
             groups: verified.groups.into_iter().map(Into::into).collect(),
             claims: Some(pb::TokenClaims {
                 subject: claims.sub,

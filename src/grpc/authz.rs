@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::error::Reason;
-use crate::service::{AuthService, auth::Verified};
+use crate::service::{AuthService, auth::Authenticated};
 
 /// Who is calling.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub enum Caller {
     /// No token (on an RPC that allows that).
     Anonymous,
     /// A verified token, and its user as it is now.
-    User(Arc<Verified>),
+    User(Arc<Authenticated>),
 }
 
 impl Caller {
@@ -48,7 +48,7 @@ impl Caller {
     }
 
     /// The signed-in caller, or UNAUTHENTICATED.
-    pub fn signed_in(&self) -> Result<&Arc<Verified>, Error> {
+    pub fn signed_in(&self) -> Result<&Arc<Authenticated>, Error> {
         match self {
             Caller::User(v) => Ok(v),
             Caller::Anonymous => Err(Error::InvalidToken(Reason::TokenMissing)),
@@ -135,7 +135,10 @@ pub fn create_user(
 }
 
 /// GetUser, ListUserGroups: a user may read itself; a superuser anyone.
-pub fn read_user(caller: &Caller, is_self: impl FnOnce(&Verified) -> bool) -> Result<(), Error> {
+pub fn read_user(
+    caller: &Caller,
+    is_self: impl FnOnce(&Authenticated) -> bool,
+) -> Result<(), Error> {
     match caller {
         Caller::User(v) if v.user.is_superuser || is_self(v) => Ok(()),
         _ => Err(caller.refusal()),

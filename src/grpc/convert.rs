@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::db::{groups::GroupRow, users::UserRow};
+use crate::domain::{Group, User};
 use crate::error::Error;
 use crate::proto::identity::v1 as pb;
 
@@ -44,8 +44,8 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     }
 }
 
-impl From<UserRow> for pb::User {
-    fn from(row: UserRow) -> Self {
+impl From<User> for pb::User {
+    fn from(row: User) -> Self {
         let attributes = match row.attributes {
             serde_json::Value::Object(map) => map
                 .into_iter()
@@ -72,8 +72,8 @@ impl From<UserRow> for pb::User {
     }
 }
 
-impl From<GroupRow> for pb::Group {
-    fn from(row: GroupRow) -> Self {
+impl From<Group> for pb::Group {
+    fn from(row: Group) -> Self {
         pb::Group {
             id: row.id.to_string(),
             groupname: row.groupname,

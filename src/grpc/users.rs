@@ -4,7 +4,6 @@ use tonic::{Request, Response, Status};
 
 use super::authz::{self, Caller};
 use super::convert::{parse_id, parse_optional_id};
-use crate::db::users::UserFilter;
 use crate::domain::{
     Attributes, Email, Pager, Password, Username,
     text::{self, fold, nfkc_trimmed, no_control},
@@ -12,7 +11,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
-use crate::service::users::{Lookup, NewUser, UserService, UserUpdate};
+use crate::service::users::{Lookup, NewUser, UserFilter, UserService, UserUpdate};
 
 /// The gRPC face of [`UserService`].
 #[derive(Debug, Clone)]

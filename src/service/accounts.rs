@@ -11,10 +11,10 @@ use uuid::Uuid;
 use crate::db::{
     self, Pool,
     accounts::{Purpose, TokenState},
-    sessions::end_reason,
-    users::UserRow,
 };
-use crate::domain::{Attributes, Email, Password, Slug, Username, user::person_name};
+use crate::domain::{
+    Attributes, Email, EndReason, Password, Slug, User, Username, user::person_name,
+};
 use crate::error::{Error, Field, Reason, Resource};
 use crate::hashing::{self, Hasher};
 use crate::token::refresh;
@@ -153,7 +153,7 @@ impl AccountService {
     /// Uses a verification token: its user becomes verified, if its email is
     /// still the one the token was issued for. Nothing changes otherwise.
     #[tracing::instrument(skip_all)]
-    pub async fn confirm_email(&self, token: &str) -> Result<UserRow, Error> {
+    pub async fn confirm_email(&self, token: &str) -> Result<User, Error> {
         let hash = token_hash(token)?;
         let mut conn = db::conn(&self.pool).await?;
         let user = conn
@@ -287,7 +287,7 @@ impl AccountService {
                         message: "invalid reset token",
                     });
                 }
-                super::password_changed(conn, user_id, None, end_reason::PASSWORD_RESET).await
+                super::password_changed(conn, user_id, None, EndReason::PasswordReset).await
             })
             .await?;
         tracing::info!(user_id = %user_id, sessions_ended = ended, "password reset");

@@ -9,11 +9,9 @@ use uuid::Uuid;
 
 use crate::db::{
     self, Pool,
-    groups::GroupRow,
-    sessions::{self, NewSessionRow, Rotation, end_reason},
-    users::UserRow,
+    sessions::{self, NewSessionRow, Rotation},
 };
-use crate::domain::{Password, text};
+use crate::domain::{EndReason, Group, Password, User, text};
 use crate::error::{Error, Reason};
 use crate::hashing::Hasher;
 use crate::service::throttle::{Throttle, hashed_key, user_key};
@@ -49,15 +47,22 @@ impl std::fmt::Debug for IssuedTokens {
     }
 }
 
-/// A verified access token and the state it stands for now.
+/// The bearer check's answer: a valid access token, and its user and
+/// session as they are now.
 #[derive(Debug, Clone)]
-pub struct Verified {
-    pub user: UserRow,
-    /// The user's groups now; empty from [`AuthService::authenticate`],
-    /// which does not read them.
-    pub groups: Vec<GroupRow>,
+pub struct Authenticated {
+    pub user: User,
     pub claims: AccessClaims,
     pub session_id: Uuid,
+}
+
+/// VerifyToken's answer: as [`Authenticated`], with the user's groups now.
+/// A separate type, so that no caller of the bearer check (which does not
+/// read groups) can take an empty list for the user's groups.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub caller: Authenticated,
+    pub groups: Vec<Group>,
 }
 
 /// Logins, sessions and tokens.
@@ -108,11 +113,7 @@ impl AuthService {
     /// way, so that neither the answer, its timing nor the throttle tells
     /// whether an account exists.
     #[tracing::instrument(skip_all)]
-    pub async fn login(
-        &self,
-        login: &str,
-        password: &str,
-    ) -> Result<(IssuedTokens, UserRow), Error> {
+    pub async fn login(&self, login: &str, password: &str) -> Result<(IssuedTokens, User), Error> {
         let login = login.trim();
         text::no_control(login).map_err(|e| Error::invalid("login", e))?;
         text::length(login, 1, 254).map_err(|e| Error::invalid("login", e))?;
@@ -186,7 +187,7 @@ impl AuthService {
     async fn start_session(
         &self,
         conn: &mut db::Conn,
-        user: &UserRow,
+        user: &User,
         password_changed_at: chrono::DateTime<Utc>,
     ) -> Result<Option<IssuedTokens>, Error> {
         let session_id = Uuid::now_v7();
@@ -208,8 +209,8 @@ impl AuthService {
 
     fn issue(
         &self,
-        user: &UserRow,
-        groups: &[GroupRow],
+        user: &User,
+        groups: &[Group],
         session_id: Uuid,
         refresh_token: String,
         refresh_expire: chrono::DateTime<Utc>,
@@ -235,7 +236,7 @@ impl AuthService {
     /// Rotates a refresh token: the presented one is retired, a new pair is
     /// issued for the same session with claims from the user's state now.
     #[tracing::instrument(skip_all)]
-    pub async fn refresh(&self, refresh_token: &str) -> Result<(IssuedTokens, UserRow), Error> {
+    pub async fn refresh(&self, refresh_token: &str) -> Result<(IssuedTokens, User), Error> {
         if refresh_token.is_empty() {
             return Err(Error::invalid("refresh_token", "is required"));
         }
@@ -267,7 +268,7 @@ impl AuthService {
                 }
                 let tokens = self.issue(
                     &fresh.user,
-                    &fresh.groups,
+                    fresh.groups.as_deref().unwrap_or_default(),
                     session_id,
                     new.token.clone(),
                     refresh_expire,
@@ -307,12 +308,12 @@ impl AuthService {
             // Only the current token of a live session speaks for the user:
             // an old one (which may have leaked) ends its own session only.
             if !owner.current_and_live {
-                sessions::end(&mut conn, session_id, end_reason::LOGOUT).await?;
+                sessions::end(&mut conn, session_id, EndReason::Logout).await?;
                 return Err(Error::InvalidToken(Reason::RefreshTokenInvalid));
             }
-            sessions::end_all_of_user(&mut conn, user_id, None, end_reason::LOGOUT).await?;
+            sessions::end_all_of_user(&mut conn, user_id, None, EndReason::Logout).await?;
         } else {
-            sessions::end(&mut conn, session_id, end_reason::LOGOUT).await?;
+            sessions::end(&mut conn, session_id, EndReason::Logout).await?;
         }
         tracing::info!(user_id = %user_id, session_id = %session_id, all_sessions, "logged out");
         Ok(())
@@ -322,16 +323,23 @@ impl AuthService {
     /// nbf, iss, aud), then the user, session and groups as they are now,
     /// in one round trip.
     pub async fn verify(&self, access_token: &str) -> Result<Verified, Error> {
-        self.check(access_token, true).await
+        let (caller, groups) = self.check(access_token, true).await?;
+        let groups = groups.ok_or_else(|| Error::internal("groups asked for, not read"))?;
+        Ok(Verified { caller, groups })
     }
 
     /// The bearer check of every signed-in call: as [`Self::verify`], but
     /// without reading the user's groups, which authorization never needs.
-    pub async fn authenticate(&self, access_token: &str) -> Result<Verified, Error> {
-        self.check(access_token, false).await
+    pub async fn authenticate(&self, access_token: &str) -> Result<Authenticated, Error> {
+        Ok(self.check(access_token, false).await?.0)
     }
 
-    async fn check(&self, access_token: &str, with_groups: bool) -> Result<Verified, Error> {
+    /// The checks of both; the groups only `with_groups`.
+    async fn check(
+        &self,
+        access_token: &str,
+        with_groups: bool,
+    ) -> Result<(Authenticated, Option<Vec<Group>>), Error> {
         let claims = self.tokens.verify(access_token)?;
         let malformed = || Error::InvalidToken(Reason::TokenMalformed);
         let user_id = Uuid::try_parse(&claims.sub).map_err(|_| malformed())?;
@@ -350,12 +358,12 @@ impl AuthService {
         if issue_millis(&claims) < fresh.password_changed_at.timestamp_millis() {
             return Err(Error::InvalidToken(Reason::CredentialsChanged));
         }
-        Ok(Verified {
+        let caller = Authenticated {
             user: fresh.user,
-            groups: fresh.groups,
             claims,
             session_id,
-        })
+        };
+        Ok((caller, fresh.groups))
     }
 
     /// Changes the caller's own password. A wrong current password is
@@ -364,7 +372,7 @@ impl AuthService {
     #[tracing::instrument(skip_all, fields(user_id = %caller.user.id))]
     pub async fn change_password(
         &self,
-        caller: &Verified,
+        caller: &Authenticated,
         current: &str,
         new: &str,
     ) -> Result<(), Error> {
@@ -404,8 +412,7 @@ impl AuthService {
                 if !db::users::replace_password_hash(conn, user_id, &stored, &hash).await? {
                     return Err(Error::InvalidCredentials);
                 }
-                super::password_changed(conn, user_id, Some(keep), end_reason::PASSWORD_CHANGED)
-                    .await
+                super::password_changed(conn, user_id, Some(keep), EndReason::PasswordChanged).await
             })
             .await?;
         tracing::info!(other_sessions_ended = ended, "password changed");

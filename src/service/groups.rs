@@ -2,12 +2,8 @@
 
 use uuid::Uuid;
 
-use crate::db::{
-    self, Pool,
-    groups::{GroupRow, NewGroupRow},
-    users::UserRow,
-};
-use crate::domain::{Groupname, PageRequest, Slug, text};
+use crate::db::{self, Pool, groups::NewGroupRow};
+use crate::domain::{Group, Groupname, PageRequest, Slug, User, text};
 use crate::error::{Error, Field, Resource};
 use crate::service::Page;
 
@@ -37,11 +33,7 @@ impl GroupService {
     /// Creates a group. Without an explicit slug, one is derived from the
     /// groupname; if that one is taken, the answer says to pass one.
     #[tracing::instrument(skip_all, fields(groupname = %groupname.as_str()))]
-    pub async fn create(
-        &self,
-        groupname: Groupname,
-        slug: Option<Slug>,
-    ) -> Result<GroupRow, Error> {
+    pub async fn create(&self, groupname: Groupname, slug: Option<Slug>) -> Result<Group, Error> {
         let derived = slug.is_none();
         let slug = match slug {
             Some(slug) => slug,
@@ -77,7 +69,7 @@ impl GroupService {
     }
 
     /// The group found by `lookup`.
-    pub async fn get(&self, lookup: &GroupLookup) -> Result<GroupRow, Error> {
+    pub async fn get(&self, lookup: &GroupLookup) -> Result<Group, Error> {
         let mut conn = db::conn(&self.pool).await?;
         let found = match lookup {
             GroupLookup::Id(id) => db::groups::by_id(&mut conn, *id).await?,
@@ -94,7 +86,7 @@ impl GroupService {
         &self,
         search: Option<&str>,
         page: PageRequest,
-    ) -> Result<Page<GroupRow>, Error> {
+    ) -> Result<Page<Group>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         let (rows, total, more) = db::groups::list(&mut conn, search, page).await?;
         Ok(Page::new(rows, total, more, |g| g.id))
@@ -137,12 +129,12 @@ impl GroupService {
     }
 
     /// One page of a group's members.
-    pub async fn members(&self, group_id: Uuid, page: PageRequest) -> Result<Page<UserRow>, Error> {
+    pub async fn members(&self, group_id: Uuid, page: PageRequest) -> Result<Page<User>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         if db::groups::by_id(&mut conn, group_id).await?.is_none() {
             return Err(Error::NotFound(Resource::Group));
         }
-        let filter = db::users::UserFilter {
+        let filter = db::users::Filter {
             group_id: Some(group_id),
             ..Default::default()
         };
@@ -151,7 +143,7 @@ impl GroupService {
     }
 
     /// The groups of a user.
-    pub async fn of_user(&self, user_id: Uuid) -> Result<Vec<GroupRow>, Error> {
+    pub async fn of_user(&self, user_id: Uuid) -> Result<Vec<Group>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         if db::users::by_id(&mut conn, user_id).await?.is_none() {
             return Err(Error::NotFound(Resource::User));

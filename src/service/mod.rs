@@ -26,7 +26,7 @@ pub(crate) async fn password_changed(
     conn: &mut diesel_async::AsyncPgConnection,
     user_id: Uuid,
     keep: Option<Uuid>,
-    reason: &str,
+    reason: crate::domain::EndReason,
 ) -> Result<usize, Error> {
     use crate::db::{accounts::Purpose, sessions, throttle};
     crate::db::accounts::spend_all(conn, user_id, Purpose::ResetPassword).await?;

@@ -5,13 +5,36 @@ use uuid::Uuid;
 
 use crate::db::{
     self, Pool,
-    sessions::end_reason,
-    users::{NewUserRow, UserChangesRow, UserFilter, UserRow},
+    users::{NewUserRow, UserChangesRow},
 };
-use crate::domain::{Attributes, Email, PageRequest, Password, Username, text};
+use crate::domain::{Attributes, Email, EndReason, PageRequest, Password, User, Username, text};
 use crate::error::{Error, Field, Resource};
 use crate::hashing::Hasher;
 use crate::service::Page;
+
+/// The filters of ListUsers, validated.
+#[derive(Debug, Default, Clone)]
+pub struct UserFilter {
+    /// A `LIKE` pattern over the folded search text.
+    pub search: Option<String>,
+    pub is_active: Option<bool>,
+    pub is_superuser: Option<bool>,
+    pub is_verified: Option<bool>,
+    pub group_id: Option<Uuid>,
+}
+
+impl UserFilter {
+    /// The same filter, in the table's terms.
+    fn to_db(&self) -> db::users::Filter<'_> {
+        db::users::Filter {
+            search: self.search.as_deref(),
+            is_active: self.is_active,
+            is_superuser: self.is_superuser,
+            is_verified: self.is_verified,
+            group_id: self.group_id,
+        }
+    }
+}
 
 /// A user to create, every field validated.
 #[derive(Debug)]
@@ -73,7 +96,7 @@ pub(crate) struct Account<'a> {
 pub(crate) async fn insert_account(
     conn: &mut diesel_async::AsyncPgConnection,
     account: &Account<'_>,
-) -> Result<UserRow, Error> {
+) -> Result<User, Error> {
     let search = text::search_text(&[
         account.username.as_str(),
         account.email.as_str(),
@@ -124,7 +147,7 @@ impl UserService {
     /// Creates a user. The hash is computed before a connection is taken, so
     /// a slow hash never holds one.
     #[tracing::instrument(skip_all, fields(username = %new.username.as_str()))]
-    pub async fn create(&self, new: NewUser) -> Result<UserRow, Error> {
+    pub async fn create(&self, new: NewUser) -> Result<User, Error> {
         let hash = self.hasher.hash(&new.password).await?;
         let account = Account {
             id: Uuid::now_v7(),
@@ -147,7 +170,7 @@ impl UserService {
     }
 
     /// The user found by `lookup`; NOT_FOUND when there is none.
-    pub async fn get(&self, lookup: &Lookup) -> Result<UserRow, Error> {
+    pub async fn get(&self, lookup: &Lookup) -> Result<User, Error> {
         let mut conn = db::conn(&self.pool).await?;
         let found = match lookup {
             Lookup::Id(id) => db::users::by_id(&mut conn, *id).await?,
@@ -160,25 +183,21 @@ impl UserService {
     /// One page of the users matching `filter`. A `group_id` naming no group
     /// is NOT_FOUND rather than an empty list, so a typo is not mistaken for
     /// an empty group.
-    pub async fn list(
-        &self,
-        filter: &UserFilter,
-        page: PageRequest,
-    ) -> Result<Page<UserRow>, Error> {
+    pub async fn list(&self, filter: &UserFilter, page: PageRequest) -> Result<Page<User>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         if let Some(group) = filter.group_id
             && !db::users::group_exists(&mut conn, group).await?
         {
             return Err(Error::NotFound(Resource::Group));
         }
-        let (users, total, more) = db::users::list(&mut conn, filter, page).await?;
+        let (users, total, more) = db::users::list(&mut conn, &filter.to_db(), page).await?;
         Ok(Page::new(users, total, more, |u| u.id))
     }
 
     /// Applies `update` to the user `id`: a read-modify-write under a row
     /// lock, so concurrent updates of other fields are not lost.
     #[tracing::instrument(skip(self, update))]
-    pub async fn update(&self, id: Uuid, update: UserUpdate) -> Result<UserRow, Error> {
+    pub async fn update(&self, id: Uuid, update: UserUpdate) -> Result<User, Error> {
         let mut conn = db::conn(&self.pool).await?;
         let user = conn
             .transaction(async |conn| {
@@ -256,7 +275,7 @@ impl UserService {
                     return Err(Error::NotFound(Resource::User));
                 }
                 // A new password from an administrator also lifts a lock.
-                super::password_changed(conn, id, None, end_reason::PASSWORD_SET).await
+                super::password_changed(conn, id, None, EndReason::PasswordSet).await
             })
             .await?;
         tracing::info!(user_id = %id, sessions_ended = ended, "password set");

@@ -17,7 +17,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Field, Reason, Resource};
 use crate::hashing::{self, Hasher};
-use crate::token::refresh;
+use crate::token::opaque;
 
 /// Throttling of reset requests per address: free requests a day, then a
 /// lock doubling up to an hour.
@@ -344,7 +344,7 @@ impl AccountService {
         email_canonical: &str,
         ttl: Duration,
     ) -> Result<IssuedToken, Error> {
-        let new = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
+        let new = opaque::generate().map_err(|_| Error::internal("no randomness"))?;
         let expire_time = Utc::now()
             + chrono::Duration::from_std(ttl)
                 .map_err(|_| Error::internal("token lifetime out of range"))?;
@@ -374,7 +374,7 @@ fn token_hash(token: &str) -> Result<Vec<u8>, Error> {
             "not a token issued by this service",
         ));
     }
-    Ok(refresh::hash(token))
+    Ok(opaque::hash(token))
 }
 
 fn refusal(state: TokenState) -> Error {

@@ -15,7 +15,7 @@ use crate::domain::{EndReason, Group, Password, User, text};
 use crate::error::{Error, Reason};
 use crate::hashing::Hasher;
 use crate::service::throttle::{Throttle, hashed_key, user_key};
-use crate::token::{AccessClaims, TokenIssuer, jwt::Subject, refresh};
+use crate::token::{AccessClaims, TokenIssuer, jwt::Subject, opaque};
 
 /// Retired refresh tokens a session keeps for reuse detection: a client
 /// refreshing in a loop keeps at most this many rows (docs/tokens.md).
@@ -191,7 +191,7 @@ impl AuthService {
         password_changed_at: chrono::DateTime<Utc>,
     ) -> Result<Option<IssuedTokens>, Error> {
         let session_id = Uuid::now_v7();
-        let refresh = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
+        let refresh = opaque::generate().map_err(|_| Error::internal("no randomness"))?;
         let refresh_expire = Utc::now() + self.refresh_ttl;
         let row = NewSessionRow {
             id: session_id,
@@ -240,8 +240,8 @@ impl AuthService {
         if refresh_token.is_empty() {
             return Err(Error::invalid("refresh_token", "is required"));
         }
-        let old = refresh::hash(refresh_token);
-        let new = refresh::generate().map_err(|_| Error::internal("no randomness"))?;
+        let old = opaque::hash(refresh_token);
+        let new = opaque::generate().map_err(|_| Error::internal("no randomness"))?;
         let refresh_expire = Utc::now() + self.refresh_ttl;
         let mut conn = db::conn(&self.pool).await?;
         // Rotation, the fresh read and signing commit together: if anything
@@ -298,7 +298,7 @@ impl AuthService {
         if refresh_token.is_empty() {
             return Err(Error::invalid("refresh_token", "is required"));
         }
-        let hash = refresh::hash(refresh_token);
+        let hash = opaque::hash(refresh_token);
         let mut conn = db::conn(&self.pool).await?;
         let owner = sessions::owner_of(&mut conn, &hash)
             .await?

@@ -1,8 +1,9 @@
-//! Tokens: signing keys in `KEYS_DIR`, access tokens (JWT), refresh tokens.
+//! Tokens: signing keys in `KEYS_DIR`, access tokens (JWT), and opaque
+//! secrets (refresh and account tokens).
 
 pub mod jwt;
 pub mod keys;
-pub mod refresh;
+pub mod opaque;
 
 pub use jwt::{AccessClaims, TokenIssuer};
 pub use keys::KeyStore;

@@ -1,23 +1,30 @@
-//! Refresh tokens: 256 random bits, shown once, stored only as SHA-256.
+//! Opaque secrets: refresh tokens and account tokens (email verification,
+//! password reset). 256 random bits, shown once, stored only as SHA-256.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest, Sha256};
 
-/// A new refresh token and the hash to store.
-pub struct NewRefreshToken {
+/// A new secret and the hash to store. Its `Debug` hides the secret.
+pub struct NewSecret {
     /// What the client gets.
     pub token: String,
     /// What the database keeps.
     pub hash: Vec<u8>,
 }
 
-/// Makes a refresh token from the OS's random source.
-pub fn generate() -> Result<NewRefreshToken, aws_lc_rs::error::Unspecified> {
+impl std::fmt::Debug for NewSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSecret").finish_non_exhaustive()
+    }
+}
+
+/// Makes a secret from the OS's random source.
+pub fn generate() -> Result<NewSecret, aws_lc_rs::error::Unspecified> {
     let mut bytes = [0u8; 32];
     aws_lc_rs::rand::fill(&mut bytes)?;
     let token = URL_SAFE_NO_PAD.encode(bytes);
     let hash = hash(&token);
-    Ok(NewRefreshToken { token, hash })
+    Ok(NewSecret { token, hash })
 }
 
 /// The stored form of a presented token. A high-entropy token needs no salt

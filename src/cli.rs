@@ -6,13 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::app::{Application, Database, StartupError};
 use crate::config::{Config, LogFormat};
 use crate::db::{self, embedded::EmbeddedError};
 use crate::domain::{Attributes, Email, Password, Username};
 use crate::error::Error;
 use crate::hashing::Hasher;
 use crate::service::users::{NewUser, UserService};
-use crate::startup::{Application, Database, StartupError};
 
 /// identity: users, groups, logins and JWT access tokens over gRPC.
 #[derive(Debug, Parser)]

@@ -2,6 +2,9 @@
 //! JWT access tokens, on PostgreSQL. `ARCHITECTURE.md` has the map; the
 //! modules, from the outside in:
 
+/// Start-up and lifetime: build and bind, serve, the health prober, the key
+/// reloader, the hourly purge, shutdown.
+pub mod app;
 /// The `identity` command line: serve, migrate, createsuperuser.
 pub mod cli;
 /// Every setting, from the environment or flags, validated at start.
@@ -26,8 +29,6 @@ pub mod metrics;
 pub mod proto;
 /// Use cases; they own transactions.
 pub mod service;
-/// Start-up, serving and shutdown.
-pub mod startup;
 /// Log output.
 pub mod telemetry;
 /// Signing keys, access tokens (JWT) and refresh tokens.

@@ -234,6 +234,32 @@ async fn admin_database(config: &Config) -> Result<Database, StartupError> {
     }
 }
 
+/// Runs `work` the way every admin command that writes users does: with a
+/// hasher of one thread (built first, so that argon2 settings refused
+/// together fail before any database work, as in `serve`), the admin
+/// database migrated, and a pool of one connection. The database is closed
+/// whether `work` succeeds or fails; `work`'s error is reported before a
+/// failure to close.
+async fn with_admin_db<T>(
+    config: &Config,
+    work: impl AsyncFnOnce(db::Pool, Hasher) -> Result<T, StartupError>,
+) -> Result<T, StartupError> {
+    let hasher = Hasher::new(config.hash_params(), 1, 1)?;
+    let database = admin_database(config).await?;
+    let result = async {
+        db::migrations::run_pending(&database.url)
+            .await
+            .map_err(|e| StartupError::Database(e.into()))?;
+        let pool = db::pool(&database.url, 1).map_err(|e| StartupError::Database(e.into()))?;
+        work(pool, hasher).await
+    }
+    .await;
+    let closed = database.close().await;
+    let value = result?;
+    closed?;
+    Ok(value)
+}
+
 async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
     let database = admin_database(&args.config).await?;
     let result = if args.status {
@@ -284,13 +310,8 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
     let password = Password::parse(&raw, &[username.canonical(), email.canonical()])
         .map_err(|e| invalid("password", e))?;
 
-    let config = &args.config;
-    let hasher = Hasher::new(config.hash_params(), 1, 1)?;
-    let database = admin_database(config).await?;
-    let result = async {
-        db::migrations::run_pending(&database.url).await?;
-        let pool = db::pool(&database.url, 1)?;
-        UserService::new(pool, hasher)
+    with_admin_db(&args.config, async |pool, hasher| {
+        let created = UserService::new(pool, hasher)
             .create(NewUser {
                 username,
                 email,
@@ -302,25 +323,23 @@ async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError>
                 is_verified: true,
                 attributes: Attributes::default(),
             })
-            .await
-    }
-    .await;
-    let closed = database.close().await;
-    match result {
-        Ok(user) => println!("created superuser {} ({})", user.username, user.id),
-        Err(crate::error::Error::AlreadyExists { field, .. }) => {
-            return Err(StartupError::Other(format!(
-                "that {} is already taken",
-                field.as_str()
-            )));
+            .await;
+        match created {
+            Ok(user) => {
+                println!("created superuser {} ({})", user.username, user.id);
+                Ok(())
+            }
+            Err(crate::error::Error::AlreadyExists { field, .. }) => Err(StartupError::Other(
+                format!("that {} is already taken", field.as_str()),
+            )),
+            Err(e) => Err(StartupError::Database(e)),
         }
-        Err(e) => return Err(StartupError::Database(e)),
-    }
-    closed
+    })
+    .await
 }
 
 async fn import(args: ImportArgs) -> Result<(), StartupError> {
-    use crate::service::accounts::{AccountService, ImportOutcome, ImportedUser};
+    use crate::service::accounts::AccountService;
     use std::io::BufRead;
     let reader: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
@@ -330,68 +349,20 @@ async fn import(args: ImportArgs) -> Result<(), StartupError> {
         Box::new(std::io::BufReader::new(file))
     };
     let config = &args.config;
-    // Nothing is hashed here: the hashes come with the users.
-    let hasher = Hasher::new(config.hash_params(), 1, 1)?;
-    let database = admin_database(config).await?;
-    let result = async {
-        db::migrations::run_pending(&database.url).await?;
-        let pool = db::pool(&database.url, 1)?;
+    let counts = with_admin_db(config, async |pool, hasher| {
+        // Nothing is hashed here: the hashes come with the users.
         let accounts = AccountService::new(
             pool,
             hasher,
             config.email_verification_ttl,
             config.password_reset_ttl,
         );
-        let (mut imported, mut already, mut refused) = (0usize, 0usize, 0usize);
-        let mut lines = reader.lines().enumerate().peekable();
-        while lines.peek().is_some() {
-            // One batch: parsed lines go to the service, unreadable ones are
-            // refused here; both are reported by line number.
-            let mut batch: Vec<(usize, ImportedUser)> = Vec::new();
-            for (n, line) in lines.by_ref() {
-                let number = n + 1;
-                let line =
-                    line.map_err(|e| Error::internal(format!("reading line {number}: {e}")))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<ImportedUser>(&line) {
-                    Ok(user) => batch.push((number, user)),
-                    Err(e) => {
-                        refused += 1;
-                        println!("line {number}: refused: not a valid user object: {e}");
-                    }
-                }
-                if batch.len() == args.batch_size as usize {
-                    break;
-                }
-            }
-            if batch.is_empty() {
-                continue;
-            }
-            let (numbers, users): (Vec<usize>, Vec<ImportedUser>) = batch.into_iter().unzip();
-            let outcomes = accounts.import(users).await?;
-            for (number, outcome) in numbers.iter().zip(outcomes) {
-                match outcome {
-                    ImportOutcome::Imported(_) => imported += 1,
-                    ImportOutcome::AlreadyImported(_) => already += 1,
-                    ImportOutcome::Refused(why) => {
-                        refused += 1;
-                        println!("line {number}: refused: {why}");
-                    }
-                }
-            }
-            eprintln!(
-                "up to line {}: {imported} imported, {already} already there, {refused} refused",
-                numbers.last().copied().unwrap_or(0)
-            );
-        }
-        Ok::<_, Error>((imported, already, refused))
-    }
+        read_lines(&accounts, reader, args.batch_size as usize)
+            .await
+            .map_err(StartupError::Database)
+    })
     .await;
-    let closed = database.close().await;
-    let (imported, already, refused) = result.map_err(StartupError::Database)?;
-    closed?;
+    let (imported, already, refused) = counts?;
     println!("imported {imported}, already there {already}, refused {refused}");
     if refused > 0 {
         return Err(StartupError::Other(format!(
@@ -399,6 +370,61 @@ async fn import(args: ImportArgs) -> Result<(), StartupError> {
         )));
     }
     Ok(())
+}
+
+/// Reads the JSON Lines of `identity import` in batches of `batch_size`
+/// users and hands each batch to the service; prints one line per refused
+/// line and a running count. Returns (imported, already there, refused).
+async fn read_lines(
+    accounts: &crate::service::accounts::AccountService,
+    reader: impl std::io::BufRead,
+    batch_size: usize,
+) -> Result<(usize, usize, usize), Error> {
+    use crate::service::accounts::{ImportOutcome, ImportedUser};
+    let (mut imported, mut already, mut refused) = (0usize, 0usize, 0usize);
+    let mut lines = reader.lines().enumerate().peekable();
+    while lines.peek().is_some() {
+        // One batch: parsed lines go to the service, unreadable ones are
+        // refused here; both are reported by line number.
+        let mut batch: Vec<(usize, ImportedUser)> = Vec::new();
+        for (n, line) in lines.by_ref() {
+            let number = n + 1;
+            let line = line.map_err(|e| Error::internal(format!("reading line {number}: {e}")))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<ImportedUser>(&line) {
+                Ok(user) => batch.push((number, user)),
+                Err(e) => {
+                    refused += 1;
+                    println!("line {number}: refused: not a valid user object: {e}");
+                }
+            }
+            if batch.len() == batch_size {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let (numbers, users): (Vec<usize>, Vec<ImportedUser>) = batch.into_iter().unzip();
+        let outcomes = accounts.import(users).await?;
+        for (number, outcome) in numbers.iter().zip(outcomes) {
+            match outcome {
+                ImportOutcome::Imported(_) => imported += 1,
+                ImportOutcome::AlreadyImported(_) => already += 1,
+                ImportOutcome::Refused(why) => {
+                    refused += 1;
+                    println!("line {number}: refused: {why}");
+                }
+            }
+        }
+        eprintln!(
+            "up to line {}: {imported} imported, {already} already there, {refused} refused",
+            numbers.last().copied().unwrap_or(0)
+        );
+    }
+    Ok((imported, already, refused))
 }
 
 fn keys(args: KeysArgs) -> Result<(), StartupError> {

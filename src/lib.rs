@@ -2,7 +2,11 @@
 //! JWT access tokens, on PostgreSQL. `ARCHITECTURE.md` has the map; the
 //! modules, from the outside in:
 
-/// The `identity` command line: serve, migrate, createsuperuser.
+/// Start-up and lifetime: build and bind, serve, the health prober, the key
+/// reloader, the hourly purge, shutdown.
+pub mod app;
+/// The `identity` command line, a file per family: serve; migrate,
+/// createsuperuser, keys; import.
 pub mod cli;
 /// Every setting, from the environment or flags, validated at start.
 pub mod config;
@@ -14,7 +18,8 @@ pub mod domain;
 pub mod error;
 /// Transport: the gRPC services, decoding and encoding only.
 pub mod grpc;
-/// argon2id hashing off the async workers, with bounded concurrency.
+/// argon2id hashing on threads of its own behind a bounded queue, and the
+/// hash formats it verifies (argon2 PHC, imported bcrypt).
 pub mod hashing;
 /// Plain HTTP beside gRPC: the public key and the JWKS.
 pub mod http;
@@ -26,8 +31,6 @@ pub mod metrics;
 pub mod proto;
 /// Use cases; they own transactions.
 pub mod service;
-/// Start-up, serving and shutdown.
-pub mod startup;
 /// Log output.
 pub mod telemetry;
 /// Signing keys, access tokens (JWT) and refresh tokens.

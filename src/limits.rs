@@ -1,6 +1,6 @@
 //! Limits around every call, as tower layers: a deadline (the server's
 //! maximum, or the client's shorter `grpc-timeout`), a cap on the request
-//! body, and (in `startup.rs`) a global concurrency limit that sheds load
+//! body, and (in `app/mod.rs`) a global concurrency limit that sheds load
 //! instead of queueing it.
 //!
 //! Streams (health Watch, reflection, any RPC whose descriptor says it

@@ -3,6 +3,7 @@
 //! `Result<_, Error>`; the caller (a `service`) owns the transaction.
 
 pub mod accounts;
+pub mod admin;
 pub mod embedded;
 mod error;
 pub mod groups;

@@ -9,10 +9,10 @@ use std::{
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use identity::{
+    app::Application,
     config::Config,
     db::embedded::{Durability, EmbeddedPostgres},
     proto::identity::v1 as pb,
-    startup::Application,
 };
 use tokio::sync::oneshot;
 use tonic::transport::Channel;

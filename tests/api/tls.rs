@@ -4,7 +4,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::helpers::{TempDir, TestDb, TestUser, UserServiceClient, test_config};
-use identity::startup::Application;
+use identity::app::Application;
 
 struct Pki {
     ca_pem: String,

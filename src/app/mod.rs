@@ -1,20 +1,29 @@
-//! Start-up and shutdown: [`Application::build`] prepares the database and
-//! binds the listener; [`Application::run_until_stopped`] serves until the
-//! shutdown future resolves, lets in-flight calls finish, then stops the
-//! embedded cluster. Binding before serving is what lets a test use port 0
-//! and connect at once, without sleeping.
+//! Start-up and lifetime: [`Application::build`] checks the hashing
+//! settings, prepares the database, builds the services and binds the
+//! listener; [`Application::run_until_stopped`] serves until the shutdown
+//! future resolves, lets in-flight calls finish, then stops the embedded
+//! cluster. Binding before serving is what lets a test use port 0 and
+//! connect at once, without sleeping.
+//!
+//! The tasks that live as long as the server are in files of their own:
+//! `health.rs` (the database prober behind the health service), `keys.rs`
+//! (the key reloader: SIGHUP and timer) and `janitor.rs` (the hourly
+//! purge); where the data is, URL or embedded cluster, is `database.rs`.
+
+mod database;
+mod health;
+mod janitor;
+mod keys;
+
+pub use database::{Database, mask_password};
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::server::NamedService;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::ServingStatus;
 
 use crate::config::Config;
-use crate::db::{
-    self, Pool,
-    embedded::{Durability, EmbeddedError, EmbeddedPostgres},
-};
+use crate::db::{self, Pool, embedded::EmbeddedError};
 use crate::error::Error;
 use crate::grpc::{AccountsGrpc, AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::Hasher;
@@ -23,10 +32,9 @@ use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AccountService, AuthService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
 
-/// The database of the embedded cluster.
-const EMBEDDED_DATABASE: &str = "identity";
-/// How often the health service looks at the database.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+use health::{Prober, report_database, service_names, watch_database};
+use janitor::purge_old_rows;
+use keys::reload_keys;
 
 /// Why the service could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -55,76 +63,6 @@ pub enum StartupError {
     /// Something else.
     #[error("{0}")]
     Other(String),
-}
-
-/// Where the data is: a URL given, or the embedded cluster this process owns.
-#[derive(Debug)]
-pub struct Database {
-    /// The connection URL.
-    pub url: String,
-    /// The embedded cluster, when this process started it.
-    pub embedded: Option<EmbeddedPostgres>,
-}
-
-impl Database {
-    /// `DATABASE_URL`, or the embedded cluster under `DATA_DIR` (started, and
-    /// its `identity` database created, when needed).
-    pub async fn open(config: &Config) -> Result<Self, StartupError> {
-        if let Some(url) = &config.database_url {
-            return Ok(Self {
-                url: url.clone(),
-                embedded: None,
-            });
-        }
-        let data_dir = config.data_dir.clone();
-        let bin_dir = config.pg_bin_dir.clone();
-        let pg = tokio::task::spawn_blocking(move || {
-            EmbeddedPostgres::start(&data_dir, bin_dir.as_deref(), Durability::Full)
-        })
-        .await
-        .map_err(|e| StartupError::Other(e.to_string()))??;
-        create_database(&pg.url("postgres"), EMBEDDED_DATABASE)
-            .await
-            .map_err(StartupError::Database)?;
-        Ok(Self {
-            url: pg.url(EMBEDDED_DATABASE),
-            embedded: Some(pg),
-        })
-    }
-
-    /// Stops the embedded cluster, if this process owns one.
-    pub async fn close(self) -> Result<(), StartupError> {
-        if let Some(mut pg) = self.embedded {
-            tokio::task::spawn_blocking(move || pg.stop())
-                .await
-                .map_err(|e| StartupError::Other(e.to_string()))??;
-        }
-        Ok(())
-    }
-}
-
-/// Creates `name` through the admin URL unless it exists.
-pub async fn create_database(admin_url: &str, name: &str) -> Result<(), Error> {
-    use diesel::{ExpressionMethods, QueryDsl};
-    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-
-    diesel::table! { pg_database (datname) { datname -> Text, } }
-    let mut conn = AsyncPgConnection::establish(admin_url)
-        .await
-        .map_err(|e| Error::Unavailable(Box::new(e)))?;
-    let exists: i64 = pg_database::table
-        .filter(pg_database::datname.eq(name))
-        .count()
-        .get_result(&mut conn)
-        .await?;
-    if exists == 0 {
-        conn.batch_execute(&format!(
-            "CREATE DATABASE \"{}\"",
-            name.replace('"', "\"\"")
-        ))
-        .await?;
-    }
-    Ok(())
 }
 
 /// The service, built and bound, not yet serving.
@@ -407,40 +345,6 @@ impl Application {
     }
 }
 
-/// Deletes, every hour, what no check needs any more: sessions ended or
-/// expired a week ago (with their retired refresh tokens) and throttling
-/// rows idle for a day. Every replica may run it; the deletes are idempotent.
-async fn purge_old_rows(
-    pool: Pool,
-    refresh_ttl: Duration,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    const EVERY: Duration = Duration::from_secs(3600);
-    let mut tick = tokio::time::interval(EVERY);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stopped.changed() => return,
-        }
-        let result = async {
-            let mut conn = db::conn(&pool).await?;
-            let sessions =
-                db::sessions::purge_sessions(&mut conn, chrono::Duration::days(7)).await?;
-            let failures = db::throttle::purge(&mut conn).await?;
-            let ttl = chrono::Duration::from_std(refresh_ttl).unwrap_or(chrono::Duration::days(30));
-            let retired = db::sessions::purge_retired(&mut conn, ttl).await?;
-            let tokens = db::accounts::purge(&mut conn).await?;
-            Ok::<_, Error>((sessions + retired + tokens, failures))
-        }
-        .await;
-        match result {
-            Ok((0, 0)) => {}
-            Ok((sessions, failures)) => tracing::info!(sessions, failures, "purged old rows"),
-            Err(e) => tracing::warn!(error = %e, "purge failed; next try in an hour"),
-        }
-    }
-}
-
 /// The TLS settings: `TLS_CERT` and `TLS_KEY` (with `TLS_CLIENT_CA`, mutual
 /// TLS); `None` for plaintext h2c.
 fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, StartupError> {
@@ -459,203 +363,4 @@ fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfi
         tls = tls.client_ca_root(Certificate::from_pem(read("TLS_CLIENT_CA", ca)?));
     }
     Ok(Some(tls))
-}
-
-/// Re-reads `KEYS_DIR` on SIGHUP and every `KEYS_RELOAD_INTERVAL`, so that
-/// `identity keys rotate` (or a key mounted from a secret store) takes effect
-/// without a restart: the newest key signs, every key still in the folder
-/// verifies, and a key removed from it stops verifying.
-async fn reload_keys(
-    source: KeysSource,
-    tokens: TokenIssuer,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; keys reload on a timer only");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(source.interval);
-    tick.tick().await;
-    loop {
-        let hup = async {
-            match hangup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = hup => tracing::info!("SIGHUP received: reloading keys"),
-            _ = stopped.changed() => return,
-        }
-        let (dir, alg, delay) = (
-            source.dir.clone(),
-            source.algorithm,
-            source.activation_delay,
-        );
-        match tokio::task::spawn_blocking(move || KeyStore::load(&dir, alg, delay)).await {
-            Ok(Ok(keys)) => {
-                let signing = keys.signing().kid.clone();
-                let count = keys.keys().len();
-                if tokens.replace_keys(keys) {
-                    tracing::info!(signing_kid = %signing, keys = count, "keys reloaded");
-                }
-            }
-            Ok(Err(e)) => tracing::error!(error = %e, "keys not reloaded; the current ones stay"),
-            Err(e) => tracing::error!(error = %e, "keys not reloaded"),
-        }
-    }
-}
-
-/// A database URL fit for a log line: user, hosts, ports and database only,
-/// whatever form the URL takes (URL or key=value, password anywhere in it).
-pub fn mask_password(url: &str) -> String {
-    use tokio_postgres::config::Host;
-    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
-        return "<unparseable database URL>".to_owned();
-    };
-    let hosts: Vec<String> = config
-        .get_hosts()
-        .iter()
-        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
-        .map(|(host, port)| match host {
-            Host::Tcp(name) => format!("{name}:{port}"),
-            Host::Unix(path) => format!("{}", path.display()),
-        })
-        .collect();
-    format!(
-        "postgres://{}@{}/{}",
-        config.get_user().unwrap_or(""),
-        hosts.join(","),
-        config.get_dbname().unwrap_or("")
-    )
-}
-
-/// The names the health service answers for, beside "" (the whole server).
-fn service_names() -> [&'static str; 4] {
-    [
-        <pb::account_service_server::AccountServiceServer<AccountsGrpc> as NamedService>::NAME,
-        <pb::user_service_server::UserServiceServer<UsersGrpc> as NamedService>::NAME,
-        <pb::group_service_server::GroupServiceServer<GroupsGrpc> as NamedService>::NAME,
-        <pb::auth_service_server::AuthServiceServer<AuthGrpc> as NamedService>::NAME,
-    ]
-}
-
-/// Keeps the health status in step with the database: NOT_SERVING while it
-/// cannot be reached, SERVING again when it returns, without a restart.
-async fn watch_database(
-    mut prober: Prober,
-    reporter: HealthReporter,
-    mut last: ServingStatus,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
-            _ = stopped.changed() => return,
-        }
-        last = report_database(&mut prober, &reporter, Some(last)).await;
-    }
-}
-
-/// The health check's own connection: a pool that is merely busy (every
-/// connection in use at peak load) must not read as a database that is down.
-struct Prober {
-    url: String,
-    conn: Option<diesel_async::AsyncPgConnection>,
-}
-
-impl Prober {
-    fn new(url: String) -> Self {
-        Self { url, conn: None }
-    }
-
-    async fn ping(&mut self) -> Result<(), Error> {
-        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-        const PATIENCE: Duration = Duration::from_secs(2);
-        let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| Error::Unavailable(e);
-        if self.conn.is_none() {
-            let conn = tokio::time::timeout(
-                PATIENCE,
-                diesel_async::AsyncPgConnection::establish(&self.url),
-            )
-            .await
-            .map_err(|e| unavailable(Box::new(e)))?
-            .map_err(|e| unavailable(Box::new(e)))?;
-            self.conn = Some(conn);
-        }
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| Error::internal("no probe connection"))?;
-        let result = tokio::time::timeout(PATIENCE, conn.batch_execute("SELECT 1")).await;
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                self.conn = None;
-                Err(unavailable(Box::new(e)))
-            }
-            Err(e) => {
-                self.conn = None;
-                Err(unavailable(Box::new(e)))
-            }
-        }
-    }
-}
-
-/// Pings the database and publishes the result when it changed from `last`.
-async fn report_database(
-    prober: &mut Prober,
-    reporter: &HealthReporter,
-    last: Option<ServingStatus>,
-) -> ServingStatus {
-    let status = match prober.ping().await {
-        Ok(()) => ServingStatus::Serving,
-        Err(e) => {
-            if last != Some(ServingStatus::NotServing) {
-                tracing::warn!(error = %e, "database unreachable: health is NOT_SERVING");
-            }
-            ServingStatus::NotServing
-        }
-    };
-    if last != Some(status) {
-        if last.is_some() && status == ServingStatus::Serving {
-            tracing::info!("database reachable again: health is SERVING");
-        }
-        reporter.set_service_status("", status).await;
-        for name in service_names() {
-            reporter.set_service_status(name, status).await;
-        }
-    }
-    status
-}
-
-#[cfg(test)]
-mod tests {
-    use super::mask_password;
-
-    #[test]
-    fn database_passwords_never_reach_the_log_line() {
-        for url in [
-            "postgres://app:s3cr3t@db:5432/identity?sslmode=require",
-            "postgres://app@db/identity?password=s3cr3t",
-            "host=db user=app password=s3cr3t dbname=identity",
-        ] {
-            let shown = mask_password(url);
-            assert!(!shown.contains("s3cr3t"), "{shown}");
-            assert!(
-                shown.contains("app@db") && shown.ends_with("/identity"),
-                "{shown}"
-            );
-        }
-        assert_eq!(
-            mask_password("postgres://postgres@/identity?host=/srv/run"),
-            "postgres://postgres@/srv/run/identity"
-        );
-        assert_eq!(mask_password("::nonsense::"), "<unparseable database URL>");
-    }
 }

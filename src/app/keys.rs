@@ -1,0 +1,57 @@
+//! The key reloader: `KEYS_DIR` read again on SIGHUP and on a timer, so
+//! that a rotation takes effect in a running service. A task of its own,
+//! started by [`super::Application::run_until_stopped`] and ended with it.
+
+use crate::token::{KeyStore, TokenIssuer};
+
+use super::KeysSource;
+
+/// Re-reads `KEYS_DIR` on SIGHUP and every `KEYS_RELOAD_INTERVAL`, so that
+/// `identity keys rotate` (or a key mounted from a secret store) takes effect
+/// without a restart: the newest key signs, every key still in the folder
+/// verifies, and a key removed from it stops verifying.
+pub(super) async fn reload_keys(
+    source: KeysSource,
+    tokens: TokenIssuer,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; keys reload on a timer only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(source.interval);
+    tick.tick().await;
+    loop {
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = hup => tracing::info!("SIGHUP received: reloading keys"),
+            _ = stopped.changed() => return,
+        }
+        let (dir, alg, delay) = (
+            source.dir.clone(),
+            source.algorithm,
+            source.activation_delay,
+        );
+        match tokio::task::spawn_blocking(move || KeyStore::load(&dir, alg, delay)).await {
+            Ok(Ok(keys)) => {
+                let signing = keys.signing().kid.clone();
+                let count = keys.keys().len();
+                if tokens.replace_keys(keys) {
+                    tracing::info!(signing_kid = %signing, keys = count, "keys reloaded");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "keys not reloaded; the current ones stay"),
+            Err(e) => tracing::error!(error = %e, "keys not reloaded"),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The `identity` command: every admin task is a subcommand, every setting an
+//! environment variable (see [`crate::config`]). This file holds the
+//! command line and its dispatch; each family of subcommands has a file:
+//! `serve.rs` (the service and its stop signals), `admin.rs` (migrate,
+//! createsuperuser, keys, and the admin database they share) and
+//! `import.rs` (the JSON Lines reader of `identity import`).
+
+mod admin;
+mod import;
+mod serve;
+
+pub use serve::shutdown_signal;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+
+use admin::{CreateSuperuserArgs, KeysArgs, MigrateArgs};
+use import::ImportArgs;
+
+/// identity: users, groups, logins and JWT access tokens over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "identity", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the service; applies pending migrations first.
+    Serve(Config),
+    /// Applies pending migrations, or shows or reverts them.
+    Migrate(MigrateArgs),
+    /// Creates a superuser. The password comes from IDENTITY_PASSWORD or
+    /// standard input, never from a flag.
+    #[command(name = "createsuperuser")]
+    CreateSuperuser(CreateSuperuserArgs),
+    /// Manages the signing keys in KEYS_DIR.
+    Keys(KeysArgs),
+    /// Imports users with their password hashes from a JSON Lines file:
+    /// one object per line with username, email, password_hash (argon2 PHC
+    /// or bcrypt $2b$) and optionally id, first_name, last_name,
+    /// is_superuser, is_active, is_verified, attributes and groups (slugs).
+    /// Batches of lines run in one transaction each; a run again skips the
+    /// users already imported, so an interrupted import is resumed by
+    /// running it again. Exits 1 when a line was refused.
+    Import(ImportArgs),
+}
+
+impl Cli {
+    /// Parses the command line and environment. A bad setting ends the
+    /// program here with one line naming it and exit code 2.
+    pub fn parse_or_exit() -> Self {
+        match Self::try_parse() {
+            Ok(cli) => cli,
+            Err(e) => {
+                use clap::error::ErrorKind::*;
+                if matches!(
+                    e.kind(),
+                    DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+                ) {
+                    e.exit();
+                }
+                // One line: the error and what it names, without the usage.
+                let rendered = e.render().to_string();
+                let line = rendered
+                    .lines()
+                    .take_while(|l| {
+                        !l.starts_with("Usage:") && !l.starts_with("For more information")
+                    })
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                eprintln!("identity: {}", line.trim_start_matches("error: "));
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// The settings of the chosen subcommand.
+    pub fn config(&self) -> &Config {
+        match &self.command {
+            Command::Serve(config) => config,
+            Command::Migrate(args) => &args.config,
+            Command::CreateSuperuser(args) => &args.config,
+            Command::Keys(args) => &args.config,
+            Command::Import(args) => &args.config,
+        }
+    }
+
+    /// How logs are written.
+    pub fn log_format(&self) -> LogFormat {
+        self.config().log_format
+    }
+
+    /// Runs the subcommand.
+    pub async fn run(self) -> ExitCode {
+        let result = match self.command {
+            Command::Serve(config) => serve::serve(config).await,
+            Command::Migrate(args) => admin::migrate(args).await,
+            Command::CreateSuperuser(args) => admin::create_superuser(args).await,
+            Command::Keys(args) => admin::keys(args),
+            Command::Import(args) => import::import(args).await,
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                // The whole chain: "database: database unavailable" alone
+                // would hide why (the causes carry no credentials).
+                let mut message = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    // Some errors already print their cause: say it once.
+                    let cause_text = cause.to_string();
+                    if !message.contains(&cause_text) {
+                        message.push_str(&format!(": {cause_text}"));
+                    }
+                    source = cause.source();
+                }
+                tracing::error!(error = %message, "identity failed");
+                eprintln!("identity: {message}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -229,11 +229,11 @@ impl Violations {
     }
 
     /// Keeps the value of `result`, or records its violation under `field`.
-    pub fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
+    pub fn check<T, E: Into<String>>(&mut self, field: &str, result: Result<T, E>) -> Option<T> {
         match result {
             Ok(v) => Some(v),
             Err(description) => {
-                self.add(field, description);
+                self.add(field, description.into());
                 None
             }
         }

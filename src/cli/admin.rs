@@ -130,7 +130,9 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
 }
 
 pub(super) async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError> {
-    let invalid = |field: &str, e: String| StartupError::Other(format!("invalid {field}: {e}"));
+    let invalid = |field: &str, e: crate::domain::Violation| {
+        StartupError::Other(format!("invalid {field}: {e}"))
+    };
     let username = Username::parse(&args.username).map_err(|e| invalid("username", e))?;
     let email = Email::parse(&args.email).map_err(|e| invalid("email", e))?;
     let raw = match std::env::var("IDENTITY_PASSWORD") {

@@ -1,5 +1,6 @@
 //! A group's fields and their input rules.
 
+use super::Violation;
 use super::text::{fold, length, nfkc_trimmed, no_control, no_invisible};
 
 /// The longest slug.
@@ -14,7 +15,7 @@ pub struct Groupname {
 
 impl Groupname {
     /// Trimmed, NFKC, 1 to 150 characters, no control characters.
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, Violation> {
         let raw = raw.trim();
         no_control(raw)?;
         let display = nfkc_trimmed(raw);
@@ -61,10 +62,10 @@ pub struct Slug(String);
 
 impl Slug {
     /// Validates an explicit slug; it is never rewritten.
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, Violation> {
         no_control(raw)?;
         if raw.is_empty() || raw.len() > MAX_SLUG {
-            return Err(format!("must be 1 to {MAX_SLUG} characters"));
+            return Err(Violation::SlugLength { max: MAX_SLUG });
         }
         let valid = raw.split('-').all(|part| {
             !part.is_empty()
@@ -73,7 +74,7 @@ impl Slug {
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         });
         if !valid {
-            return Err("must match ^[a-z0-9]+(-[a-z0-9]+)*$ (lowercase letters and digits, single dashes between)".into());
+            return Err(Violation::SlugShape);
         }
         Ok(Self(raw.to_owned()))
     }

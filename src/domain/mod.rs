@@ -7,8 +7,10 @@ pub mod page;
 pub mod session;
 pub mod text;
 pub mod user;
+pub mod violation;
 
 pub use group::{Group, Groupname, Slug};
 pub use page::{PageRequest, Pager};
 pub use session::EndReason;
 pub use user::{Attributes, Email, Password, User, Username};
+pub use violation::Violation;

@@ -8,6 +8,8 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use super::Violation;
+
 /// Default page size when the request says 0.
 pub const DEFAULT_PAGE_SIZE: i64 = 50;
 /// The largest page; larger requests are cut to it.
@@ -48,21 +50,16 @@ impl Pager {
         &self,
         page_size: i32,
         page_token: &str,
-    ) -> Result<PageRequest, (&'static str, String)> {
+    ) -> Result<PageRequest, (&'static str, Violation)> {
         let size = match page_size {
-            n if n < 0 => return Err(("page_size", "must not be negative".into())),
+            n if n < 0 => return Err(("page_size", Violation::NegativePageSize)),
             0 => DEFAULT_PAGE_SIZE,
             n => i64::from(n).min(MAX_PAGE_SIZE),
         };
         if page_token.is_empty() {
             return Ok(PageRequest { size, after: None });
         }
-        let invalid = || {
-            (
-                "page_token",
-                "is not a token from a previous call with these filters".to_owned(),
-            )
-        };
+        let invalid = || ("page_token", Violation::ForeignPageToken);
         let bytes = URL_SAFE_NO_PAD.decode(page_token).map_err(|_| invalid())?;
         if bytes.len() != LEN || bytes[0] != VERSION || bytes[17..] != self.0 {
             return Err(invalid());

@@ -2,6 +2,8 @@
 
 use unicode_normalization::UnicodeNormalization;
 
+use super::Violation;
+
 /// The canonical form under which two names are "the same": the NFKC case
 /// fold, computed here rather than by PostgreSQL's `lower()`, whose result
 /// depends on the database's locale.
@@ -20,12 +22,9 @@ pub fn nfkc_trimmed(s: &str) -> String {
 }
 
 /// Refuses NUL and every other control character (Unicode Cc).
-pub fn no_control(s: &str) -> Result<(), String> {
+pub fn no_control(s: &str) -> Result<(), Violation> {
     match s.chars().find(|c| c.is_control()) {
-        Some(c) => Err(format!(
-            "must not contain control characters (found U+{:04X})",
-            c as u32
-        )),
+        Some(c) => Err(Violation::Control(c)),
         None => Ok(()),
     }
 }
@@ -36,21 +35,21 @@ pub fn no_control(s: &str) -> Result<(), String> {
 /// character (General_Category Cf: bidi controls, ...). In a username,
 /// email or groupname they make two names that look alike differ
 /// (`admin@exa\u{200B}mple.com`).
-pub fn no_invisible(s: &str) -> Result<(), String> {
+pub fn no_invisible(s: &str) -> Result<(), Violation> {
     invisible(s, |_| false)
 }
 
 /// As [`no_invisible`], for people's names: the zero-width non-joiner and
 /// joiner (which Persian, Indic scripts and emoji sequences need) and the
 /// variation selectors (emoji presentation) are allowed.
-pub fn no_invisible_in_name(s: &str) -> Result<(), String> {
+pub fn no_invisible_in_name(s: &str) -> Result<(), Violation> {
     invisible(
         s,
         |c| matches!(c, '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}'),
     )
 }
 
-fn invisible(s: &str, allowed: impl Fn(char) -> bool) -> Result<(), String> {
+fn invisible(s: &str, allowed: impl Fn(char) -> bool) -> Result<(), Violation> {
     use icu_properties::{
         CodePointMapData, CodePointSetData,
         props::{DefaultIgnorableCodePoint, GeneralCategory},
@@ -60,21 +59,18 @@ fn invisible(s: &str, allowed: impl Fn(char) -> bool) -> Result<(), String> {
     match s.chars().find(|&c| {
         (ignorable.contains(c) || category.get(c) == GeneralCategory::Format) && !allowed(c)
     }) {
-        Some(c) => Err(format!(
-            "must not contain invisible characters (found U+{:04X})",
-            c as u32
-        )),
+        Some(c) => Err(Violation::Invisible(c)),
         None => Ok(()),
     }
 }
 
 /// Checks a length in characters (Unicode scalar values).
-pub fn length(s: &str, min: usize, max: usize) -> Result<(), String> {
-    let n = s.chars().count();
-    if n < min {
-        Err(format!("must be at least {min} characters (got {n})"))
-    } else if n > max {
-        Err(format!("must be at most {max} characters (got {n})"))
+pub fn length(s: &str, min: usize, max: usize) -> Result<(), Violation> {
+    let got = s.chars().count();
+    if got < min {
+        Err(Violation::TooShort { min, got })
+    } else if got > max {
+        Err(Violation::TooLong { max, got })
     } else {
         Ok(())
     }
@@ -83,7 +79,7 @@ pub fn length(s: &str, min: usize, max: usize) -> Result<(), String> {
 /// A free-text name (first_name, last_name): trimmed, then at most `max`
 /// characters, no control characters, no invisible ones but those scripts
 /// need ([`no_invisible_in_name`]).
-pub fn name(s: &str, max: usize) -> Result<String, String> {
+pub fn name(s: &str, max: usize) -> Result<String, Violation> {
     let s = s.trim();
     no_control(s)?;
     no_invisible_in_name(s)?;
@@ -108,7 +104,7 @@ pub fn substring_pattern(query: &str) -> String {
 }
 
 /// Validates a search query: no control characters, at most 256 characters.
-pub fn query(s: &str) -> Result<Option<String>, String> {
+pub fn query(s: &str) -> Result<Option<String>, Violation> {
     no_control(s)?;
     length(s, 0, 256)?;
     Ok((!s.is_empty()).then(|| substring_pattern(s)))

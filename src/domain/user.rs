@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fmt};
 use unicode_normalization::char::is_combining_mark;
 use unicode_script::{Script, UnicodeScript};
 
+use super::Violation;
 use super::text::{fold, length, name, nfkc_trimmed, no_control, no_invisible};
 
 /// A user as the service knows it: never its password or hash.
@@ -33,7 +34,7 @@ pub struct Username {
 
 impl Username {
     /// Trims, applies NFKC, then checks length, characters and script.
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, Violation> {
         let raw = raw.trim();
         no_control(raw)?;
         let display = nfkc_trimmed(raw);
@@ -45,9 +46,7 @@ impl Username {
                 continue;
             }
             if !(c.is_alphanumeric() || is_combining_mark(c)) {
-                return Err(format!(
-                    "may contain only letters, digits and . _ - @ + (found {c:?})"
-                ));
+                return Err(Violation::UsernameChar(c));
             }
             let script = c.script();
             if !matches!(script, Script::Common | Script::Inherited) && !scripts.contains(&script) {
@@ -55,7 +54,7 @@ impl Username {
             }
         }
         if !one_writing_system(&scripts) {
-            return Err("must use the letters of a single script".into());
+            return Err(Violation::MixedScripts);
         }
         let canonical = fold(&display);
         Ok(Self { display, canonical })
@@ -96,28 +95,28 @@ pub struct Email {
 impl Email {
     /// Trims, then checks the shape of the address. Deliberately simple: the
     /// only real test of an address is a mail that arrives.
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, Violation> {
         let display = raw.trim();
         no_control(display)?;
         no_invisible(display)?;
         length(display, 3, 254)?;
         if display.chars().any(char::is_whitespace) {
-            return Err("must not contain spaces".into());
+            return Err(Violation::Spaces);
         }
         let Some((local, domain)) = display.split_once('@') else {
-            return Err("must contain an @".into());
+            return Err(Violation::NoAt);
         };
         if domain.contains('@') {
-            return Err("must contain exactly one @".into());
+            return Err(Violation::ManyAts);
         }
         if local.is_empty() {
-            return Err("must have a part before the @".into());
+            return Err(Violation::NoLocalPart);
         }
         if local.chars().count() > 64 {
-            return Err("the part before the @ must be at most 64 characters".into());
+            return Err(Violation::LongLocalPart);
         }
         if !domain.contains('.') || domain.split('.').any(str::is_empty) {
-            return Err("must have a domain with a dot, such as example.com".into());
+            return Err(Violation::NoDottedDomain);
         }
         Ok(Self {
             display: display.to_owned(),
@@ -145,12 +144,12 @@ impl Password {
     /// 8 to 256 characters, taken exactly as given (never trimmed); not the
     /// username or email (compared case-insensitively). No composition rules,
     /// per NIST SP 800-63B.
-    pub fn parse(raw: &str, forbidden: &[&str]) -> Result<Self, String> {
+    pub fn parse(raw: &str, forbidden: &[&str]) -> Result<Self, Violation> {
         no_control(raw)?;
         length(raw, 8, 256)?;
         let folded = fold(raw);
         if forbidden.iter().any(|f| *f == folded) {
-            return Err("must not be the username or email".into());
+            return Err(Violation::PasswordIsName);
         }
         Ok(Self(raw.to_owned()))
     }
@@ -182,20 +181,24 @@ impl Attributes {
     /// Checks every key and value.
     pub fn parse<'a>(
         raw: impl IntoIterator<Item = (&'a String, &'a String)>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Violation> {
         let map: BTreeMap<String, String> = raw
             .into_iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if map.len() > 64 {
-            return Err(format!("at most 64 keys (got {})", map.len()));
+            return Err(Violation::TooManyKeys { got: map.len() });
         }
         for (key, value) in &map {
             if !valid_key(key) {
-                return Err(format!("key {key:?} must match ^[a-z][a-z0-9_.-]{{0,63}}$"));
+                return Err(Violation::AttributeKey(key.clone()));
             }
-            no_control(value).map_err(|e| format!("value of {key:?} {e}"))?;
-            length(value, 0, 1024).map_err(|e| format!("value of {key:?} {e}"))?;
+            let value_violation = |why| Violation::AttributeValue {
+                key: key.clone(),
+                why: Box::new(why),
+            };
+            no_control(value).map_err(value_violation)?;
+            length(value, 0, 1024).map_err(value_violation)?;
         }
         Ok(Self(map))
     }
@@ -219,7 +222,7 @@ fn valid_key(key: &str) -> bool {
 }
 
 /// first_name and last_name: at most 150 characters, no control characters.
-pub fn person_name(raw: &str) -> Result<String, String> {
+pub fn person_name(raw: &str) -> Result<String, Violation> {
     name(raw, 150)
 }
 

@@ -4,27 +4,24 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::{Group, User};
+use crate::domain::{Group, User, Violation};
 use crate::error::Error;
 use crate::proto::identity::v1 as pb;
 
 /// A required UUID field, in its canonical hyphenated form (any case).
 pub fn parse_id(field: &str, value: &str) -> Result<Uuid, Error> {
+    uuid(value).map_err(|v| Error::invalid(field, v))
+}
+
+/// A UUID in its canonical hyphenated form (any case).
+fn uuid(value: &str) -> Result<Uuid, Violation> {
     if value.is_empty() {
-        return Err(Error::invalid(field, "is required"));
+        return Err(Violation::Required);
     }
     if value.len() != 36 {
-        return Err(Error::invalid(
-            field,
-            "must be a UUID such as 0192f3a4-5b6c-7d8e-9f00-112233445566",
-        ));
+        return Err(Violation::NotUuid);
     }
-    Uuid::try_parse(value).map_err(|_| {
-        Error::invalid(
-            field,
-            "must be a UUID such as 0192f3a4-5b6c-7d8e-9f00-112233445566",
-        )
-    })
+    Uuid::try_parse(value).map_err(|_| Violation::NotUuid)
 }
 
 /// An optional UUID field: empty means absent.

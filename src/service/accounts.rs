@@ -402,7 +402,7 @@ fn refusal(state: TokenState) -> Error {
 /// Checks an imported user against the input rules; the first violation,
 /// naming its field.
 fn validate(raw: ImportedUser) -> Result<ValidUser, String> {
-    fn field(name: &'static str) -> impl Fn(String) -> String {
+    fn field<E: std::fmt::Display>(name: &'static str) -> impl Fn(E) -> String {
         move |e| format!("{name}: {e}")
     }
     let (id, id_given) = match raw.id.as_deref().map(str::trim) {

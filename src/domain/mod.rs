@@ -12,5 +12,5 @@ pub mod violation;
 pub use group::{Group, Groupname, Slug};
 pub use page::{PageRequest, Pager};
 pub use session::EndReason;
-pub use user::{Attributes, Email, Password, User, Username};
+pub use user::{Attributes, Email, Login, NewPassword, OpaqueToken, Password, User, Username};
 pub use violation::Violation;

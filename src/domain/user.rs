@@ -145,13 +145,7 @@ impl Password {
     /// username or email (compared case-insensitively). No composition rules,
     /// per NIST SP 800-63B.
     pub fn parse(raw: &str, forbidden: &[&str]) -> Result<Self, Violation> {
-        no_control(raw)?;
-        length(raw, 8, 256)?;
-        let folded = fold(raw);
-        if forbidden.iter().any(|f| *f == folded) {
-            return Err(Violation::PasswordIsName);
-        }
-        Ok(Self(raw.to_owned()))
+        NewPassword::parse(raw)?.for_user(forbidden)
     }
 
     /// A password taken as given, without the rules: only for re-hashing one
@@ -169,6 +163,99 @@ impl Password {
 impl fmt::Debug for Password {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Password(***)")
+    }
+}
+
+/// A new password that passed the rules that need no user (no control
+/// characters, 8 to 256 characters, never trimmed): parsed at the edge,
+/// before the service reads the user for the last rule
+/// ([`NewPassword::for_user`]). Its `Debug` hides it.
+#[derive(Clone)]
+pub struct NewPassword(String);
+
+impl NewPassword {
+    /// The rules that need no user.
+    pub fn parse(raw: &str) -> Result<Self, Violation> {
+        no_control(raw)?;
+        length(raw, 8, 256)?;
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// The last rule: not the user's canonical username or email (compared
+    /// by case fold).
+    pub fn for_user(self, forbidden: &[&str]) -> Result<Password, Violation> {
+        let folded = fold(&self.0);
+        if forbidden.iter().any(|f| *f == folded) {
+            return Err(Violation::PasswordIsName);
+        }
+        Ok(Password(self.0))
+    }
+}
+
+impl fmt::Debug for NewPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NewPassword(***)")
+    }
+}
+
+/// What Login names: a username or an email, trimmed, in the canonical form
+/// both are stored under (their NFKC case fold), so that either finds the
+/// account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    canonical: String,
+}
+
+impl Login {
+    /// Trimmed; no control characters; 1 to 254 characters.
+    pub fn parse(raw: &str) -> Result<Self, Violation> {
+        let raw = raw.trim();
+        no_control(raw)?;
+        length(raw, 1, 254)?;
+        Ok(Self {
+            canonical: fold(&nfkc_trimmed(raw)),
+        })
+    }
+
+    /// The canonical form, as `login_names` holds it.
+    pub fn canonical(&self) -> &str {
+        &self.canonical
+    }
+}
+
+/// A secret the service handed out (a refresh token, an account token),
+/// presented again. Its `Debug` hides it.
+#[derive(Clone)]
+pub struct OpaqueToken(String);
+
+impl OpaqueToken {
+    /// A refresh token: required, taken as given.
+    pub fn refresh(raw: &str) -> Result<Self, Violation> {
+        if raw.is_empty() {
+            return Err(Violation::Required);
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// An account token (email verification, password reset): trimmed (it
+    /// travels by mail), 1 to 128 printable ASCII characters.
+    pub fn account(raw: &str) -> Result<Self, Violation> {
+        let token = raw.trim();
+        if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Violation::NotOurToken);
+        }
+        Ok(Self(token.to_owned()))
+    }
+
+    /// The token itself, to hash.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for OpaqueToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OpaqueToken(***)")
     }
 }
 

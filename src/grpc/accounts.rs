@@ -3,7 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{parse_id, timestamp};
-use crate::error::Error;
+use crate::domain::{Email, NewPassword, OpaqueToken};
+use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
 use crate::service::{
     AccountService,
@@ -60,10 +61,9 @@ impl pb::account_service_server::AccountService for AccountsGrpc {
         &self,
         request: Request<pb::ConfirmEmailRequest>,
     ) -> Result<Response<pb::ConfirmEmailResponse>, Status> {
-        let user = self
-            .accounts
-            .confirm_email(&request.into_inner().token)
-            .await?;
+        let token = OpaqueToken::account(&request.into_inner().token)
+            .map_err(|e| Error::invalid("token", e))?;
+        let user = self.accounts.confirm_email(&token).await?;
         Ok(Response::new(pb::ConfirmEmailResponse {
             user: Some(user.into()),
         }))
@@ -73,10 +73,9 @@ impl pb::account_service_server::AccountService for AccountsGrpc {
         &self,
         request: Request<pb::RequestPasswordResetRequest>,
     ) -> Result<Response<pb::RequestPasswordResetResponse>, Status> {
-        let issued = self
-            .accounts
-            .request_reset(&request.into_inner().email)
-            .await?;
+        let email =
+            Email::parse(&request.into_inner().email).map_err(|e| Error::invalid("email", e))?;
+        let issued = self.accounts.request_reset(&email).await?;
         Ok(Response::new(match issued {
             Some(issued) => pb::RequestPasswordResetResponse {
                 token: issued.token,
@@ -91,9 +90,14 @@ impl pb::account_service_server::AccountService for AccountsGrpc {
         request: Request<pb::ResetPasswordRequest>,
     ) -> Result<Response<pb::ResetPasswordResponse>, Status> {
         let req = request.into_inner();
-        self.accounts
-            .reset_password(&req.token, &req.new_password)
-            .await?;
+        let mut v = Violations::new();
+        let token = v.check("token", OpaqueToken::account(&req.token));
+        let password = v.check("new_password", NewPassword::parse(&req.new_password));
+        v.finish()?;
+        let (Some(token), Some(password)) = (token, password) else {
+            return Err(Error::internal("a checked field is missing").into());
+        };
+        self.accounts.reset_password(&token, password).await?;
         Ok(Response::new(pb::ResetPasswordResponse {}))
     }
 

@@ -4,7 +4,8 @@ use tonic::{Request, Response, Status};
 
 use super::authz::Caller;
 use super::convert::timestamp;
-use crate::error::Error;
+use crate::domain::{Login, NewPassword, OpaqueToken, Violation};
+use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
 use crate::service::{AuthService, auth::IssuedTokens};
 
@@ -47,7 +48,8 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let req = request.into_inner();
-        let (tokens, user) = self.auth.login(&req.login, &req.password).await?;
+        let login = Login::parse(&req.login).map_err(|e| Error::invalid("login", e))?;
+        let (tokens, user) = self.auth.login(&login, &req.password).await?;
         Ok(Response::new(pb::LoginResponse {
             tokens: Some(tokens.into()),
             user: Some(user.into()),
@@ -58,10 +60,9 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         &self,
         request: Request<pb::RefreshRequest>,
     ) -> Result<Response<pb::RefreshResponse>, Status> {
-        let (tokens, user) = self
-            .auth
-            .refresh(&request.into_inner().refresh_token)
-            .await?;
+        let token = OpaqueToken::refresh(&request.into_inner().refresh_token)
+            .map_err(|e| Error::invalid("refresh_token", e))?;
+        let (tokens, user) = self.auth.refresh(&token).await?;
         Ok(Response::new(pb::RefreshResponse {
             tokens: Some(tokens.into()),
             user: Some(user.into()),
@@ -73,9 +74,9 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         request: Request<pb::LogoutRequest>,
     ) -> Result<Response<pb::LogoutResponse>, Status> {
         let req = request.into_inner();
-        self.auth
-            .logout(&req.refresh_token, req.all_sessions)
-            .await?;
+        let token = OpaqueToken::refresh(&req.refresh_token)
+            .map_err(|e| Error::invalid("refresh_token", e))?;
+        self.auth.logout(&token, req.all_sessions).await?;
         Ok(Response::new(pb::LogoutResponse {}))
     }
 
@@ -126,11 +127,17 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         let caller = Caller::of(&request);
         let caller = caller.signed_in()?;
         let req = request.into_inner();
+        let mut v = Violations::new();
         if req.current_password.is_empty() {
-            return Err(Error::invalid("current_password", "is required").into());
+            v.add("current_password", Violation::Required);
         }
+        let new = v.check("new_password", NewPassword::parse(&req.new_password));
+        v.finish()?;
+        let Some(new) = new else {
+            return Err(Error::internal("a checked field is missing").into());
+        };
         self.auth
-            .change_password(caller, &req.current_password, &req.new_password)
+            .change_password(caller, &req.current_password, new)
             .await?;
         Ok(Response::new(pb::ChangePasswordResponse {}))
     }

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 use super::authz::{self, Caller};
 use super::convert::{parse_id, parse_optional_id};
 use crate::domain::{
-    Attributes, Email, Pager, Password, Username,
+    Attributes, Email, NewPassword, Pager, Password, Username,
     text::{self, fold, nfkc_trimmed, no_control},
     user::person_name,
 };
@@ -260,10 +260,11 @@ impl pb::user_service_server::UserService for UsersGrpc {
     ) -> Result<Response<pb::SetPasswordResponse>, Status> {
         let req = request.into_inner();
         let id = parse_id("id", &req.id)?;
-        // The rules that need no user first; the service adds "not the
+        // The rules that need no user here; the service adds "not the
         // username or email" once it has read the user.
-        Password::parse(&req.new_password, &[]).map_err(|e| Error::invalid("new_password", e))?;
-        self.users.set_password(id, &req.new_password).await?;
+        let password =
+            NewPassword::parse(&req.new_password).map_err(|e| Error::invalid("new_password", e))?;
+        self.users.set_password(id, password).await?;
         Ok(Response::new(pb::SetPasswordResponse {}))
     }
 }

@@ -13,7 +13,7 @@ use crate::db::{
     accounts::{Purpose, TokenState},
 };
 use crate::domain::{
-    Attributes, Email, EndReason, Password, Slug, User, Username, user::person_name,
+    Attributes, Email, EndReason, NewPassword, OpaqueToken, Slug, User, Username, user::person_name,
 };
 use crate::error::{Error, Field, Reason, Resource};
 use crate::hashing::{self, Hasher};
@@ -153,8 +153,8 @@ impl AccountService {
     /// Uses a verification token: its user becomes verified, if its email is
     /// still the one the token was issued for. Nothing changes otherwise.
     #[tracing::instrument(skip_all)]
-    pub async fn confirm_email(&self, token: &str) -> Result<User, Error> {
-        let hash = token_hash(token)?;
+    pub async fn confirm_email(&self, token: &OpaqueToken) -> Result<User, Error> {
+        let hash = opaque::hash(token.expose());
         let mut conn = db::conn(&self.pool).await?;
         let user = conn
             .transaction(async |conn| {
@@ -186,8 +186,7 @@ impl AccountService {
     /// one. The answer is the same (OK) either way; the token goes only to
     /// the trusted caller. Requests per address are throttled like logins.
     #[tracing::instrument(skip_all)]
-    pub async fn request_reset(&self, email: &str) -> Result<Option<IssuedToken>, Error> {
-        let email = Email::parse(email).map_err(|e| Error::invalid("email", e))?;
+    pub async fn request_reset(&self, email: &Email) -> Result<Option<IssuedToken>, Error> {
         let mut conn = db::conn(&self.pool).await?;
         let key = super::throttle::hashed_key("reset", email.canonical());
         let locked = db::throttle::count_request(
@@ -228,8 +227,12 @@ impl AccountService {
     /// session ends, the token (and any other reset token of the user)
     /// cannot be used again, and a login lock is lifted.
     #[tracing::instrument(skip_all)]
-    pub async fn reset_password(&self, token: &str, new_password: &str) -> Result<(), Error> {
-        let hash = token_hash(token)?;
+    pub async fn reset_password(
+        &self,
+        token: &OpaqueToken,
+        new_password: NewPassword,
+    ) -> Result<(), Error> {
+        let hash = opaque::hash(token.expose());
         // Checked before hashing, so that a bad token costs no hash.
         let (user_id, names) = {
             let mut conn = db::conn(&self.pool).await?;
@@ -255,7 +258,8 @@ impl AccountService {
                 })?;
             (user_id, names)
         };
-        let password = Password::parse(new_password, &[&names.0, &names.1])
+        let password = new_password
+            .for_user(&[&names.0, &names.1])
             .map_err(|e| Error::invalid("new_password", e))?;
         let new_hash = self.hasher.hash(&password).await?;
         let mut conn = db::conn(&self.pool).await?;
@@ -366,17 +370,6 @@ impl AccountService {
 
 /// The stored hash of a presented token; INVALID_ARGUMENT when it cannot be
 /// one of ours.
-fn token_hash(token: &str) -> Result<Vec<u8>, Error> {
-    let token = token.trim();
-    if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Error::invalid(
-            "token",
-            "not a token issued by this service",
-        ));
-    }
-    Ok(opaque::hash(token))
-}
-
 fn refusal(state: TokenState) -> Error {
     match state {
         TokenState::Used => Error::Refused {

@@ -11,7 +11,7 @@ use crate::db::{
     self, Pool,
     sessions::{self, NewSessionRow, Rotation},
 };
-use crate::domain::{EndReason, Group, Password, User, text};
+use crate::domain::{EndReason, Group, Login, NewPassword, OpaqueToken, Password, User, text};
 use crate::error::{Error, Reason};
 use crate::hashing::Hasher;
 use crate::service::throttle::{Throttle, hashed_key, user_key};
@@ -113,22 +113,23 @@ impl AuthService {
     /// way, so that neither the answer, its timing nor the throttle tells
     /// whether an account exists.
     #[tracing::instrument(skip_all)]
-    pub async fn login(&self, login: &str, password: &str) -> Result<(IssuedTokens, User), Error> {
-        let login = login.trim();
-        text::no_control(login).map_err(|e| Error::invalid("login", e))?;
-        text::length(login, 1, 254).map_err(|e| Error::invalid("login", e))?;
-        let canonical = text::fold(&text::nfkc_trimmed(login));
+    pub async fn login(
+        &self,
+        login: &Login,
+        password: &str,
+    ) -> Result<(IssuedTokens, User), Error> {
+        let canonical = login.canonical();
         let mut conn = db::conn(&self.pool).await?;
-        let mut found = db::users::for_login(&mut conn, &canonical).await?;
+        let mut found = db::users::for_login(&mut conn, canonical).await?;
         let key = match &found {
             Some(c) => user_key(c.user.id),
-            None => hashed_key("login", &canonical),
+            None => hashed_key("login", canonical),
         };
         let (lease, waited) = self.throttle.claim(conn, key).await?;
         if waited {
             // A password may have changed while this attempt waited.
             let mut conn = db::conn(&self.pool).await?;
-            found = db::users::for_login(&mut conn, &canonical).await?;
+            found = db::users::for_login(&mut conn, canonical).await?;
         }
 
         // Dropped unsettled (an error here, or the call cancelled), the
@@ -236,11 +237,11 @@ impl AuthService {
     /// Rotates a refresh token: the presented one is retired, a new pair is
     /// issued for the same session with claims from the user's state now.
     #[tracing::instrument(skip_all)]
-    pub async fn refresh(&self, refresh_token: &str) -> Result<(IssuedTokens, User), Error> {
-        if refresh_token.is_empty() {
-            return Err(Error::invalid("refresh_token", "is required"));
-        }
-        let old = opaque::hash(refresh_token);
+    pub async fn refresh(
+        &self,
+        refresh_token: &OpaqueToken,
+    ) -> Result<(IssuedTokens, User), Error> {
+        let old = opaque::hash(refresh_token.expose());
         let new = opaque::generate().map_err(|_| Error::internal("no randomness"))?;
         let refresh_expire = Utc::now() + self.refresh_ttl;
         let mut conn = db::conn(&self.pool).await?;
@@ -294,11 +295,12 @@ impl AuthService {
     /// Ends the session of a refresh token (current or already rotated), or
     /// with `all_sessions` every session of its user.
     #[tracing::instrument(skip_all)]
-    pub async fn logout(&self, refresh_token: &str, all_sessions: bool) -> Result<(), Error> {
-        if refresh_token.is_empty() {
-            return Err(Error::invalid("refresh_token", "is required"));
-        }
-        let hash = opaque::hash(refresh_token);
+    pub async fn logout(
+        &self,
+        refresh_token: &OpaqueToken,
+        all_sessions: bool,
+    ) -> Result<(), Error> {
+        let hash = opaque::hash(refresh_token.expose());
         let mut conn = db::conn(&self.pool).await?;
         let owner = sessions::owner_of(&mut conn, &hash)
             .await?
@@ -374,11 +376,12 @@ impl AuthService {
         &self,
         caller: &Authenticated,
         current: &str,
-        new: &str,
+        new: NewPassword,
     ) -> Result<(), Error> {
         let user = &caller.user;
         let forbidden = [text::fold(&user.username), text::fold(&user.email)];
-        let new = Password::parse(new, &[&forbidden[0], &forbidden[1]])
+        let new = new
+            .for_user(&[&forbidden[0], &forbidden[1]])
             .map_err(|e| Error::invalid("new_password", e))?;
         let mut conn = db::conn(&self.pool).await?;
         let (stored, _) = db::users::password_hash(&mut conn, user.id)

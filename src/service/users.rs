@@ -7,7 +7,9 @@ use crate::db::{
     self, Pool,
     users::{NewUserRow, UserChangesRow},
 };
-use crate::domain::{Attributes, Email, EndReason, PageRequest, Password, User, Username, text};
+use crate::domain::{
+    Attributes, Email, EndReason, NewPassword, PageRequest, Password, User, Username, text,
+};
 use crate::error::{Error, Field, Resource};
 use crate::hashing::Hasher;
 use crate::service::Page;
@@ -258,14 +260,15 @@ impl UserService {
     /// Replaces a user's password. The new one must not be the user's
     /// username or email, which needs the user: so NOT_FOUND comes first.
     #[tracing::instrument(skip(self, new_password))]
-    pub async fn set_password(&self, id: Uuid, new_password: &str) -> Result<(), Error> {
+    pub async fn set_password(&self, id: Uuid, new_password: NewPassword) -> Result<(), Error> {
         let (username, email) = {
             let mut conn = db::conn(&self.pool).await?;
             db::users::canonical_names(&mut conn, id)
                 .await?
                 .ok_or(Error::NotFound(Resource::User))?
         };
-        let password = Password::parse(new_password, &[&username, &email])
+        let password = new_password
+            .for_user(&[&username, &email])
             .map_err(|e| Error::invalid("new_password", e))?;
         let hash = self.hasher.hash(&password).await?;
         let mut conn = db::conn(&self.pool).await?;

@@ -15,7 +15,7 @@ use identity::{
     startup::Application,
 };
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
+use tonic::{Status, transport::Channel};
 use uuid::Uuid;
 
 pub use pb::{
@@ -68,6 +68,82 @@ impl Clients {
             accounts: AccountServiceClient::with_interceptor(channel.clone(), bearer),
         }
     }
+
+    /// CreateUser: the new user.
+    pub async fn create_user(&self, request: pb::CreateUserRequest) -> Result<pb::User, Status> {
+        let created = self.users.clone().create_user(request).await?;
+        Ok(created.into_inner().user.expect("user in response"))
+    }
+
+    /// GetUser: the user found by `lookup`.
+    pub async fn get_user(&self, lookup: Lookup<'_>) -> Result<pb::User, Status> {
+        let found = self.users.clone().get_user(lookup.request()).await?;
+        Ok(found.into_inner().user.expect("user in response"))
+    }
+
+    /// UpdateUser of the user `id`: `change` sets the fields named in
+    /// `paths` on a `pb::User` that has only the id (the others are not
+    /// read). The user as it is now.
+    pub async fn update_user(
+        &self,
+        id: &str,
+        paths: &[&str],
+        change: impl FnOnce(&mut pb::User),
+    ) -> Result<pb::User, Status> {
+        let mut user = pb::User {
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        change(&mut user);
+        let updated = self
+            .users
+            .clone()
+            .update_user(pb::UpdateUserRequest {
+                user: Some(user),
+                update_mask: mask(paths),
+            })
+            .await?;
+        Ok(updated.into_inner().user.expect("user in response"))
+    }
+
+    /// ListUsers: one page.
+    pub async fn list_users(
+        &self,
+        request: pb::ListUsersRequest,
+    ) -> Result<pb::ListUsersResponse, Status> {
+        let page = self.users.clone().list_users(request).await?;
+        Ok(page.into_inner())
+    }
+}
+
+/// How GetUser finds a user: the `lookup` of its request.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    Id(&'a str),
+    Username(&'a str),
+    Email(&'a str),
+}
+
+impl Lookup<'_> {
+    /// The GetUser request.
+    pub fn request(self) -> pb::GetUserRequest {
+        use pb::get_user_request::Lookup as By;
+        let lookup = match self {
+            Lookup::Id(id) => By::Id(id.to_owned()),
+            Lookup::Username(username) => By::Username(username.to_owned()),
+            Lookup::Email(email) => By::Email(email.to_owned()),
+        };
+        pb::GetUserRequest {
+            lookup: Some(lookup),
+        }
+    }
+}
+
+/// An update mask of `paths`.
+pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
 }
 
 /// The superuser every test server starts with.
@@ -567,31 +643,48 @@ impl TestApp {
 
     /// Deactivates `user`, as a superuser.
     pub async fn deactivate(&self, user: &pb::User) {
-        let mut changed = user.clone();
-        changed.is_active = false;
-        self.admin
-            .users
-            .clone()
-            .update_user(pb::UpdateUserRequest {
-                user: Some(changed),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["is_active".into()],
-                }),
-            })
+        self.update_user(&user.id, &["is_active"], |u| u.is_active = false)
             .await
             .expect("deactivate");
     }
 
     /// Creates a user with a password and returns it.
     pub async fn create_user(&self, username: &str) -> pb::User {
-        self.users
-            .clone()
+        self.admin
             .create_user(TestUser::named(username).request())
             .await
             .expect("create user")
-            .into_inner()
-            .user
-            .expect("user in response")
+    }
+
+    /// CreateUser as root: the new user.
+    pub async fn create_user_from(
+        &self,
+        request: pb::CreateUserRequest,
+    ) -> Result<pb::User, Status> {
+        self.admin.create_user(request).await
+    }
+
+    /// GetUser as root.
+    pub async fn get_user(&self, lookup: Lookup<'_>) -> Result<pb::User, Status> {
+        self.admin.get_user(lookup).await
+    }
+
+    /// UpdateUser as root (see [`Clients::update_user`]).
+    pub async fn update_user(
+        &self,
+        id: &str,
+        paths: &[&str],
+        change: impl FnOnce(&mut pb::User),
+    ) -> Result<pb::User, Status> {
+        self.admin.update_user(id, paths, change).await
+    }
+
+    /// ListUsers as root: one page.
+    pub async fn list_users(
+        &self,
+        request: pb::ListUsersRequest,
+    ) -> Result<pb::ListUsersResponse, Status> {
+        self.admin.list_users(request).await
     }
 }
 
@@ -704,4 +797,24 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .get_details_bad_request()
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
+}
+
+/// The `google.rpc.ErrorInfo` reason of a status ("" without one).
+pub fn reason(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// The field an ALREADY_EXISTS status says is taken: the `field` of its
+/// ErrorInfo `FIELD_TAKEN` ("username", "email", "groupname", "slug", "id").
+pub fn taken_field(status: &Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info()?;
+    if info.reason != "FIELD_TAKEN" || info.domain != "identity" {
+        return None;
+    }
+    info.metadata.get("field").cloned()
 }

@@ -39,15 +39,12 @@ async fn migrations_go_up_down_and_up_again() {
     let app = spawn_app_on(db, |_| {}).await;
     let user = app.create_user("migrated").await;
     let listed = app
-        .users
-        .clone()
         .list_users(identity::proto::identity::v1::ListUsersRequest {
             query: "migrated".into(),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(listed.users, [user]);
 }
 

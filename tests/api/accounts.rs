@@ -5,9 +5,8 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use tonic::Code;
-use tonic_types::StatusExt;
 
-use crate::helpers::{TestApp, TestDb, TestUser, spawn_app, spawn_app_on};
+use crate::helpers::{Lookup, TestApp, TestDb, TestUser, reason, spawn_app, spawn_app_on};
 use identity::db::schema::users;
 use identity::proto::identity::v1 as pb;
 
@@ -21,13 +20,6 @@ pub const BCRYPT_PASSWORD: &str = "imported password one";
 const ARGON2I_HASH: &str = "$argon2i$v=19$m=1024,t=1,p=1$KXUz4YO2648x7oeaHr4liw$IH/D3v/mvrc2M8k24pPdsv1z5TFxZYJJesJPOfu2cF0";
 const ARGON2I_PASSWORD: &str = "imported password two";
 
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|i| i.reason)
-        .unwrap_or_default()
-}
-
 async fn stored_hash(app: &TestApp, username: &str) -> String {
     let mut conn = app.db.connect().await;
     users::table
@@ -39,18 +31,7 @@ async fn stored_hash(app: &TestApp, username: &str) -> String {
 }
 
 async fn is_verified(app: &TestApp, id: &str) -> bool {
-    app.admin
-        .users
-        .clone()
-        .get_user(pb::GetUserRequest {
-            lookup: Some(pb::get_user_request::Lookup::Id(id.into())),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .is_verified
+    app.get_user(Lookup::Id(id)).await.unwrap().is_verified
 }
 
 async fn verification_token(app: &TestApp, user_id: &str) -> String {

@@ -12,17 +12,10 @@ use serde_json::{Value, json};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{TestApp, TestUser, spawn_app};
+use crate::helpers::{Lookup, TestApp, TestUser, reason, spawn_app};
 use identity::proto::identity::v1 as pb;
 
 const PASSWORD: &str = "correct horse battery staple";
-
-fn reason_of(status: &tonic::Status) -> String {
-    status
-        .get_details_error_info()
-        .map(|i| i.reason)
-        .unwrap_or_default()
-}
 
 fn parts(token: &str) -> (Value, Value) {
     let mut it = token.split('.');
@@ -47,13 +40,7 @@ async fn verify(app: &TestApp, token: &str) -> Result<pb::VerifyTokenResponse, t
 
 /// An authenticated RPC as the token's holder: GetUser of itself.
 async fn get_self(app: &TestApp, token: &str, id: &str) -> Result<pb::User, tonic::Status> {
-    app.as_token(token)
-        .users
-        .get_user(pb::GetUserRequest {
-            lookup: Some(pb::get_user_request::Lookup::Id(id.into())),
-        })
-        .await
-        .map(|r| r.into_inner().user.unwrap())
+    app.as_token(token).get_user(Lookup::Id(id)).await
 }
 
 async fn refresh(app: &TestApp, token: &str) -> Result<pb::RefreshResponse, tonic::Status> {
@@ -68,18 +55,18 @@ async fn refresh(app: &TestApp, token: &str) -> Result<pb::RefreshResponse, toni
 }
 
 /// Both the VerifyToken answer and an authenticated call refuse `token`
-/// with UNAUTHENTICATED and `reason`.
-async fn assert_refused(app: &TestApp, token: &str, user_id: &str, reason: &str) {
+/// with UNAUTHENTICATED and the reason `expected`.
+async fn assert_refused(app: &TestApp, token: &str, user_id: &str, expected: &str) {
     let status = verify(app, token).await.unwrap_err();
     assert_eq!(
         status.code(),
         Code::Unauthenticated,
         "VerifyToken: {status:?}"
     );
-    assert_eq!(reason_of(&status), reason, "VerifyToken reason");
+    assert_eq!(reason(&status), expected, "VerifyToken reason");
     let status = get_self(app, token, user_id).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "GetUser: {status:?}");
-    assert_eq!(reason_of(&status), reason, "GetUser reason");
+    assert_eq!(reason(&status), expected, "GetUser reason");
 }
 
 #[tokio::test]
@@ -292,7 +279,7 @@ async fn an_unknown_login_a_wrong_password_and_an_inactive_user_answer_alike() {
     ] {
         let status = app.login(login, password).await.unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated);
-        answers.push((status.message().to_owned(), reason_of(&status)));
+        answers.push((status.message().to_owned(), reason(&status)));
     }
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
 }
@@ -303,21 +290,12 @@ async fn verify_token_answers_from_the_database_not_the_claims() {
     let (user, tokens) = app.signed_in_user("frank").await;
     let (_, claims) = parts(&tokens.access_token);
 
-    app.users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(pb::User {
-                id: user.id.clone(),
-                first_name: "Franz".into(),
-                is_verified: true,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["first_name".into(), "is_verified".into()],
-            }),
-        })
-        .await
-        .unwrap();
+    app.update_user(&user.id, &["first_name", "is_verified"], |u| {
+        u.first_name = "Franz".into();
+        u.is_verified = true;
+    })
+    .await
+    .unwrap();
 
     let resp = verify(&app, &tokens.access_token).await.unwrap();
     let fresh = resp.user.unwrap();
@@ -524,18 +502,7 @@ async fn tokens_of_deleted_deactivated_or_password_changed_users_are_refused() {
     assert_refused(&app, &t.access_token, &gone.id, "USER_NOT_FOUND").await;
 
     let (idle, t) = app.signed_in_user("idle").await;
-    app.users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(pb::User {
-                id: idle.id.clone(),
-                is_active: false,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["is_active".into()],
-            }),
-        })
+    app.update_user(&idle.id, &["is_active"], |u| u.is_active = false)
         .await
         .unwrap();
     assert_refused(&app, &t.access_token, &idle.id, "USER_INACTIVE").await;
@@ -628,18 +595,7 @@ async fn two_concurrent_refreshes_of_one_token_give_exactly_one_pair() {
 async fn refresh_rebuilds_claims_from_the_current_user() {
     let app = spawn_app().await;
     let (user, t) = app.signed_in_user("promoted").await;
-    app.users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(pb::User {
-                id: user.id.clone(),
-                is_superuser: true,
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["is_superuser".into()],
-            }),
-        })
+    app.update_user(&user.id, &["is_superuser"], |u| u.is_superuser = true)
         .await
         .unwrap();
     let t2 = refresh(&app, &t.refresh_token)

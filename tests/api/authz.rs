@@ -3,7 +3,7 @@
 
 use tonic::Code;
 
-use crate::helpers::{Clients, TestApp, TestDb, TestUser, spawn_app, spawn_app_on};
+use crate::helpers::{Clients, Lookup, TestApp, TestDb, TestUser, spawn_app, spawn_app_on};
 use identity::proto::identity::v1 as pb;
 
 /// The outcome of a call, as far as authorization goes: refused (with its
@@ -33,18 +33,6 @@ fn outcome<T>(result: Result<T, tonic::Status>) -> Outcome {
     }
 }
 
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
-}
-
-fn by_id(id: &str) -> pb::GetUserRequest {
-    pb::GetUserRequest {
-        lookup: Some(pb::get_user_request::Lookup::Id(id.into())),
-    }
-}
-
 /// Every RPC, called by `c` about `me` (the caller's own user, if any) and
 /// `other` (someone else). Returns (name, outcome).
 pub(crate) async fn every_rpc(
@@ -69,21 +57,19 @@ pub(crate) async fn every_rpc(
                 .await,
             ),
         ),
-        ("GetUser(self)", outcome(u.get_user(by_id(&me.id)).await)),
+        (
+            "GetUser(self)",
+            outcome(c.get_user(Lookup::Id(&me.id)).await),
+        ),
         (
             "GetUser(other)",
-            outcome(u.get_user(by_id(&other.id)).await),
+            outcome(c.get_user(Lookup::Id(&other.id)).await),
         ),
         (
             "UpdateUser(self, names)",
             outcome(
-                u.update_user(pb::UpdateUserRequest {
-                    user: Some(pb::User {
-                        id: me.id.clone(),
-                        first_name: "Me".into(),
-                        ..Default::default()
-                    }),
-                    update_mask: mask(&["first_name", "last_name", "attributes"]),
+                c.update_user(&me.id, &["first_name", "last_name", "attributes"], |u| {
+                    u.first_name = "Me".into();
                 })
                 .await,
             ),
@@ -91,14 +77,9 @@ pub(crate) async fn every_rpc(
         (
             "UpdateUser(self, flags)",
             outcome(
-                u.update_user(pb::UpdateUserRequest {
-                    user: Some(pb::User {
-                        id: me.id.clone(),
-                        is_verified: true,
-                        is_active: true,
-                        ..Default::default()
-                    }),
-                    update_mask: mask(&["is_verified"]),
+                c.update_user(&me.id, &["is_verified"], |u| {
+                    u.is_verified = true;
+                    u.is_active = true;
                 })
                 .await,
             ),
@@ -106,15 +87,8 @@ pub(crate) async fn every_rpc(
         (
             "UpdateUser(other)",
             outcome(
-                u.update_user(pb::UpdateUserRequest {
-                    user: Some(pb::User {
-                        id: other.id.clone(),
-                        last_name: "X".into(),
-                        ..Default::default()
-                    }),
-                    update_mask: mask(&["last_name"]),
-                })
-                .await,
+                c.update_user(&other.id, &["last_name"], |u| u.last_name = "X".into())
+                    .await,
             ),
         ),
         (
@@ -389,15 +363,7 @@ async fn a_demoted_deactivated_or_deleted_caller_loses_power_at_once() {
     let app = spawn_app().await;
     let mut req = TestUser::named("deputy").request();
     req.is_superuser = true;
-    let deputy = app
-        .users
-        .clone()
-        .create_user(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let deputy = app.create_user_from(req).await.unwrap();
     let tokens = app
         .login("deputy", &TestUser::named("deputy").password)
         .await
@@ -413,16 +379,7 @@ async fn a_demoted_deactivated_or_deleted_caller_loses_power_at_once() {
         .unwrap();
 
     // Demoted: the same token is now a regular user's.
-    app.users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(pb::User {
-                id: deputy.id.clone(),
-                is_superuser: false,
-                ..Default::default()
-            }),
-            update_mask: mask(&["is_superuser"]),
-        })
+    app.update_user(&deputy.id, &["is_superuser"], |u| u.is_superuser = false)
         .await
         .unwrap();
     let s = as_deputy
@@ -434,34 +391,18 @@ async fn a_demoted_deactivated_or_deleted_caller_loses_power_at_once() {
     assert_eq!(s.code(), Code::PermissionDenied);
 
     // Deactivated: no longer anyone.
-    app.users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(pb::User {
-                id: deputy.id.clone(),
-                is_active: false,
-                ..Default::default()
-            }),
-            update_mask: mask(&["is_active"]),
-        })
+    app.update_user(&deputy.id, &["is_active"], |u| u.is_active = false)
         .await
         .unwrap();
     let s = as_deputy
-        .users
-        .clone()
-        .get_user(by_id(&deputy.id))
+        .get_user(Lookup::Id(&deputy.id))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
 
     // Deleted.
     let (victim, as_victim) = regular_user(&app, "victim").await;
-    as_victim
-        .users
-        .clone()
-        .get_user(by_id(&victim.id))
-        .await
-        .unwrap();
+    as_victim.get_user(Lookup::Id(&victim.id)).await.unwrap();
     app.users
         .clone()
         .delete_user(pb::DeleteUserRequest {
@@ -470,9 +411,7 @@ async fn a_demoted_deactivated_or_deleted_caller_loses_power_at_once() {
         .await
         .unwrap();
     let s = as_victim
-        .users
-        .clone()
-        .get_user(by_id(&victim.id))
+        .get_user(Lookup::Id(&victim.id))
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
@@ -481,35 +420,16 @@ async fn a_demoted_deactivated_or_deleted_caller_loses_power_at_once() {
 #[tokio::test]
 async fn the_last_active_superuser_cannot_remove_itself() {
     let app = spawn_app().await;
-    let root = app.root.clone();
-    let update = |paths: &[&str], user: pb::User| pb::UpdateUserRequest {
-        user: Some(user),
-        update_mask: mask(paths),
-    };
-    for (paths, user) in [
-        (
-            &["is_superuser"][..],
-            pb::User {
-                id: root.id.clone(),
-                is_superuser: false,
-                is_active: true,
-                ..Default::default()
-            },
-        ),
-        (
-            &["is_active"][..],
-            pb::User {
-                id: root.id.clone(),
-                is_superuser: true,
-                is_active: false,
-                ..Default::default()
-            },
-        ),
+    let root = app.root.id.clone();
+    for (paths, is_superuser, is_active) in [
+        (&["is_superuser"][..], false, true),
+        (&["is_active"][..], true, false),
     ] {
         let s = app
-            .users
-            .clone()
-            .update_user(update(paths, user))
+            .update_user(&root, paths, |u| {
+                u.is_superuser = is_superuser;
+                u.is_active = is_active;
+            })
             .await
             .unwrap_err();
         assert_eq!(s.code(), Code::FailedPrecondition);
@@ -517,23 +437,12 @@ async fn the_last_active_superuser_cannot_remove_itself() {
     let s = app
         .users
         .clone()
-        .delete_user(pb::DeleteUserRequest {
-            id: root.id.clone(),
-        })
+        .delete_user(pb::DeleteUserRequest { id: root.clone() })
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition);
     // Names are fine.
-    app.users
-        .clone()
-        .update_user(update(
-            &["first_name"],
-            pb::User {
-                id: root.id.clone(),
-                first_name: "Root".into(),
-                ..Default::default()
-            },
-        ))
+    app.update_user(&root, &["first_name"], |u| u.first_name = "Root".into())
         .await
         .unwrap();
 
@@ -541,16 +450,7 @@ async fn the_last_active_superuser_cannot_remove_itself() {
     let mut req = TestUser::named("heir").request();
     req.is_superuser = true;
     app.users.clone().create_user(req).await.unwrap();
-    app.users
-        .clone()
-        .update_user(update(
-            &["is_superuser"],
-            pb::User {
-                id: root.id.clone(),
-                is_superuser: false,
-                ..Default::default()
-            },
-        ))
+    app.update_user(&root, &["is_superuser"], |u| u.is_superuser = false)
         .await
         .unwrap();
 }

@@ -153,15 +153,12 @@ async fn createsuperuser_reads_the_password_from_env_or_stdin() {
 
     let app = spawn_app_on(db, |_| {}).await;
     let list = app
-        .users
-        .clone()
         .list_users(pb::ListUsersRequest {
             is_superuser: Some(true),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let mut names: Vec<_> = list.users.iter().map(|u| u.username.as_str()).collect();
     names.sort();
     assert_eq!(names, ["root", "root.admin", "second.admin"]);

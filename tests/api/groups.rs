@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use tonic::Code;
 
-use crate::helpers::{TestApp, spawn_app, violated_fields};
+use crate::helpers::{TestApp, spawn_app, taken_field, violated_fields};
 use identity::proto::identity::v1 as pb;
 
 async fn create(app: &TestApp, groupname: &str, slug: &str) -> Result<pb::Group, tonic::Status> {
@@ -122,16 +122,17 @@ async fn groupnames_and_slugs_are_unique() {
     for variant in ["developers", "DEVELOPERS", "ＤＥＶＥＬＯＰＥＲＳ"] {
         let status = create(&app, variant, "other-slug").await.unwrap_err();
         assert_eq!(status.code(), Code::AlreadyExists, "{variant}");
-        assert!(status.message().contains("groupname"));
+        assert_eq!(taken_field(&status).as_deref(), Some("groupname"));
     }
     // Another groupname deriving the same slug: the message says what to do.
     let status = create(&app, "Developers!", "").await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert!(status.message().contains("slug") && status.message().contains("explicitly"));
+    assert_eq!(taken_field(&status).as_deref(), Some("slug"));
+    assert!(status.message().contains("explicitly"), "{status:?}");
     // An explicit slug that is taken.
     let status = create(&app, "Devs", "developers").await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert!(status.message().contains("slug"));
+    assert_eq!(taken_field(&status).as_deref(), Some("slug"));
     create(&app, "Developers!", "developers-2").await.unwrap();
 }
 
@@ -338,15 +339,12 @@ async fn members_are_listed_by_page_and_filter_list_users() {
     assert_eq!(seen, ids);
 
     let listed = app
-        .users
-        .clone()
         .list_users(pb::ListUsersRequest {
             group_id: group.id.clone(),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(
         listed.users.into_iter().map(|u| u.id).collect::<Vec<_>>(),
         ids

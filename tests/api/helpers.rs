@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
@@ -15,7 +15,7 @@ use identity::{
     proto::identity::v1 as pb,
 };
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
+use tonic::{Status, transport::Channel};
 use uuid::Uuid;
 
 pub use pb::{
@@ -68,6 +68,82 @@ impl Clients {
             accounts: AccountServiceClient::with_interceptor(channel.clone(), bearer),
         }
     }
+
+    /// CreateUser: the new user.
+    pub async fn create_user(&self, request: pb::CreateUserRequest) -> Result<pb::User, Status> {
+        let created = self.users.clone().create_user(request).await?;
+        Ok(created.into_inner().user.expect("user in response"))
+    }
+
+    /// GetUser: the user found by `lookup`.
+    pub async fn get_user(&self, lookup: Lookup<'_>) -> Result<pb::User, Status> {
+        let found = self.users.clone().get_user(lookup.request()).await?;
+        Ok(found.into_inner().user.expect("user in response"))
+    }
+
+    /// UpdateUser of the user `id`: `change` sets the fields named in
+    /// `paths` on a `pb::User` that has only the id (the others are not
+    /// read). The user as it is now.
+    pub async fn update_user(
+        &self,
+        id: &str,
+        paths: &[&str],
+        change: impl FnOnce(&mut pb::User),
+    ) -> Result<pb::User, Status> {
+        let mut user = pb::User {
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        change(&mut user);
+        let updated = self
+            .users
+            .clone()
+            .update_user(pb::UpdateUserRequest {
+                user: Some(user),
+                update_mask: mask(paths),
+            })
+            .await?;
+        Ok(updated.into_inner().user.expect("user in response"))
+    }
+
+    /// ListUsers: one page.
+    pub async fn list_users(
+        &self,
+        request: pb::ListUsersRequest,
+    ) -> Result<pb::ListUsersResponse, Status> {
+        let page = self.users.clone().list_users(request).await?;
+        Ok(page.into_inner())
+    }
+}
+
+/// How GetUser finds a user: the `lookup` of its request.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    Id(&'a str),
+    Username(&'a str),
+    Email(&'a str),
+}
+
+impl Lookup<'_> {
+    /// The GetUser request.
+    pub fn request(self) -> pb::GetUserRequest {
+        use pb::get_user_request::Lookup as By;
+        let lookup = match self {
+            Lookup::Id(id) => By::Id(id.to_owned()),
+            Lookup::Username(username) => By::Username(username.to_owned()),
+            Lookup::Email(email) => By::Email(email.to_owned()),
+        };
+        pb::GetUserRequest {
+            lookup: Some(lookup),
+        }
+    }
+}
+
+/// An update mask of `paths`.
+pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+    })
 }
 
 /// The superuser every test server starts with.
@@ -337,6 +413,11 @@ pub fn test_config(database_url: &str) -> Config {
 }
 
 /// A running server on its own database.
+///
+/// The server task holds the database and the keys folder too (see
+/// [`start`]), so that whichever way a test ends (`stop()`, the end of its
+/// body, a panic), the database is dropped only once the task and its pool
+/// are gone: never under a server still using it.
 pub struct TestApp {
     pub addr: SocketAddr,
     pub channel: Channel,
@@ -348,11 +429,11 @@ pub struct TestApp {
     pub anon: Clients,
     /// The superuser `root`.
     pub root: pb::User,
-    pub keys_dir: TempDir,
+    pub keys_dir: Arc<TempDir>,
+    /// Sent by `stop()`; dropped with the app, it stops the server as well.
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
-    // Last, so that it is dropped after the server has stopped.
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
 }
 
 /// Starts a server on a fresh database and connects the clients.
@@ -414,28 +495,37 @@ async fn bootstrap_root(config: &Config) {
 }
 
 /// Starts a server on `db`, with settings adjusted by `tweak`.
-pub async fn spawn_app_on(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
+pub async fn spawn_app_on(db: impl Into<Arc<TestDb>>, tweak: impl FnOnce(&mut Config)) -> TestApp {
     spawn_app_with(db, TempDir::new("identity-keys"), tweak).await
 }
 
 /// Starts a server on `db` and `keys_dir`, with settings adjusted by `tweak`.
 pub async fn spawn_app_with(
-    db: TestDb,
-    keys_dir: TempDir,
+    db: impl Into<Arc<TestDb>>,
+    keys_dir: impl Into<Arc<TempDir>>,
     tweak: impl FnOnce(&mut Config),
 ) -> TestApp {
-    start(db, keys_dir, tweak, true).await
+    start(db.into(), keys_dir.into(), tweak, true).await
 }
 
 /// Starts a server whose `admin` clients are anonymous: for settings under
 /// which even root's login would not get through (tiny deadlines).
-pub async fn spawn_app_without_login(db: TestDb, tweak: impl FnOnce(&mut Config)) -> TestApp {
-    start(db, TempDir::new("identity-keys"), tweak, false).await
+pub async fn spawn_app_without_login(
+    db: impl Into<Arc<TestDb>>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
+    start(
+        db.into(),
+        TempDir::new("identity-keys").into(),
+        tweak,
+        false,
+    )
+    .await
 }
 
 async fn start(
-    db: TestDb,
-    keys_dir: TempDir,
+    db: Arc<TestDb>,
+    keys_dir: Arc<TempDir>,
     tweak: impl FnOnce(&mut Config),
     log_root_in: bool,
 ) -> TestApp {
@@ -446,7 +536,12 @@ async fn start(
     let app = Application::build(&config).await.expect("build the app");
     let addr = app.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
+    let (task_db, task_keys) = (db.clone(), keys_dir.clone());
     let server = tokio::spawn(async move {
+        // The first locals, so the last dropped: after the server's future
+        // (and its pool), whether the task ends or the runtime drops it.
+        let _db = task_db;
+        let _keys_dir = task_keys;
         app.run_until_stopped(async {
             let _ = stopped.await;
         })
@@ -548,32 +643,115 @@ impl TestApp {
 
     /// Deactivates `user`, as a superuser.
     pub async fn deactivate(&self, user: &pb::User) {
-        let mut changed = user.clone();
-        changed.is_active = false;
-        self.admin
-            .users
-            .clone()
-            .update_user(pb::UpdateUserRequest {
-                user: Some(changed),
-                update_mask: Some(prost_types::FieldMask {
-                    paths: vec!["is_active".into()],
-                }),
-            })
+        self.update_user(&user.id, &["is_active"], |u| u.is_active = false)
             .await
             .expect("deactivate");
     }
 
     /// Creates a user with a password and returns it.
     pub async fn create_user(&self, username: &str) -> pb::User {
-        self.users
-            .clone()
+        self.admin
             .create_user(TestUser::named(username).request())
             .await
             .expect("create user")
-            .into_inner()
-            .user
-            .expect("user in response")
     }
+
+    /// CreateUser as root: the new user.
+    pub async fn create_user_from(
+        &self,
+        request: pb::CreateUserRequest,
+    ) -> Result<pb::User, Status> {
+        self.admin.create_user(request).await
+    }
+
+    /// GetUser as root.
+    pub async fn get_user(&self, lookup: Lookup<'_>) -> Result<pb::User, Status> {
+        self.admin.get_user(lookup).await
+    }
+
+    /// UpdateUser as root (see [`Clients::update_user`]).
+    pub async fn update_user(
+        &self,
+        id: &str,
+        paths: &[&str],
+        change: impl FnOnce(&mut pb::User),
+    ) -> Result<pb::User, Status> {
+        self.admin.update_user(id, paths, change).await
+    }
+
+    /// ListUsers as root: one page.
+    pub async fn list_users(
+        &self,
+        request: pb::ListUsersRequest,
+    ) -> Result<pb::ListUsersResponse, Status> {
+        self.admin.list_users(request).await
+    }
+}
+
+/// Whether the cluster has a database of that name.
+async fn database_exists(name: &str) -> bool {
+    use diesel_async::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut admin = AsyncPgConnection::establish(&cluster().admin_url)
+        .await
+        .unwrap();
+    let row: Count = diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+        .bind::<diesel::sql_types::Text, _>(name)
+        .get_result(&mut admin)
+        .await
+        .unwrap();
+    row.n == 1
+}
+
+#[tokio::test]
+async fn a_test_app_dropped_without_stop_keeps_its_database_until_its_server_task_ends() {
+    let app = spawn_app().await;
+    app.create_user("pooled").await;
+    let name = app.db.name.clone();
+    let db = Arc::downgrade(&app.db);
+
+    drop(app);
+    // The server task holds the database until it has stopped, pool and all.
+    assert_eq!(db.strong_count(), 1, "held by the server task");
+    // Told to stop when `stop` was dropped, it ends by itself; its database
+    // goes then.
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while db.strong_count() > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the server task ends by itself");
+    assert!(!database_exists(&name).await, "dropped with the task");
+}
+
+#[test]
+fn a_test_that_panics_drops_its_database_after_its_server_task() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // Another runtime looks: the test's is the one under examination.
+    let exists = |name: &str| runtime().block_on(database_exists(name));
+    let rt = runtime();
+    let mut name = String::new();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(async {
+            let app = spawn_app().await;
+            name = app.db.name.clone();
+            panic!("a failing assertion");
+        })
+    }));
+    assert!(panicked.is_err());
+    assert!(exists(&name), "the server task, still there, holds it");
+    drop(rt);
+    assert!(!exists(&name), "gone with the server task");
 }
 
 /// A valid CreateUser request, to vary field by field.
@@ -619,4 +797,24 @@ pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
         .get_details_bad_request()
         .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
+}
+
+/// The `google.rpc.ErrorInfo` reason of a status ("" without one).
+pub fn reason(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+/// The field an ALREADY_EXISTS status says is taken: the `field` of its
+/// ErrorInfo `FIELD_TAKEN` ("username", "email", "groupname", "slug", "id").
+pub fn taken_field(status: &Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info()?;
+    if info.reason != "FIELD_TAKEN" || info.domain != "identity" {
+        return None;
+    }
+    info.metadata.get("field").cloned()
 }

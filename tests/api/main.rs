@@ -19,6 +19,7 @@ mod logs;
 mod metrics;
 mod migrations;
 mod operations;
+mod properties;
 mod sentry;
 mod server;
 mod statements;

@@ -4,32 +4,8 @@ use std::collections::{HashMap, HashSet};
 
 use tonic::Code;
 
-use crate::helpers::{TestUser, spawn_app, violated_fields};
+use crate::helpers::{Lookup, TestUser, mask, spawn_app, taken_field, violated_fields};
 use identity::proto::identity::v1 as pb;
-
-fn lookup_id(id: &str) -> pb::GetUserRequest {
-    pb::GetUserRequest {
-        lookup: Some(pb::get_user_request::Lookup::Id(id.to_owned())),
-    }
-}
-
-fn lookup_username(name: &str) -> pb::GetUserRequest {
-    pb::GetUserRequest {
-        lookup: Some(pb::get_user_request::Lookup::Username(name.to_owned())),
-    }
-}
-
-fn lookup_email(email: &str) -> pb::GetUserRequest {
-    pb::GetUserRequest {
-        lookup: Some(pb::get_user_request::Lookup::Email(email.to_owned())),
-    }
-}
-
-fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
-    Some(prost_types::FieldMask {
-        paths: paths.iter().map(|p| (*p).to_owned()).collect(),
-    })
-}
 
 #[tokio::test]
 async fn create_user_returns_the_new_user_with_defaults() {
@@ -39,15 +15,7 @@ async fn create_user_returns_the_new_user_with_defaults() {
     req.last_name = "Liddell".into();
     req.attributes = HashMap::from([("team".into(), "core".into())]);
 
-    let user = app
-        .users
-        .clone()
-        .create_user(req.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = app.create_user_from(req.clone()).await.unwrap();
 
     let id = uuid::Uuid::parse_str(&user.id).unwrap();
     assert_eq!(id.get_version_num(), 7);
@@ -71,15 +39,7 @@ async fn create_user_honours_explicit_flags() {
     req.is_active = Some(false);
     req.is_superuser = true;
     req.is_verified = true;
-    let user = app
-        .users
-        .clone()
-        .create_user(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = app.create_user_from(req).await.unwrap();
     assert!(!user.is_active && user.is_superuser && user.is_verified);
 }
 
@@ -125,24 +85,20 @@ async fn fullwidth_and_case_variants_are_the_same_username() {
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::AlreadyExists, "{variant:?}");
-        assert!(
-            status.message().contains("username"),
-            "the message names the field"
+        assert_eq!(
+            taken_field(&status).as_deref(),
+            Some("username"),
+            "the status names the field"
         );
     }
-    let found = app.users.clone().get_user(lookup_username("alic")).await;
+    let found = app.get_user(Lookup::Username("alic")).await;
     assert_eq!(
         found.unwrap_err().code(),
         Code::NotFound,
         "whole names only"
     );
-    let found = app
-        .users
-        .clone()
-        .get_user(lookup_username("ＡＬＩＣＥ"))
-        .await
-        .unwrap();
-    assert_eq!(found.into_inner().user.unwrap().id, user.id);
+    let found = app.get_user(Lookup::Username("ＡＬＩＣＥ")).await.unwrap();
+    assert_eq!(found.id, user.id);
 }
 
 #[tokio::test]
@@ -214,8 +170,8 @@ async fn a_nul_in_any_field_is_invalid_argument_naming_it() {
         assert_eq!(status.code(), Code::InvalidArgument, "{field}");
         assert_eq!(violated_fields(&status), [field]);
     }
-    for lookup in [lookup_username("a\0b"), lookup_email("a\0@b.c")] {
-        let status = app.users.clone().get_user(lookup).await.unwrap_err();
+    for lookup in [Lookup::Username("a\0b"), Lookup::Email("a\0@b.c")] {
+        let status = app.get_user(lookup).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
     }
 }
@@ -239,18 +195,8 @@ async fn emails_differing_only_in_case_collide() {
     let app = spawn_app().await;
     let mut first = TestUser::named("carol");
     first.email = "Carol@Example.com".into();
-    let created = app
-        .users
-        .clone()
-        .create_user(first.request())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        created.user.unwrap().email,
-        "Carol@Example.com",
-        "shown as given"
-    );
+    let created = app.create_user_from(first.request()).await.unwrap();
+    assert_eq!(created.email, "Carol@Example.com", "shown as given");
 
     let mut second = TestUser::named("carol2");
     second.email = "carol@EXAMPLE.COM".into();
@@ -261,15 +207,13 @@ async fn emails_differing_only_in_case_collide() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert!(status.message().contains("email"));
+    assert_eq!(taken_field(&status).as_deref(), Some("email"));
 
     let found = app
-        .users
-        .clone()
-        .get_user(lookup_email("CAROL@example.COM"))
+        .get_user(Lookup::Email("CAROL@example.COM"))
         .await
         .unwrap();
-    assert_eq!(found.into_inner().user.unwrap().username, "carol");
+    assert_eq!(found.username, "carol");
 }
 
 #[tokio::test]
@@ -335,21 +279,13 @@ async fn attributes_are_validated() {
 async fn get_user_finds_by_id_username_and_email() {
     let app = spawn_app().await;
     let user = app.create_user("Erin").await;
-    for req in [
-        lookup_id(&user.id),
-        lookup_id(&user.id.to_uppercase()),
-        lookup_username("erin"),
-        lookup_email(&user.email.to_uppercase()),
+    for lookup in [
+        Lookup::Id(&user.id),
+        Lookup::Id(&user.id.to_uppercase()),
+        Lookup::Username("erin"),
+        Lookup::Email(&user.email.to_uppercase()),
     ] {
-        let found = app
-            .users
-            .clone()
-            .get_user(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap();
+        let found = app.get_user(lookup).await.unwrap();
         assert_eq!(found, user);
     }
 }
@@ -358,27 +294,12 @@ async fn get_user_finds_by_id_username_and_email() {
 async fn get_user_answers_not_found_and_invalid_argument() {
     let app = spawn_app().await;
     let missing = uuid::Uuid::now_v7().to_string();
-    let status = app
-        .users
-        .clone()
-        .get_user(lookup_id(&missing))
-        .await
-        .unwrap_err();
+    let status = app.get_user(Lookup::Id(&missing)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = app
-        .users
-        .clone()
-        .get_user(lookup_username("nobody"))
-        .await
-        .unwrap_err();
+    let status = app.get_user(Lookup::Username("nobody")).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
-    let status = app
-        .users
-        .clone()
-        .get_user(lookup_id("not-a-uuid"))
-        .await
-        .unwrap_err();
+    let status = app.get_user(Lookup::Id("not-a-uuid")).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&status), ["id"]);
 
@@ -409,17 +330,6 @@ async fn twenty_concurrent_creates_of_one_username_give_one_user() {
     assert_eq!((ok, exists), (1, 19), "{results:?}");
 }
 
-async fn list(
-    app: &crate::helpers::TestApp,
-    req: pb::ListUsersRequest,
-) -> Result<pb::ListUsersResponse, tonic::Status> {
-    app.users
-        .clone()
-        .list_users(req)
-        .await
-        .map(|r| r.into_inner())
-}
-
 #[tokio::test]
 async fn pagination_walks_every_user_once_in_id_order() {
     let app = spawn_app().await;
@@ -432,17 +342,15 @@ async fn pagination_walks_every_user_once_in_id_order() {
     let mut token = String::new();
     let mut pages = 0;
     loop {
-        let page = list(
-            &app,
-            pb::ListUsersRequest {
+        let page = app
+            .list_users(pb::ListUsersRequest {
                 page_size: 5,
                 page_token: token,
                 query: "walker".into(),
                 ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+            })
+            .await
+            .unwrap();
         assert_eq!(page.total_size, 23);
         assert!(page.users.len() <= 5);
         seen.extend(page.users.into_iter().map(|u| u.id));
@@ -469,56 +377,51 @@ async fn page_size_zero_means_fifty_and_bad_pages_are_invalid() {
     for i in 0..50 {
         app.create_user(&format!("many{i:02}")).await;
     }
-    let page = list(&app, pb::ListUsersRequest::default()).await.unwrap();
+    let page = app
+        .list_users(pb::ListUsersRequest::default())
+        .await
+        .unwrap();
     assert_eq!(page.users.len(), 50);
     assert!(!page.next_page_token.is_empty());
 
     // Exactly one full page: no token to an empty page.
-    let only = list(
-        &app,
-        pb::ListUsersRequest {
+    let only = app
+        .list_users(pb::ListUsersRequest {
             query: "many".into(),
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!((only.users.len(), only.total_size), (50, 50));
     assert!(only.next_page_token.is_empty());
 
-    let status = list(
-        &app,
-        pb::ListUsersRequest {
+    let status = app
+        .list_users(pb::ListUsersRequest {
             page_size: -1,
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+        })
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&status), ["page_size"]);
 
-    let status = list(
-        &app,
-        pb::ListUsersRequest {
+    let status = app
+        .list_users(pb::ListUsersRequest {
             page_token: "garbage".into(),
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+        })
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&status), ["page_token"]);
 
     // A token is bound to the filters it was made with.
-    let status = list(
-        &app,
-        pb::ListUsersRequest {
+    let status = app
+        .list_users(pb::ListUsersRequest {
             page_token: page.next_page_token,
             query: "many".into(),
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
+        })
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&status), ["page_token"]);
 }
 
@@ -546,20 +449,23 @@ async fn query_matches_substrings_case_insensitively_with_literal_wildcards() {
         ..Default::default()
     };
 
-    assert_eq!(names(list(&app, query("0%_s")).await.unwrap()), ["pct"]);
-    assert_eq!(names(list(&app, query("%")).await.unwrap()), ["pct"]);
-    assert_eq!(names(list(&app, query("_")).await.unwrap()), ["pct"]);
-    assert_eq!(names(list(&app, query("\\")).await.unwrap()), ["slash"]);
+    assert_eq!(names(app.list_users(query("0%_s")).await.unwrap()), ["pct"]);
+    assert_eq!(names(app.list_users(query("%")).await.unwrap()), ["pct"]);
+    assert_eq!(names(app.list_users(query("_")).await.unwrap()), ["pct"]);
+    assert_eq!(names(app.list_users(query("\\")).await.unwrap()), ["slash"]);
     assert_eq!(
-        names(list(&app, query("SURE")).await.unwrap()),
+        names(app.list_users(query("SURE")).await.unwrap()),
         ["pct", "plain"]
     );
-    assert_eq!(names(list(&app, query("ünsal")).await.unwrap()), ["plain"]);
     assert_eq!(
-        names(list(&app, query("EXAMPLE.COM")).await.unwrap()),
+        names(app.list_users(query("ünsal")).await.unwrap()),
+        ["plain"]
+    );
+    assert_eq!(
+        names(app.list_users(query("EXAMPLE.COM")).await.unwrap()),
         ["pct", "plain", "root", "slash"]
     );
-    let resp = list(&app, query("nobody-matches")).await.unwrap();
+    let resp = app.list_users(query("nobody-matches")).await.unwrap();
     assert_eq!((resp.users.len(), resp.total_size), (0, 0));
 }
 
@@ -587,22 +493,23 @@ async fn list_filters_by_flags() {
         v
     };
     assert_eq!(
-        names(list(&app, only(Some(false), None, None)).await.unwrap()),
+        names(app.list_users(only(Some(false), None, None)).await.unwrap()),
         ["inactive"]
     );
     assert_eq!(
-        names(list(&app, only(Some(true), None, None)).await.unwrap()),
+        names(app.list_users(only(Some(true), None, None)).await.unwrap()),
         ["admin", "regular", "root"]
     );
     assert_eq!(
-        names(list(&app, only(None, Some(true), None)).await.unwrap()),
+        names(app.list_users(only(None, Some(true), None)).await.unwrap()),
         ["admin", "root"]
     );
     assert_eq!(
-        names(list(&app, only(None, None, Some(false))).await.unwrap()),
+        names(app.list_users(only(None, None, Some(false))).await.unwrap()),
         ["inactive", "regular"]
     );
-    let resp = list(&app, only(Some(true), Some(false), Some(false)))
+    let resp = app
+        .list_users(only(Some(true), Some(false), Some(false)))
         .await
         .unwrap();
     assert_eq!(
@@ -618,13 +525,16 @@ async fn list_by_group_checks_the_group_id() {
         group_id: "nope".into(),
         ..Default::default()
     };
-    let status = list(&app, req).await.unwrap_err();
+    let status = app.list_users(req).await.unwrap_err();
     assert_eq!(violated_fields(&status), ["group_id"]);
     let req = pb::ListUsersRequest {
         group_id: uuid::Uuid::now_v7().to_string(),
         ..Default::default()
     };
-    assert_eq!(list(&app, req).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        app.list_users(req).await.unwrap_err().code(),
+        Code::NotFound
+    );
 }
 
 #[tokio::test]
@@ -633,37 +543,19 @@ async fn update_user_changes_only_the_masked_fields() {
     let mut req = TestUser::named("frank").request();
     req.first_name = "Frank".into();
     req.attributes = HashMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]);
-    let user = app
-        .users
-        .clone()
-        .create_user(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = app.create_user_from(req).await.unwrap();
 
-    let changed = pb::User {
-        id: user.id.clone(),
-        username: "ignored".into(),
-        first_name: "Francis".into(),
-        last_name: "Not in the mask".into(),
-        is_superuser: true,
-        is_verified: true,
-        attributes: HashMap::from([("c".into(), "3".into())]),
-        ..Default::default()
-    };
+    let masked = ["first_name", "is_verified", "attributes"];
     let updated = app
-        .users
-        .clone()
-        .update_user(pb::UpdateUserRequest {
-            user: Some(changed),
-            update_mask: mask(&["first_name", "is_verified", "attributes"]),
+        .update_user(&user.id, &masked, |u| {
+            u.username = "ignored".into();
+            u.first_name = "Francis".into();
+            u.last_name = "Not in the mask".into();
+            u.is_superuser = true;
+            u.is_verified = true;
+            u.attributes = HashMap::from([("c".into(), "3".into())]);
         })
         .await
-        .unwrap()
-        .into_inner()
-        .user
         .unwrap();
 
     assert_eq!(updated.first_name, "Francis");
@@ -685,15 +577,13 @@ async fn update_user_changes_only_the_masked_fields() {
     assert_eq!(updated.create_time, user.create_time);
 
     // The search text follows the new name.
-    let found = list(
-        &app,
-        pb::ListUsersRequest {
+    let found = app
+        .list_users(pb::ListUsersRequest {
             query: "francis".into(),
             ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+        })
+        .await
+        .unwrap();
     assert_eq!(found.total_size, 1);
 }
 
@@ -724,26 +614,17 @@ async fn update_user_refuses_bad_masks_and_unknown_users() {
         assert_eq!(status.code(), Code::InvalidArgument, "{paths:?}");
         assert_eq!(violated_fields(&status), ["update_mask"], "{paths:?}");
     }
-    let bad_name = pb::User {
-        first_name: "x".repeat(151),
-        ..user.clone()
-    };
     let status = app
-        .users
-        .clone()
-        .update_user(update(mask(&["first_name"]), bad_name))
+        .update_user(&user.id, &["first_name"], |u| {
+            u.first_name = "x".repeat(151);
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["user.first_name"]);
 
-    let ghost = pb::User {
-        id: uuid::Uuid::now_v7().to_string(),
-        ..user.clone()
-    };
+    let ghost = uuid::Uuid::now_v7().to_string();
     let status = app
-        .users
-        .clone()
-        .update_user(update(mask(&["first_name"]), ghost))
+        .update_user(&ghost, &["first_name"], |_| {})
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -768,12 +649,7 @@ async fn delete_user_removes_it_and_is_not_found_the_second_time() {
         id: user.id.clone(),
     };
     app.users.clone().delete_user(delete.clone()).await.unwrap();
-    let status = app
-        .users
-        .clone()
-        .get_user(lookup_id(&user.id))
-        .await
-        .unwrap_err();
+    let status = app.get_user(Lookup::Id(&user.id)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let status = app.users.clone().delete_user(delete).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
@@ -878,7 +754,7 @@ async fn a_username_may_not_be_another_users_email_or_the_reverse() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert!(status.message().contains("username"));
+    assert_eq!(taken_field(&status).as_deref(), Some("username"));
 
     // And the reverse: an email equal to someone's username.
     app.create_user("name@corp.example").await;
@@ -891,7 +767,7 @@ async fn a_username_may_not_be_another_users_email_or_the_reverse() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
-    assert!(status.message().contains("email"));
+    assert_eq!(taken_field(&status).as_deref(), Some("email"));
 
     // One's own username may be one's own email.
     let mut same = TestUser::named("me@self.example");

@@ -203,6 +203,7 @@ impl EmbeddedPostgres {
             return Ok(());
         }
         self.running = false;
+        let postmaster = self.postmaster_pid();
         let out = self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "60"])?;
         if !out.status.success() {
             return Err(EmbeddedError::Command {
@@ -210,7 +211,27 @@ impl EmbeddedPostgres {
                 detail: output_text(&out),
             });
         }
+        // pg_ctl returns once postmaster.pid is gone, which the postmaster
+        // removes just before it exits: wait for the process itself, so that
+        // none is left when the service has exited.
+        if let Some(pid) = postmaster {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while process_running(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         Ok(())
+    }
+
+    /// The postmaster's process id, from the first line of `postmaster.pid`.
+    fn postmaster_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.pgdata.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     fn initdb(&self, data_dir: &Path) -> Result<(), EmbeddedError> {
@@ -533,6 +554,17 @@ fn percent_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn process_running(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

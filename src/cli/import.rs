@@ -64,7 +64,7 @@ async fn read_lines(
     reader: impl std::io::BufRead,
     batch_size: usize,
 ) -> Result<(usize, usize, usize), Error> {
-    use crate::service::accounts::{ImportOutcome, ImportedUser};
+    use crate::service::import::{ImportOutcome, ImportedUser};
     let (mut imported, mut already, mut refused) = (0usize, 0usize, 0usize);
     let mut lines = reader.lines().enumerate().peekable();
     while lines.peek().is_some() {

@@ -8,7 +8,7 @@ use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
 use crate::service::{
     AccountService,
-    accounts::{ImportOutcome, ImportedUser},
+    import::{ImportOutcome, ImportedUser},
 };
 
 /// The gRPC face of [`AccountService`].

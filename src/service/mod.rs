@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod auth;
 mod errors;
 pub mod groups;
+pub mod import;
 pub mod throttle;
 pub mod users;
 

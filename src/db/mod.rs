@@ -8,12 +8,14 @@ pub mod embedded;
 mod error;
 pub mod groups;
 pub mod migrations;
+mod page;
 pub mod schema;
 pub mod sessions;
 pub mod throttle;
 pub mod users;
 
 pub use error::{BoxError, CHECKS, Error, Ref, UniqueKey};
+pub use page::Page;
 
 use std::time::Duration;
 

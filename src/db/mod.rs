@@ -1,6 +1,8 @@
 //! All diesel code: the pool, migrations, the embedded cluster, the schema,
-//! row types and queries. Query functions take a connection and return
-//! `Result<_, Error>`; the caller (a `service`) owns the transaction.
+//! row types and queries, and keyset pagination (`page`). Query functions
+//! take a connection and return `Result<_, Error>`; the caller (a `service`)
+//! owns the transaction. Long hand-written statements are `sql/*.sql`, each
+//! included by the one function that runs it, as a `Prepared` statement.
 
 pub mod accounts;
 pub mod admin;

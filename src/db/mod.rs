@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod admin;
 pub mod embedded;
 mod error;
+mod fresh;
 pub mod groups;
 pub mod migrations;
 mod page;

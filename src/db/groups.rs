@@ -6,8 +6,9 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::Error;
+use super::page::{Page, keyset};
 use super::schema::{group_members, groups};
-use crate::domain::Group;
+use crate::domain::{Group, PageRequest};
 
 /// A group's row, as read; the service sees [`Group`].
 #[derive(Debug, Clone, PartialEq, Eq, Queryable, Selectable)]
@@ -114,28 +115,17 @@ fn filtered(search: Option<&str>) -> groups::BoxedQuery<'static, diesel::pg::Pg>
 pub async fn list(
     conn: &mut AsyncPgConnection,
     search: Option<&str>,
-    page: crate::domain::PageRequest,
-) -> Result<(Vec<Group>, i64, bool), Error> {
-    conn.build_transaction()
-        .read_only()
-        .repeatable_read()
-        .run(async |conn| {
-            let mut query = filtered(search);
-            if let Some(after) = page.after {
-                query = query.filter(groups::id.gt(after));
-            }
-            let mut rows = query
-                .order(groups::id)
-                .limit(page.size + 1)
-                .select(GroupRow::as_select())
-                .load(conn)
-                .await?;
-            let more = rows.len() as i64 > page.size;
-            rows.truncate(page.size as usize);
-            let total = filtered(search).count().get_result(conn).await?;
-            Ok((rows.into_iter().map(Group::from).collect(), total, more))
-        })
-        .await
+    page: PageRequest,
+) -> Result<Page<Group>, Error> {
+    keyset(
+        conn,
+        page,
+        groups::id,
+        GroupRow::as_select(),
+        || filtered(search),
+        |g: &Group| g.id,
+    )
+    .await
 }
 
 /// Deletes a group (its memberships go with it); whether there was one.

@@ -1,19 +1,24 @@
 //! All diesel code: the pool, migrations, the embedded cluster, the schema,
-//! row types and queries. Query functions take a connection and return
-//! `Result<_, Error>`; the caller (a `service`) owns the transaction.
+//! row types and queries, and keyset pagination (`page`). Query functions
+//! take a connection and return `Result<_, Error>`; the caller (a `service`)
+//! owns the transaction. Long hand-written statements are `sql/*.sql`, each
+//! included by the one function that runs it, as a `Prepared` statement.
 
 pub mod accounts;
 pub mod admin;
 pub mod embedded;
 mod error;
+mod fresh;
 pub mod groups;
 pub mod migrations;
+mod page;
 pub mod schema;
 pub mod sessions;
 pub mod throttle;
 pub mod users;
 
 pub use error::{BoxError, CHECKS, Error, Ref, UniqueKey};
+pub use page::Page;
 
 use std::time::Duration;
 

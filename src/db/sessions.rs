@@ -1,15 +1,20 @@
-//! Sessions and refresh tokens, and the fresh read behind every token check.
+//! Sessions and refresh tokens: starting a session, rotating and retiring
+//! its refresh token, ending sessions, purging old ones. The fresh read
+//! behind every token check ([`fresh`], [`Fresh`]) lives in `fresh.rs` and
+//! is re-exported here.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, Bool, Bytea, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Bytea, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::Error;
 use super::prepared;
 use super::schema::{retired_refresh_tokens, sessions};
-use crate::domain::{EndReason, Group, User};
+use crate::domain::EndReason;
+
+pub use super::fresh::{Fresh, fresh};
 
 /// A new session row.
 #[derive(Debug)]
@@ -37,19 +42,12 @@ pub async fn start(
     password_changed_at: DateTime<Utc>,
 ) -> Result<bool, Error> {
     let n = prepared::<StartSql, _>(
-        diesel::sql_query(
-            "WITH u AS ( \
-                 SELECT id FROM users \
-                 WHERE id = $2 AND is_active AND password_changed_at = $5 FOR SHARE \
-             ) \
-             INSERT INTO sessions (id, user_id, refresh_hash, refresh_expire_time) \
-             SELECT $1, u.id, $3, $4 FROM u",
-        )
-        .bind::<SqlUuid, _>(row.id)
-        .bind::<SqlUuid, _>(row.user_id)
-        .bind::<Bytea, _>(row.refresh_hash)
-        .bind::<Timestamptz, _>(row.refresh_expire_time)
-        .bind::<Timestamptz, _>(password_changed_at),
+        diesel::sql_query(include_str!("sql/session_start.sql"))
+            .bind::<SqlUuid, _>(row.id)
+            .bind::<SqlUuid, _>(row.user_id)
+            .bind::<Bytea, _>(row.refresh_hash)
+            .bind::<Timestamptz, _>(row.refresh_expire_time)
+            .bind::<Timestamptz, _>(password_changed_at),
     )
     .execute(conn)
     .await?;
@@ -92,28 +90,13 @@ pub async fn rotate(
     new_expire: DateTime<Utc>,
     keep_retired: i64,
 ) -> Result<Rotation, Error> {
-    let rotated: Option<Rotated> = prepared::<RotateSql, _>(diesel::sql_query(
-        "WITH rotated AS ( \
-             UPDATE sessions s SET refresh_hash = $2, refresh_expire_time = $3, refresh_time = now() \
-             FROM users u \
-             WHERE s.refresh_hash = $1 AND s.end_time IS NULL AND s.refresh_expire_time > now() \
-               AND u.id = s.user_id AND u.is_active \
-             RETURNING s.id, s.user_id \
-         ), retired AS ( \
-             INSERT INTO retired_refresh_tokens (hash, session_id) SELECT $1, id FROM rotated \
-         ), forgotten AS ( \
-             DELETE FROM retired_refresh_tokens r USING rotated \
-             WHERE r.session_id = rotated.id AND r.hash IN ( \
-                 SELECT o.hash FROM retired_refresh_tokens o \
-                 WHERE o.session_id = rotated.id \
-                 ORDER BY o.retire_time DESC, o.hash OFFSET $4 - 1) \
-         ) \
-         SELECT id, user_id FROM rotated",
+    let rotated: Option<Rotated> = prepared::<RotateSql, _>(
+        diesel::sql_query(include_str!("sql/session_rotate.sql"))
+            .bind::<Bytea, _>(old_hash)
+            .bind::<Bytea, _>(new_hash)
+            .bind::<Timestamptz, _>(new_expire)
+            .bind::<diesel::sql_types::BigInt, _>(keep_retired),
     )
-    .bind::<Bytea, _>(old_hash)
-    .bind::<Bytea, _>(new_hash)
-    .bind::<Timestamptz, _>(new_expire)
-    .bind::<diesel::sql_types::BigInt, _>(keep_retired))
     .get_result(conn)
     .await
     .optional()?;
@@ -245,154 +228,6 @@ pub async fn end_all_of_user(
         .await?)
 }
 
-/// What a token check needs, read in one round trip: the user now, whether
-/// the session is live, when the password last changed, and the groups.
-#[derive(Debug)]
-pub struct Fresh {
-    pub user: User,
-    pub session_live: bool,
-    pub password_changed_at: DateTime<Utc>,
-    /// The user's groups when asked for (`with_groups`), else `None`.
-    pub groups: Option<Vec<Group>>,
-}
-
-#[derive(Debug, QueryableByName)]
-struct FreshRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = Text)]
-    username: String,
-    #[diesel(sql_type = Text)]
-    email: String,
-    #[diesel(sql_type = Text)]
-    first_name: String,
-    #[diesel(sql_type = Text)]
-    last_name: String,
-    #[diesel(sql_type = Bool)]
-    is_superuser: bool,
-    #[diesel(sql_type = Bool)]
-    is_active: bool,
-    #[diesel(sql_type = Bool)]
-    is_verified: bool,
-    #[diesel(sql_type = Jsonb)]
-    attributes: serde_json::Value,
-    #[diesel(sql_type = Timestamptz)]
-    create_time: DateTime<Utc>,
-    #[diesel(sql_type = Timestamptz)]
-    update_time: DateTime<Utc>,
-    #[diesel(sql_type = Timestamptz)]
-    password_changed_at: DateTime<Utc>,
-    #[diesel(sql_type = Bool)]
-    session_live: bool,
-    #[diesel(sql_type = Nullable<Array<SqlUuid>>)]
-    group_ids: Option<Vec<Uuid>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    groupnames: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Text>>)]
-    slugs: Option<Vec<String>>,
-    #[diesel(sql_type = Nullable<Array<Timestamptz>>)]
-    group_times: Option<Vec<DateTime<Utc>>>,
-}
-
-/// The read behind every token check: the user, whether the session is
-/// live, and (`$groups`, `$groups_join`) the user's groups or NULLs.
-macro_rules! fresh_sql {
-    ($groups:literal, $groups_join:literal) => {
-        concat!(
-            "SELECT u.id, u.username, u.email, u.first_name, u.last_name, u.is_superuser, \
-                u.is_active, u.is_verified, u.attributes, u.create_time, u.update_time, \
-                u.password_changed_at, \
-                (s.id IS NOT NULL AND s.end_time IS NULL AND s.refresh_expire_time > now()) \
-                    AS session_live, ",
-            $groups,
-            " FROM users u \
-             LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id ",
-            $groups_join,
-            " WHERE u.id = $1"
-        )
-    };
-}
-
-/// The user `user_id` and the state of its session `session_id`, fresh;
-/// with the user's groups when `with_groups` (VerifyToken answers with
-/// them; the check of a bearer token needs none).
-pub async fn fresh(
-    conn: &mut AsyncPgConnection,
-    user_id: Uuid,
-    session_id: Uuid,
-    with_groups: bool,
-) -> Result<Option<Fresh>, Error> {
-    let row: Option<FreshRow> = if with_groups {
-        prepared::<FreshSql, _>(
-            diesel::sql_query(fresh_sql!(
-                "g.group_ids, g.groupnames, g.slugs, g.group_times",
-                "LEFT JOIN LATERAL ( \
-                     SELECT array_agg(gr.id ORDER BY gr.id) AS group_ids, \
-                            array_agg(gr.groupname ORDER BY gr.id) AS groupnames, \
-                            array_agg(gr.slug ORDER BY gr.id) AS slugs, \
-                            array_agg(gr.create_time ORDER BY gr.id) AS group_times \
-                     FROM group_members gm JOIN groups gr ON gr.id = gm.group_id \
-                     WHERE gm.user_id = u.id \
-                 ) g ON true"
-            ))
-            .bind::<SqlUuid, _>(user_id)
-            .bind::<SqlUuid, _>(session_id),
-        )
-        .get_result(conn)
-        .await
-        .optional()?
-    } else {
-        prepared::<FreshWithoutGroupsSql, _>(
-            diesel::sql_query(fresh_sql!(
-                "NULL::uuid[] AS group_ids, NULL::text[] AS groupnames, NULL::text[] AS slugs, \
-                 NULL::timestamptz[] AS group_times",
-                ""
-            ))
-            .bind::<SqlUuid, _>(user_id)
-            .bind::<SqlUuid, _>(session_id),
-        )
-        .get_result(conn)
-        .await
-        .optional()?
-    };
-    Ok(row.map(|r| {
-        // Without groups, or with none (array_agg of no rows is NULL).
-        let groups = match (r.group_ids, r.groupnames, r.slugs, r.group_times) {
-            (Some(ids), Some(names), Some(slugs), Some(times)) => ids
-                .into_iter()
-                .zip(names)
-                .zip(slugs)
-                .zip(times)
-                .map(|(((id, groupname), slug), create_time)| Group {
-                    id,
-                    groupname,
-                    slug,
-                    create_time,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        Fresh {
-            groups: with_groups.then_some(groups),
-            user: User {
-                id: r.id,
-                username: r.username,
-                email: r.email,
-                first_name: r.first_name,
-                last_name: r.last_name,
-                is_superuser: r.is_superuser,
-                is_active: r.is_active,
-                is_verified: r.is_verified,
-                attributes: r.attributes,
-                create_time: r.create_time,
-                update_time: r.update_time,
-            },
-            session_live: r.session_live,
-            password_changed_at: r.password_changed_at,
-        }
-    }))
-}
-
 /// Deletes retired refresh tokens older than `refresh_ttl`: by then they
 /// could not have been valid anyway, so their reuse means nothing more.
 pub async fn purge_retired(
@@ -427,6 +262,4 @@ pub async fn purge_sessions(
 
 /// Names of the hand-written statements in the statement cache.
 struct RotateSql;
-struct FreshSql;
-struct FreshWithoutGroupsSql;
 struct StartSql;

@@ -1,6 +1,7 @@
 //! Throttling rows: consecutive failures and locks per key
 //! (`login_failures`), and the password checks under way (`login_attempts`).
-//! The rules live in `service::throttle`; these are its statements.
+//! The rules live in `service::throttle`; these are its statements (the
+//! long ones in `sql/throttle_*.sql`).
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -92,22 +93,11 @@ pub async fn fail(
     max_delay_secs: i32,
 ) -> Result<(), Error> {
     prepared::<FailSql, _>(
-        diesel::sql_query(
-            "WITH ended AS (DELETE FROM login_attempts WHERE id = $2) \
-             INSERT INTO login_failures AS f (key, failures, locked_until, update_time) \
-             VALUES ($1, 1, CASE WHEN 1 >= $3 THEN now() + interval '1 second' END, now()) \
-             ON CONFLICT (key) DO UPDATE SET \
-                 failures = f.failures + 1, \
-                 locked_until = CASE WHEN f.failures + 1 >= $3 THEN \
-                     GREATEST(f.locked_until, now() + make_interval(secs => \
-                         LEAST(power(2, LEAST(f.failures + 1 - $3, 30)), $4))) \
-                     ELSE f.locked_until END, \
-                 update_time = now()",
-        )
-        .bind::<Text, _>(key)
-        .bind::<SqlUuid, _>(lease)
-        .bind::<Int4, _>(free)
-        .bind::<Int4, _>(max_delay_secs),
+        diesel::sql_query(include_str!("sql/throttle_fail.sql"))
+            .bind::<Text, _>(key)
+            .bind::<SqlUuid, _>(lease)
+            .bind::<Int4, _>(free)
+            .bind::<Int4, _>(max_delay_secs),
     )
     .execute(conn)
     .await?;
@@ -144,26 +134,10 @@ pub async fn count_request(
     max_delay_secs: i32,
 ) -> Result<Option<DateTime<Utc>>, Error> {
     let row: RequestRow = prepared::<CountRequestSql, _>(
-        diesel::sql_query(
-            "INSERT INTO login_failures AS f (key, failures, locked_until, refused, update_time) \
-             VALUES ($1, 1, CASE WHEN 1 >= $2 THEN now() + interval '1 second' END, false, now()) \
-             ON CONFLICT (key) DO UPDATE SET \
-                 failures = CASE WHEN f.locked_until > now() THEN f.failures \
-                                 WHEN f.update_time < now() - interval '1 day' THEN 1 \
-                                 ELSE f.failures + 1 END, \
-                 refused = COALESCE(f.locked_until > now(), false), \
-                 locked_until = CASE \
-                     WHEN f.locked_until > now() THEN f.locked_until \
-                     WHEN f.update_time >= now() - interval '1 day' AND f.failures + 1 >= $2 \
-                         THEN now() + make_interval(secs => \
-                             LEAST(power(2, LEAST(f.failures + 1 - $2, 30)), $3)) \
-                     ELSE NULL END, \
-                 update_time = CASE WHEN f.locked_until > now() THEN f.update_time ELSE now() END \
-             RETURNING locked_until, refused",
-        )
-        .bind::<Text, _>(key)
-        .bind::<Int4, _>(free)
-        .bind::<Int4, _>(max_delay_secs),
+        diesel::sql_query(include_str!("sql/throttle_count_request.sql"))
+            .bind::<Text, _>(key)
+            .bind::<Int4, _>(free)
+            .bind::<Int4, _>(max_delay_secs),
     )
     .get_result(conn)
     .await?;

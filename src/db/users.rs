@@ -7,6 +7,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::Error;
+use super::page::{Page, keyset};
 use super::schema::{group_members, login_names, users};
 use crate::domain::{PageRequest, User};
 
@@ -211,34 +212,21 @@ fn filtered(filter: &Filter<'_>) -> users::BoxedQuery<'static, diesel::pg::Pg> {
 }
 
 /// One page of the users matching `filter`, by id; how many match in all;
-/// and whether more follow. The page and the count are read from one
-/// snapshot, so they agree.
+/// and whether more follow (one snapshot: see `page::keyset`).
 pub async fn list(
     conn: &mut AsyncPgConnection,
     filter: &Filter<'_>,
     page: PageRequest,
-) -> Result<(Vec<User>, i64, bool), Error> {
-    conn.build_transaction()
-        .read_only()
-        .repeatable_read()
-        .run(async |conn| {
-            let mut query = filtered(filter);
-            if let Some(after) = page.after {
-                query = query.filter(users::id.gt(after));
-            }
-            // One more than asked: a full last page then has no next token.
-            let mut rows = query
-                .order(users::id)
-                .limit(page.size + 1)
-                .select(UserRow::as_select())
-                .load(conn)
-                .await?;
-            let more = rows.len() as i64 > page.size;
-            rows.truncate(page.size as usize);
-            let total = filtered(filter).count().get_result(conn).await?;
-            Ok((rows.into_iter().map(User::from).collect(), total, more))
-        })
-        .await
+) -> Result<Page<User>, Error> {
+    keyset(
+        conn,
+        page,
+        users::id,
+        UserRow::as_select(),
+        || filtered(filter),
+        |u: &User| u.id,
+    )
+    .await
 }
 
 /// Writes the mutable fields of a user; `None` when there is no such user.

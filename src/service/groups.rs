@@ -88,8 +88,7 @@ impl GroupService {
         page: PageRequest,
     ) -> Result<Page<Group>, Error> {
         let mut conn = db::conn(&self.pool).await?;
-        let (rows, total, more) = db::groups::list(&mut conn, search, page).await?;
-        Ok(Page::new(rows, total, more, |g| g.id))
+        Ok(db::groups::list(&mut conn, search, page).await?)
     }
 
     /// Deletes a group with its memberships (the foreign key cascades, in
@@ -138,8 +137,7 @@ impl GroupService {
             group_id: Some(group_id),
             ..Default::default()
         };
-        let (rows, total, more) = db::users::list(&mut conn, &filter, page).await?;
-        Ok(Page::new(rows, total, more, |u| u.id))
+        Ok(db::users::list(&mut conn, &filter, page).await?)
     }
 
     /// The groups of a user.

@@ -9,6 +9,9 @@ pub mod import;
 pub mod throttle;
 pub mod users;
 
+/// One page of a list, and where the next starts (made by `db`'s one
+/// keyset pagination).
+pub use crate::db::Page;
 pub use accounts::AccountService;
 pub use auth::AuthService;
 pub use groups::GroupService;
@@ -44,22 +47,5 @@ pub(crate) fn throttled(message: &'static str, until: chrono::DateTime<chrono::U
         retry_after: std::time::Duration::from_secs(
             wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
         ),
-    }
-}
-
-/// One page of a list, and where the next starts.
-#[derive(Debug)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    /// The last item of a full page, from which the next page starts.
-    pub last: Option<Uuid>,
-    pub total: i64,
-}
-
-impl<T> Page<T> {
-    /// A page; `more` when items follow it.
-    pub fn new(items: Vec<T>, total: i64, more: bool, id: impl Fn(&T) -> Uuid) -> Self {
-        let last = if more { items.last().map(id) } else { None };
-        Self { items, last, total }
     }
 }

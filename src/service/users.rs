@@ -192,8 +192,7 @@ impl UserService {
         {
             return Err(Error::NotFound(Resource::Group));
         }
-        let (users, total, more) = db::users::list(&mut conn, &filter.to_db(), page).await?;
-        Ok(Page::new(users, total, more, |u| u.id))
+        Ok(db::users::list(&mut conn, &filter.to_db(), page).await?)
     }
 
     /// Applies `update` to the user `id`: a read-modify-write under a row

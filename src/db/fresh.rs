@@ -1,0 +1,134 @@
+//! The fresh read behind every token check (VerifyToken, the bearer
+//! check): the user as it is now, whether the session is live, when the
+//! password last changed and, when asked, the groups, in one prepared
+//! statement (`sql/fresh.sql`, `sql/fresh_without_groups.sql`). Reached as
+//! `db::sessions::fresh`.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{Array, Bool, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::Error;
+use super::prepared;
+use crate::domain::{Group, User};
+
+/// What a token check needs, read in one round trip: the user now, whether
+/// the session is live, when the password last changed, and the groups.
+#[derive(Debug)]
+pub struct Fresh {
+    pub user: User,
+    pub session_live: bool,
+    pub password_changed_at: DateTime<Utc>,
+    /// The user's groups when asked for (`with_groups`), else `None`.
+    pub groups: Option<Vec<Group>>,
+}
+
+#[derive(Debug, QueryableByName)]
+struct FreshRow {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    username: String,
+    #[diesel(sql_type = Text)]
+    email: String,
+    #[diesel(sql_type = Text)]
+    first_name: String,
+    #[diesel(sql_type = Text)]
+    last_name: String,
+    #[diesel(sql_type = Bool)]
+    is_superuser: bool,
+    #[diesel(sql_type = Bool)]
+    is_active: bool,
+    #[diesel(sql_type = Bool)]
+    is_verified: bool,
+    #[diesel(sql_type = Jsonb)]
+    attributes: serde_json::Value,
+    #[diesel(sql_type = Timestamptz)]
+    create_time: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    update_time: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    password_changed_at: DateTime<Utc>,
+    #[diesel(sql_type = Bool)]
+    session_live: bool,
+    #[diesel(sql_type = Nullable<Array<SqlUuid>>)]
+    group_ids: Option<Vec<Uuid>>,
+    #[diesel(sql_type = Nullable<Array<Text>>)]
+    groupnames: Option<Vec<String>>,
+    #[diesel(sql_type = Nullable<Array<Text>>)]
+    slugs: Option<Vec<String>>,
+    #[diesel(sql_type = Nullable<Array<Timestamptz>>)]
+    group_times: Option<Vec<DateTime<Utc>>>,
+}
+
+/// The user `user_id` and the state of its session `session_id`, fresh;
+/// with the user's groups when `with_groups` (VerifyToken answers with
+/// them; the check of a bearer token needs none).
+pub async fn fresh(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    session_id: Uuid,
+    with_groups: bool,
+) -> Result<Option<Fresh>, Error> {
+    let row: Option<FreshRow> = if with_groups {
+        prepared::<FreshSql, _>(
+            diesel::sql_query(include_str!("sql/fresh.sql"))
+                .bind::<SqlUuid, _>(user_id)
+                .bind::<SqlUuid, _>(session_id),
+        )
+        .get_result(conn)
+        .await
+        .optional()?
+    } else {
+        prepared::<FreshWithoutGroupsSql, _>(
+            diesel::sql_query(include_str!("sql/fresh_without_groups.sql"))
+                .bind::<SqlUuid, _>(user_id)
+                .bind::<SqlUuid, _>(session_id),
+        )
+        .get_result(conn)
+        .await
+        .optional()?
+    };
+    Ok(row.map(|r| {
+        // Without groups, or with none (array_agg of no rows is NULL).
+        let groups = match (r.group_ids, r.groupnames, r.slugs, r.group_times) {
+            (Some(ids), Some(names), Some(slugs), Some(times)) => ids
+                .into_iter()
+                .zip(names)
+                .zip(slugs)
+                .zip(times)
+                .map(|(((id, groupname), slug), create_time)| Group {
+                    id,
+                    groupname,
+                    slug,
+                    create_time,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Fresh {
+            groups: with_groups.then_some(groups),
+            user: User {
+                id: r.id,
+                username: r.username,
+                email: r.email,
+                first_name: r.first_name,
+                last_name: r.last_name,
+                is_superuser: r.is_superuser,
+                is_active: r.is_active,
+                is_verified: r.is_verified,
+                attributes: r.attributes,
+                create_time: r.create_time,
+                update_time: r.update_time,
+            },
+            session_live: r.session_live,
+            password_changed_at: r.password_changed_at,
+        }
+    }))
+}
+
+/// Names of the hand-written statements in the statement cache.
+struct FreshSql;
+struct FreshWithoutGroupsSql;

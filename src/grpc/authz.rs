@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::error::Reason;
-use crate::service::{AuthService, auth::Authenticated};
+use crate::service::{AuthService, verify::Authenticated};
 
 /// Who is calling.
 #[derive(Debug, Clone)]

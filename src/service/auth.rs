@@ -1,5 +1,6 @@
-//! The AuthService use cases: login, refresh, logout, token verification,
-//! password change; and the fresh check behind every authenticated call.
+//! The AuthService use cases: login, refresh, logout, password change.
+//! Token verification (VerifyToken and the bearer check of every
+//! authenticated call) is in `service::verify`.
 
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use crate::domain::{EndReason, Group, Login, NewPassword, OpaqueToken, Password,
 use crate::error::{Error, Reason};
 use crate::hashing::Hasher;
 use crate::service::throttle::{Throttle, hashed_key, user_key};
-use crate::token::{AccessClaims, TokenIssuer, jwt::Subject, opaque};
+use crate::service::verify::Authenticated;
+use crate::token::{TokenIssuer, jwt::Subject, opaque};
 
 /// Retired refresh tokens a session keeps for reuse detection: a client
 /// refreshing in a loop keeps at most this many rows (docs/tokens.md).
@@ -47,30 +49,12 @@ impl std::fmt::Debug for IssuedTokens {
     }
 }
 
-/// The bearer check's answer: a valid access token, and its user and
-/// session as they are now.
-#[derive(Debug, Clone)]
-pub struct Authenticated {
-    pub user: User,
-    pub claims: AccessClaims,
-    pub session_id: Uuid,
-}
-
-/// VerifyToken's answer: as [`Authenticated`], with the user's groups now.
-/// A separate type, so that no caller of the bearer check (which does not
-/// read groups) can take an empty list for the user's groups.
-#[derive(Debug, Clone)]
-pub struct Verified {
-    pub caller: Authenticated,
-    pub groups: Vec<Group>,
-}
-
 /// Logins, sessions and tokens.
 #[derive(Clone)]
 pub struct AuthService {
-    pool: Pool,
+    pub(super) pool: Pool,
     hasher: Hasher,
-    tokens: TokenIssuer,
+    pub(super) tokens: TokenIssuer,
     refresh_ttl: Duration,
     require_verified: bool,
     throttle: Throttle,
@@ -321,53 +305,6 @@ impl AuthService {
         Ok(())
     }
 
-    /// VerifyToken: checks an access token offline (signature, kid, exp,
-    /// nbf, iss, aud), then the user, session and groups as they are now,
-    /// in one round trip.
-    pub async fn verify(&self, access_token: &str) -> Result<Verified, Error> {
-        let (caller, groups) = self.check(access_token, true).await?;
-        let groups = groups.ok_or_else(|| Error::internal("groups asked for, not read"))?;
-        Ok(Verified { caller, groups })
-    }
-
-    /// The bearer check of every signed-in call: as [`Self::verify`], but
-    /// without reading the user's groups, which authorization never needs.
-    pub async fn authenticate(&self, access_token: &str) -> Result<Authenticated, Error> {
-        Ok(self.check(access_token, false).await?.0)
-    }
-
-    /// The checks of both; the groups only `with_groups`.
-    async fn check(
-        &self,
-        access_token: &str,
-        with_groups: bool,
-    ) -> Result<(Authenticated, Option<Vec<Group>>), Error> {
-        let claims = self.tokens.verify(access_token)?;
-        let malformed = || Error::InvalidToken(Reason::TokenMalformed);
-        let user_id = Uuid::try_parse(&claims.sub).map_err(|_| malformed())?;
-        let session_id = Uuid::try_parse(&claims.sid).map_err(|_| malformed())?;
-        let mut conn = db::conn(&self.pool).await?;
-        let fresh = sessions::fresh(&mut conn, user_id, session_id, with_groups)
-            .await?
-            .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
-        drop(conn);
-        if !fresh.user.is_active {
-            return Err(Error::InvalidToken(Reason::UserInactive));
-        }
-        if !fresh.session_live {
-            return Err(Error::InvalidToken(Reason::SessionEnded));
-        }
-        if issue_millis(&claims) < fresh.password_changed_at.timestamp_millis() {
-            return Err(Error::InvalidToken(Reason::CredentialsChanged));
-        }
-        let caller = Authenticated {
-            user: fresh.user,
-            claims,
-            session_id,
-        };
-        Ok((caller, fresh.groups))
-    }
-
     /// Changes the caller's own password. A wrong current password is
     /// UNAUTHENTICATED and counts as a failed login; the caller's other
     /// sessions end, its own lives on.
@@ -421,22 +358,6 @@ impl AuthService {
         tracing::info!(other_sessions_ended = ended, "password changed");
         Ok(())
     }
-}
-
-/// When a token was issued, to the millisecond: `iat` has whole seconds
-/// only, too coarse to tell a token issued just before a password change
-/// from one issued just after; our `jti` is a UUIDv7, which carries the
-/// millisecond (and is covered by the signature).
-fn issue_millis(claims: &AccessClaims) -> i64 {
-    Uuid::try_parse(&claims.jti)
-        .ok()
-        .filter(|id| id.get_version_num() == 7)
-        .and_then(|id| id.get_timestamp())
-        .map(|ts| {
-            let (secs, nanos) = ts.to_unix();
-            i64::try_from(secs).unwrap_or(i64::MAX) * 1000 + i64::from(nanos / 1_000_000)
-        })
-        .unwrap_or(claims.iat.saturating_mul(1000))
 }
 
 impl std::fmt::Debug for AuthService {

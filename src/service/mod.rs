@@ -8,6 +8,7 @@ pub mod groups;
 pub mod import;
 pub mod throttle;
 pub mod users;
+pub mod verify;
 
 /// One page of a list, and where the next starts (made by `db`'s one
 /// keyset pagination).

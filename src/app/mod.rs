@@ -102,6 +102,19 @@ struct Limits {
     http2_max_concurrent_streams: u32,
 }
 
+/// Where it listens, whether registration is open, whether TLS is on; the
+/// pool, services, keys and the database (whose URL may hold a password)
+/// are left out.
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("local_addr", &self.local_addr)
+            .field("registration_open", &self.registration_open)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The largest request message: 64 KiB is far above any valid request.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 

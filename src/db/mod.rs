@@ -94,6 +94,16 @@ pub struct Prepared<M, T> {
     marker: std::marker::PhantomData<fn() -> M>,
 }
 
+/// Names the statement by its marker type `M`. The query is left out: its
+/// binds may be token hashes, and `T` then needs no `Debug` of its own.
+impl<M, T> std::fmt::Debug for Prepared<M, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("statement", &std::any::type_name::<M>())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Wraps `query` as the cached statement named `M`.
 pub fn prepared<M: 'static, T>(query: T) -> Prepared<M, T> {
     Prepared {

@@ -261,6 +261,12 @@ impl AccountService {
     }
 }
 
+impl std::fmt::Debug for AccountService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountService").finish_non_exhaustive()
+    }
+}
+
 /// The stored hash of a presented token; INVALID_ARGUMENT when it cannot be
 /// one of ours.
 fn refusal(state: TokenState) -> Error {

@@ -9,6 +9,9 @@
 //! `health.rs` (the database prober behind the health service), `keys.rs`
 //! (the key reloader: SIGHUP and timer) and `janitor.rs` (the hourly
 //! purge); where the data is, URL or embedded cluster, is `database.rs`.
+//!
+//! [`Application::build`]: crate::app::Application::build
+//! [`Application::run_until_stopped`]: crate::app::Application::run_until_stopped
 
 mod database;
 mod health;

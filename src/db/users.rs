@@ -1,5 +1,5 @@
 //! Queries on `users`. The password hash is read only by the functions that
-//! need it; [`UserRow`] does not carry it, so it cannot leak into a response.
+//! need it; `UserRow` does not carry it, so it cannot leak into a response.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;

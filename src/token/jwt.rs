@@ -22,7 +22,7 @@ const LEEWAY_SECONDS: u64 = 10;
 const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// The most group slugs an access token carries, and the most bytes of them:
 /// with every other claim at its longest, a token stays well under
-/// [`MAX_TOKEN_LEN`], so every token identity issues is one it accepts. A
+/// `MAX_TOKEN_LEN`, so every token identity issues is one it accepts. A
 /// user in more groups gets the oldest ones (the order is the caller's: by
 /// group id) and the claim `groups_truncated: true`; VerifyToken answers
 /// with all of them.

@@ -5,6 +5,8 @@
 //! catch-all arm, so a new variant does not compile until someone decides its
 //! code. Client mistakes carry their details; faults of the service are
 //! logged and answered with a bare "internal error", never the source text.
+//!
+//! [`Error`]: crate::error::Error
 
 use std::time::Duration;
 

@@ -9,6 +9,8 @@
 //! are held back whatever `RUST_LOG` says ([`CAPPED`]), and Sentry events
 //! lose any Authorization or Cookie header before they leave
 //! (`before_send`).
+//!
+//! [`CAPPED`]: crate::telemetry::CAPPED
 
 use std::sync::Arc;
 

@@ -6,6 +6,11 @@
 //! Run without `--bench` (`cargo test --bench load`, as CI does) it is a
 //! smoke run with tiny settings that fails if any scenario fails a call.
 
+// A harness, not a library: nothing here is exported. `pub` in its private
+// modules is how they share items, and docs go where a reader needs them,
+// not on every item.
+#![allow(unreachable_pub, missing_docs)]
+
 mod drive;
 mod report;
 mod scenarios;

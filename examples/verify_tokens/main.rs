@@ -9,6 +9,10 @@
 //! `verifier.rs` is the part to copy into a service; tests/api/examples.rs
 //! runs it against a real server.
 
+// `verifier.rs` is written to be copied into a service as a module of its
+// own, so its API is `pub` even though this binary cannot export it.
+#![allow(unreachable_pub)]
+
 mod verifier;
 
 use identity::proto::identity::v1::{self as pb, auth_service_client::AuthServiceClient};

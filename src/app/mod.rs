@@ -9,6 +9,9 @@
 //! `health.rs` (the database prober behind the health service), `keys.rs`
 //! (the key reloader: SIGHUP and timer) and `janitor.rs` (the hourly
 //! purge); where the data is, URL or embedded cluster, is `database.rs`.
+//!
+//! [`Application::build`]: crate::app::Application::build
+//! [`Application::run_until_stopped`]: crate::app::Application::run_until_stopped
 
 mod database;
 mod health;
@@ -100,6 +103,19 @@ struct Limits {
     shutdown_grace: Duration,
     max_concurrent_requests: usize,
     http2_max_concurrent_streams: u32,
+}
+
+/// Where it listens, whether registration is open, whether TLS is on; the
+/// pool, services, keys and the database (whose URL may hold a password)
+/// are left out.
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("local_addr", &self.local_addr)
+            .field("registration_open", &self.registration_open)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The largest request message: 64 KiB is far above any valid request.

@@ -12,7 +12,9 @@ use super::schema::account_tokens;
 /// What a token is for; a token of one purpose never serves the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
+    /// Confirms the email it was issued for (ConfirmEmail).
     VerifyEmail,
+    /// Sets a new password without the old one (ResetPassword).
     ResetPassword,
 }
 
@@ -52,7 +54,10 @@ pub async fn insert(
 pub enum TokenState {
     /// Unused and unexpired: for this user and canonical email.
     Valid {
+        /// The user it was issued to.
         user_id: Uuid,
+        /// The canonical email it was issued for: it serves only while that is
+        /// still the user's email.
         email_canonical: String,
     },
     /// Used before.

@@ -18,8 +18,11 @@ use crate::domain::{Group, User};
 /// the session is live, when the password last changed, and the groups.
 #[derive(Debug)]
 pub struct Fresh {
+    /// The user as it is now, not as the token's claims say.
     pub user: User,
+    /// The session is the user's, not ended, and its refresh token unexpired.
     pub session_live: bool,
+    /// When the password last changed: a token issued before is refused.
     pub password_changed_at: DateTime<Utc>,
     /// The user's groups when asked for (`with_groups`), else `None`.
     pub groups: Option<Vec<Group>>,

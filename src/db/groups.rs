@@ -49,10 +49,16 @@ pub async fn of_user(conn: &mut AsyncPgConnection, user_id: Uuid) -> Result<Vec<
 #[derive(Debug, Insertable)]
 #[diesel(table_name = groups)]
 pub struct NewGroupRow<'a> {
+    /// A new UUIDv7.
     pub id: Uuid,
+    /// As shown: NFKC, trimmed (the slug, for a group an import creates).
     pub groupname: &'a str,
+    /// The NFKC case fold of `groupname`; unique.
     pub groupname_canonical: &'a str,
+    /// Unique, `^[a-z0-9]+(-[a-z0-9]+)*$`, at most 64 characters.
     pub slug: &'a str,
+    /// The folded groupname and slug that ListGroups' `query` matches
+    /// ([`crate::domain::text::search_text`]).
     pub search: &'a str,
 }
 

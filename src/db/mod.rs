@@ -12,6 +12,10 @@ mod fresh;
 pub mod groups;
 pub mod migrations;
 mod page;
+// `diesel::table!` code: a module per table and a struct per column, whose
+// docs would only repeat their names. The tables and columns are documented
+// where they are defined, in `migrations/*/up.sql`.
+#[allow(missing_docs)]
 pub mod schema;
 pub mod sessions;
 pub mod throttle;
@@ -92,6 +96,16 @@ pub async fn conn(pool: &Pool) -> Result<Conn, Error> {
 pub struct Prepared<M, T> {
     query: T,
     marker: std::marker::PhantomData<fn() -> M>,
+}
+
+/// Names the statement by its marker type `M`. The query is left out: its
+/// binds may be token hashes, and `T` then needs no `Debug` of its own.
+impl<M, T> std::fmt::Debug for Prepared<M, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("statement", &std::any::type_name::<M>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Wraps `query` as the cached statement named `M`.

@@ -17,9 +17,11 @@ use crate::domain::PageRequest;
 /// One page of a list, and where the next starts.
 #[derive(Debug)]
 pub struct Page<T> {
+    /// The page's items, in key order (ascending id).
     pub items: Vec<T>,
     /// The last item of a full page, from which the next page starts.
     pub last: Option<Uuid>,
+    /// How many rows match the filters, across all pages.
     pub total: i64,
 }
 

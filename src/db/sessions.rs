@@ -19,9 +19,13 @@ pub use super::fresh::{Fresh, fresh};
 /// A new session row.
 #[derive(Debug)]
 pub struct NewSessionRow<'a> {
+    /// A new UUIDv7: the `sid` of the session's access tokens.
     pub id: Uuid,
+    /// Whose session it is.
     pub user_id: Uuid,
+    /// SHA-256 of the first refresh token, never the token itself; unique.
     pub refresh_hash: &'a [u8],
+    /// When that refresh token expires (`REFRESH_TOKEN_TTL` after the login).
     pub refresh_expire_time: DateTime<Utc>,
 }
 
@@ -66,7 +70,12 @@ struct Rotated {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rotation {
     /// The token was current: it is retired and `new` replaces it.
-    Rotated { session_id: Uuid, user_id: Uuid },
+    Rotated {
+        /// The session, which goes on under the new token.
+        session_id: Uuid,
+        /// The session's user.
+        user_id: Uuid,
+    },
     /// The token was retired already: its session is now ended.
     Reused,
     /// Unknown, expired, or of an ended session or inactive user.
@@ -145,7 +154,9 @@ pub async fn end_reused(conn: &mut AsyncPgConnection, old_hash: &[u8]) -> Result
 /// Whose refresh token this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenOwner {
+    /// The session the token was issued in.
     pub session_id: Uuid,
+    /// The session's user.
     pub user_id: Uuid,
     /// The session's current token, the session live and unexpired.
     pub current_and_live: bool,

@@ -1,5 +1,5 @@
 //! Queries on `users`. The password hash is read only by the functions that
-//! need it; [`UserRow`] does not carry it, so it cannot leak into a response.
+//! need it; `UserRow` does not carry it, so it cannot leak into a response.
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -32,18 +32,32 @@ pub(crate) struct UserRow {
 #[derive(Debug, Insertable)]
 #[diesel(table_name = users)]
 pub struct NewUserRow<'a> {
+    /// A new UUIDv7, or the id an import brought.
     pub id: Uuid,
+    /// As shown: NFKC, trimmed.
     pub username: &'a str,
+    /// The NFKC case fold of `username`; unique.
     pub username_canonical: &'a str,
+    /// As given, trimmed.
     pub email: &'a str,
+    /// The NFKC case fold of `email`; unique.
     pub email_canonical: &'a str,
+    /// An argon2id PHC string, or an imported argon2 or bcrypt hash.
     pub password_hash: &'a str,
+    /// Given name; may be empty.
     pub first_name: &'a str,
+    /// Family name; may be empty.
     pub last_name: &'a str,
+    /// May administer users and groups.
     pub is_superuser: bool,
+    /// An inactive user cannot log in and its tokens are refused.
     pub is_active: bool,
+    /// Whether the email address was verified.
     pub is_verified: bool,
+    /// A JSON object of strings (see [`crate::domain::Attributes`]).
     pub attributes: serde_json::Value,
+    /// The folded username, email, first and last name that ListUsers'
+    /// `query` matches ([`crate::domain::text::search_text`]).
     pub search: &'a str,
     /// From the service's clock, like the `jti` of tokens it is compared with.
     pub password_changed_at: DateTime<Utc>,
@@ -71,13 +85,22 @@ impl From<UserRow> for User {
 #[derive(Debug, AsChangeset)]
 #[diesel(table_name = users)]
 pub struct UserChangesRow {
+    /// Given name; may be empty.
     pub first_name: String,
+    /// Family name; may be empty.
     pub last_name: String,
+    /// May administer users and groups.
     pub is_superuser: bool,
+    /// An inactive user cannot log in and its tokens are refused.
     pub is_active: bool,
+    /// Whether the email address was verified.
     pub is_verified: bool,
+    /// A JSON object of strings; replaces the stored one whole.
     pub attributes: serde_json::Value,
+    /// The search text, recomputed from the username, the email and the
+    /// names written here.
     pub search: String,
+    /// The service's clock at the change.
     pub update_time: DateTime<Utc>,
 }
 
@@ -86,9 +109,13 @@ pub struct UserChangesRow {
 pub struct Filter<'a> {
     /// A `LIKE` pattern over the folded search text.
     pub search: Option<&'a str>,
+    /// Only users with this `is_active`.
     pub is_active: Option<bool>,
+    /// Only users with this `is_superuser`.
     pub is_superuser: Option<bool>,
+    /// Only users with this `is_verified`.
     pub is_verified: Option<bool>,
+    /// Only members of this group.
     pub group_id: Option<Uuid>,
 }
 
@@ -295,8 +322,12 @@ pub async fn group_exists(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool
 /// password last changed (what a session is started against).
 #[derive(Debug)]
 pub struct Credentials {
+    /// The user, as the rest of the service sees it.
     pub user: User,
+    /// The stored password hash: argon2 PHC, or an imported bcrypt hash.
     pub hash: String,
+    /// When the password was last set: [`super::sessions::start`] starts a
+    /// session only while it is unchanged.
     pub password_changed_at: DateTime<Utc>,
 }
 

@@ -39,9 +39,14 @@ impl Groupname {
 /// A group as the service knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
+    /// A UUIDv7 assigned at creation. Immutable.
     pub id: uuid::Uuid,
+    /// As shown (NFKC, trimmed); unique by its NFKC case fold. Immutable.
     pub groupname: String,
+    /// Unique, `^[a-z0-9]+(-[a-z0-9]+)*$`, at most [`MAX_SLUG`] characters.
+    /// Immutable.
     pub slug: String,
+    /// When the group was created.
     pub create_time: chrono::DateTime<chrono::Utc>,
 }
 

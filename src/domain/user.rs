@@ -11,17 +11,29 @@ use super::text::{fold, length, name, nfkc_trimmed, no_control, no_invisible};
 /// A user as the service knows it: never its password or hash.
 #[derive(Debug, Clone, PartialEq)]
 pub struct User {
+    /// A UUIDv7 assigned at creation, or the id an import brought. Immutable.
     pub id: uuid::Uuid,
+    /// As shown (NFKC, trimmed); unique by its NFKC case fold, also against
+    /// every other user's email. Immutable.
     pub username: String,
+    /// As given (trimmed); unique by its NFKC case fold, also against every
+    /// other user's username. Immutable.
     pub email: String,
+    /// Given name, at most 150 characters; may be empty.
     pub first_name: String,
+    /// Family name, at most 150 characters; may be empty.
     pub last_name: String,
+    /// May administer users and groups.
     pub is_superuser: bool,
+    /// An inactive user cannot log in and its tokens are refused.
     pub is_active: bool,
+    /// Whether the email address was verified.
     pub is_verified: bool,
     /// A JSON object of strings, as stored (see [`Attributes`]).
     pub attributes: serde_json::Value,
+    /// When the user was created.
     pub create_time: chrono::DateTime<chrono::Utc>,
+    /// When the user last changed, a new password included.
     pub update_time: chrono::DateTime<chrono::Utc>,
 }
 

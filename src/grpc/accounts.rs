@@ -12,7 +12,7 @@ use crate::service::{
 };
 
 /// The gRPC face of [`AccountService`].
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AccountsGrpc {
     accounts: AccountService,
 }

@@ -78,7 +78,7 @@ pub enum Access {
     Superuser,
 }
 
-/// What `path` asks of its caller: its row of [`table`]. RPCs of this API
+/// What `path` asks of its caller: its row of `table`. RPCs of this API
 /// without a row are superuser-only, so a new RPC is closed until someone
 /// opens it on purpose (and a unit test fails until it has its row).
 pub fn access(path: &str) -> Access {

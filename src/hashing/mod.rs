@@ -246,6 +246,15 @@ pub struct Memory {
     blocks: Vec<Block>,
 }
 
+/// The size, not the blocks: they are scratch space, 1 KiB each.
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Memory")
+            .field("blocks", &self.blocks.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Memory {
     /// Memory for hashes with `params`.
     pub fn new(params: HashParams) -> Self {

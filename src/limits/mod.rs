@@ -4,11 +4,13 @@
 //! instead of queueing it.
 //!
 //! Streams (health Watch, reflection, any RPC whose descriptor says it
-//! streams) are bounded apart, in [`streams`], by [`StreamLimit`]: the unary limits above
+//! streams) are bounded apart, in `streams`, by [`StreamLimit`]: the unary limits above
 //! guard only the future of a call's response headers, which a stream
 //! returns at once and then lives on in its body. A stream holds a permit of
 //! `MAX_STREAMS` until its body ends, is exempt from the deadline and from
 //! the unary concurrency limit, and ends with OK when shutdown begins.
+//!
+//! [`StreamLimit`]: crate::limits::StreamLimit
 
 mod streams;
 

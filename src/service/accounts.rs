@@ -24,7 +24,10 @@ const MAX_RESET_LOCK_SECONDS: i32 = 3600;
 /// A token just issued: its text (shown once) and expiry.
 #[derive(Clone)]
 pub struct IssuedToken {
+    /// The secret for the caller to send on: 256 random bits, URL-safe
+    /// base64. Only its SHA-256 is stored.
     pub token: String,
+    /// When it stops being accepted.
     pub expire_time: DateTime<Utc>,
 }
 
@@ -47,6 +50,9 @@ pub struct AccountService {
 }
 
 impl AccountService {
+    /// The service over `pool`, hashing with `hasher`; verification tokens
+    /// last `verification_ttl` (`EMAIL_VERIFICATION_TTL`), reset tokens
+    /// `reset_ttl` (`PASSWORD_RESET_TTL`).
     pub fn new(
         pool: Pool,
         hasher: Hasher,
@@ -258,6 +264,12 @@ impl AccountService {
             token: new.token,
             expire_time,
         })
+    }
+}
+
+impl std::fmt::Debug for AccountService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountService").finish_non_exhaustive()
     }
 }
 

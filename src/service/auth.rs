@@ -34,9 +34,14 @@ fn email_not_verified() -> Error {
 
 /// A pair of tokens and their lifetimes. Its `Debug` hides the tokens.
 pub struct IssuedTokens {
+    /// The signed access token, a JWT (RFC 9068).
     pub access_token: String,
+    /// The opaque refresh token: 256 random bits, shown once. Only its
+    /// SHA-256 is stored.
     pub refresh_token: String,
+    /// When the access token expires: its `exp`.
     pub access_expire: chrono::DateTime<Utc>,
+    /// When the refresh token expires, unless a refresh replaces it first.
     pub refresh_expire: chrono::DateTime<Utc>,
 }
 

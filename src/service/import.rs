@@ -24,16 +24,30 @@ pub const MAX_IMPORT_BATCH: usize = 64;
 #[derive(Clone, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImportedUser {
+    /// The user's id (a UUID) in the other system; absent or empty: a new
+    /// UUIDv7.
     pub id: Option<String>,
+    /// As for CreateUser ([`Username::parse`]).
     pub username: String,
+    /// As for CreateUser ([`Email::parse`]).
     pub email: String,
+    /// An argon2 PHC string or a bcrypt hash, stored as it is (trimmed); see
+    /// [`hashing::check_imported_hash`] for the formats and bounds accepted.
     pub password_hash: String,
+    /// Given name, as for CreateUser.
     pub first_name: String,
+    /// Family name, as for CreateUser.
     pub last_name: String,
+    /// May administer users and groups.
     pub is_superuser: bool,
+    /// Whether the user may log in; absent: true.
     pub is_active: Option<bool>,
+    /// Whether the email address was verified already.
     pub is_verified: bool,
+    /// Custom attributes, under CreateUser's rules.
     pub attributes: BTreeMap<String, String>,
+    /// Slugs of the user's groups; a missing group is created, named by its
+    /// slug.
     pub groups: Vec<String>,
 }
 

@@ -19,9 +19,13 @@ use crate::service::Page;
 pub struct UserFilter {
     /// A `LIKE` pattern over the folded search text.
     pub search: Option<String>,
+    /// Only users with this `is_active`.
     pub is_active: Option<bool>,
+    /// Only users with this `is_superuser`.
     pub is_superuser: Option<bool>,
+    /// Only users with this `is_verified`.
     pub is_verified: Option<bool>,
+    /// Only members of this group.
     pub group_id: Option<Uuid>,
 }
 
@@ -41,14 +45,23 @@ impl UserFilter {
 /// A user to create, every field validated.
 #[derive(Debug)]
 pub struct NewUser {
+    /// Its canonical form must be no other user's username or email.
     pub username: Username,
+    /// Its canonical form must be no other user's username or email.
     pub email: Email,
+    /// The password in clear, hashed (argon2id) before anything is stored.
     pub password: Password,
+    /// Given name, at most 150 characters; may be empty.
     pub first_name: String,
+    /// Family name, at most 150 characters; may be empty.
     pub last_name: String,
+    /// May administer users and groups.
     pub is_superuser: bool,
+    /// Whether the user may log in.
     pub is_active: bool,
+    /// Whether the email address counts as verified already.
     pub is_verified: bool,
+    /// Custom attributes.
     pub attributes: Attributes,
 }
 
@@ -66,11 +79,19 @@ pub enum Lookup {
 /// The fields UpdateUser changes: `Some` for each path of the mask.
 #[derive(Debug, Default)]
 pub struct UserUpdate {
+    /// A new given name.
     pub first_name: Option<String>,
+    /// A new family name.
     pub last_name: Option<String>,
+    /// Activates or deactivates the user; the last active superuser cannot
+    /// be deactivated.
     pub is_active: Option<bool>,
+    /// Grants or revokes superuser; the last active superuser cannot be
+    /// demoted.
     pub is_superuser: Option<bool>,
+    /// Marks the email address verified or not.
     pub is_verified: Option<bool>,
+    /// Replaces the whole attribute map.
     pub attributes: Option<Attributes>,
 }
 

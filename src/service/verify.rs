@@ -16,8 +16,11 @@ use crate::token::AccessClaims;
 /// session as they are now.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
+    /// The token's user as it is now, not as the claims say.
     pub user: User,
+    /// The token's claims, signature and times checked.
     pub claims: AccessClaims,
+    /// The token's session (its `sid`), live now.
     pub session_id: Uuid,
 }
 
@@ -26,7 +29,10 @@ pub struct Authenticated {
 /// read groups) can take an empty list for the user's groups.
 #[derive(Debug, Clone)]
 pub struct Verified {
+    /// The token, its user and its session, as the bearer check finds them.
     pub caller: Authenticated,
+    /// Every group of the user now, by id: all of them, where the `groups`
+    /// claim may be cut short.
     pub groups: Vec<Group>,
 }
 

@@ -22,7 +22,7 @@ const LEEWAY_SECONDS: u64 = 10;
 const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// The most group slugs an access token carries, and the most bytes of them:
 /// with every other claim at its longest, a token stays well under
-/// [`MAX_TOKEN_LEN`], so every token identity issues is one it accepts. A
+/// `MAX_TOKEN_LEN`, so every token identity issues is one it accepts. A
 /// user in more groups gets the oldest ones (the order is the caller's: by
 /// group id) and the claim `groups_truncated: true`; VerifyToken answers
 /// with all of them.
@@ -53,19 +53,39 @@ impl Audience {
 /// The claims of an access token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccessClaims {
+    /// `iss`: who issued the token, `JWT_ISSUER`.
     pub iss: String,
+    /// `aud`: whom the token is for, `JWT_AUDIENCE`; issued as one string,
+    /// accepted as either form.
     pub aud: Audience,
+    /// `sub`: the user's id, a lowercase UUID.
     pub sub: String,
+    /// `exp`: expiry in Unix seconds, `iat` + `ACCESS_TOKEN_TTL`.
     pub exp: i64,
+    /// `iat`: issue time in Unix seconds.
     pub iat: i64,
+    /// `nbf`: not before, in Unix seconds; always `iat`.
     pub nbf: i64,
+    /// `jti`: the token's id, a new UUIDv7 per token. Its timestamp, to the
+    /// millisecond, dates the token against the last password change.
     pub jti: String,
+    /// `sid`: the session's id (a UUIDv7), the same across the session's
+    /// refreshes.
     pub sid: String,
+    /// `username`: the username as shown, not its case fold, at issue time.
     pub username: String,
+    /// `email`: the email as given, not its case fold, at issue time.
     pub email: String,
+    /// `is_superuser`: the flag at issue time.
     pub is_superuser: bool,
+    /// `is_active`: the flag at issue time; tokens are issued to active users
+    /// only, so it is always true.
     pub is_active: bool,
+    /// `is_verified`: the flag at issue time.
     pub is_verified: bool,
+    /// `groups`: the slugs of the user's groups at issue time, by group id;
+    /// at most [`MAX_GROUP_CLAIMS`] slugs, [`MAX_GROUP_CLAIM_BYTES`] bytes in
+    /// all.
     pub groups: Vec<String>,
     /// Present (and true) only when `groups` was cut to its bound.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -75,13 +95,22 @@ pub struct AccessClaims {
 /// The user facts an access token carries.
 #[derive(Debug, Clone)]
 pub struct Subject<'a> {
+    /// The user, the `sub` claim.
     pub user_id: Uuid,
+    /// The session the token belongs to, the `sid` claim.
     pub session_id: Uuid,
+    /// The username as shown, the `username` claim.
     pub username: &'a str,
+    /// The email as given, the `email` claim.
     pub email: &'a str,
+    /// The user's superuser flag now, the `is_superuser` claim.
     pub is_superuser: bool,
+    /// The user's active flag now, the `is_active` claim.
     pub is_active: bool,
+    /// The user's verified flag now, the `is_verified` claim.
     pub is_verified: bool,
+    /// The slugs of the user's groups, by group id; the token carries the
+    /// first that fit its bound.
     pub groups: Vec<String>,
 }
 

@@ -3,6 +3,11 @@
 //! cluster), called through the generated clients. Logs show only when
 //! `TEST_LOG` is set.
 
+// `pub` in a private module is how a test binary shares its helpers between
+// modules (and how `examples/verify_tokens/verifier.rs`, included here,
+// offers its API); nothing here is reachable from outside anyway.
+#![allow(unreachable_pub)]
+
 mod helpers;
 
 mod accounts;

@@ -12,12 +12,21 @@ use super::StartupError;
 const EMBEDDED_DATABASE: &str = "identity";
 
 /// Where the data is: a URL given, or the embedded cluster this process owns.
-#[derive(Debug)]
+/// Its `Debug` shows the URL without its password.
 pub struct Database {
     /// The connection URL.
     pub url: String,
     /// The embedded cluster, when this process started it.
     pub embedded: Option<EmbeddedPostgres>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database")
+            .field("url", &mask_password(&self.url))
+            .field("embedded", &self.embedded.is_some())
+            .finish()
+    }
 }
 
 impl Database {

@@ -1,6 +1,11 @@
 //! The embedded PostgreSQL cluster: what `identity serve` runs on when
 //! `DATABASE_URL` is unset, and what the test harness runs on.
 //!
+//! One concern, kept in one file although it passes 400 lines of code: the
+//! life of one cluster (lock, initdb, start, orphan and stale-pid recovery,
+//! file modes, stop) is one state machine over one folder, and split up it
+//! would scatter the order its steps must keep.
+//!
 //! The cluster lives in `DATA_DIR/pg` and listens only on a Unix socket in
 //! `DATA_DIR/run` (no TCP port). When the service runs as root, PostgreSQL
 //! (which refuses root) runs as the `postgres` user, and the folders it owns

@@ -319,8 +319,8 @@ pub async fn group_exists(conn: &mut AsyncPgConnection, id: Uuid) -> Result<bool
 }
 
 /// What a password check needs of a user: the row, its hash, and when the
-/// password last changed (what a session is started against).
-#[derive(Debug)]
+/// password last changed (what a session is started against). Its `Debug`
+/// leaves the hash out.
 pub struct Credentials {
     /// The user, as the rest of the service sees it.
     pub user: User,
@@ -329,6 +329,15 @@ pub struct Credentials {
     /// When the password was last set: [`super::sessions::start`] starts a
     /// session only while it is unchanged.
     pub password_changed_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password_changed_at", &self.password_changed_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a login needs of a user. A login name is a canonical username or

@@ -6,12 +6,13 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, Bool, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Array, Bool, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::Error;
 use super::prepared;
+use super::users::UserRow;
 use crate::domain::{Group, User};
 
 /// What a token check needs, read in one round trip: the user now, whether
@@ -30,28 +31,9 @@ pub struct Fresh {
 
 #[derive(Debug, QueryableByName)]
 struct FreshRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = Text)]
-    username: String,
-    #[diesel(sql_type = Text)]
-    email: String,
-    #[diesel(sql_type = Text)]
-    first_name: String,
-    #[diesel(sql_type = Text)]
-    last_name: String,
-    #[diesel(sql_type = Bool)]
-    is_superuser: bool,
-    #[diesel(sql_type = Bool)]
-    is_active: bool,
-    #[diesel(sql_type = Bool)]
-    is_verified: bool,
-    #[diesel(sql_type = Jsonb)]
-    attributes: serde_json::Value,
-    #[diesel(sql_type = Timestamptz)]
-    create_time: DateTime<Utc>,
-    #[diesel(sql_type = Timestamptz)]
-    update_time: DateTime<Utc>,
+    /// The user's columns, read by name like `users` rows everywhere.
+    #[diesel(embed)]
+    user: UserRow,
     #[diesel(sql_type = Timestamptz)]
     password_changed_at: DateTime<Utc>,
     #[diesel(sql_type = Bool)]
@@ -113,19 +95,7 @@ pub async fn fresh(
         };
         Fresh {
             groups: with_groups.then_some(groups),
-            user: User {
-                id: r.id,
-                username: r.username,
-                email: r.email,
-                first_name: r.first_name,
-                last_name: r.last_name,
-                is_superuser: r.is_superuser,
-                is_active: r.is_active,
-                is_verified: r.is_verified,
-                attributes: r.attributes,
-                create_time: r.create_time,
-                update_time: r.update_time,
-            },
+            user: r.user.into(),
             session_live: r.session_live,
             password_changed_at: r.password_changed_at,
         }

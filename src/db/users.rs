@@ -12,7 +12,7 @@ use super::schema::{group_members, login_names, users};
 use crate::domain::{PageRequest, User};
 
 /// A user's row, as read (never its hash); the service sees [`User`].
-#[derive(Debug, Clone, Queryable, Selectable)]
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = users, check_for_backend(diesel::pg::Pg))]
 pub(crate) struct UserRow {
     pub id: Uuid,

@@ -17,7 +17,6 @@ use crate::domain::EndReason;
 pub use super::fresh::{Fresh, fresh};
 
 /// A new session row.
-#[derive(Debug)]
 pub struct NewSessionRow<'a> {
     /// A new UUIDv7: the `sid` of the session's access tokens.
     pub id: Uuid,
@@ -27,6 +26,16 @@ pub struct NewSessionRow<'a> {
     pub refresh_hash: &'a [u8],
     /// When that refresh token expires (`REFRESH_TOKEN_TTL` after the login).
     pub refresh_expire_time: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for NewSessionRow<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The hash stays out.
+        f.debug_struct("NewSessionRow")
+            .field("id", &self.id)
+            .field("user_id", &self.user_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Starts a session, only if the user is still active and its password

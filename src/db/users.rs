@@ -29,7 +29,7 @@ pub(crate) struct UserRow {
 }
 
 /// A user about to be inserted.
-#[derive(Debug, Insertable)]
+#[derive(Insertable)]
 #[diesel(table_name = users)]
 pub struct NewUserRow<'a> {
     /// A new UUIDv7, or the id an import brought.
@@ -61,6 +61,16 @@ pub struct NewUserRow<'a> {
     pub search: &'a str,
     /// From the service's clock, like the `jti` of tokens it is compared with.
     pub password_changed_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for NewUserRow<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The hash stays out.
+        f.debug_struct("NewUserRow")
+            .field("id", &self.id)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 impl From<UserRow> for User {
@@ -377,23 +387,28 @@ pub async fn password_hash(
         .optional()?)
 }
 
-/// Sets a new hash (and records when) only if the stored one is still `old`;
-/// whether it was.
+/// Sets a new hash (and records when) only if the password is still the one
+/// set at `changed_at` (a rehash to current parameters does not count as a
+/// change); whether it was.
 pub async fn replace_password_hash(
     conn: &mut AsyncPgConnection,
     id: Uuid,
-    old: &str,
+    changed_at: DateTime<Utc>,
     new: &str,
 ) -> Result<bool, Error> {
     let now = Utc::now();
-    let n = diesel::update(users::table.find(id).filter(users::password_hash.eq(old)))
-        .set((
-            users::password_hash.eq(new),
-            users::password_changed_at.eq(now),
-            users::update_time.eq(now),
-        ))
-        .execute(conn)
-        .await?;
+    let n = diesel::update(
+        users::table
+            .find(id)
+            .filter(users::password_changed_at.eq(changed_at)),
+    )
+    .set((
+        users::password_hash.eq(new),
+        users::password_changed_at.eq(now),
+        users::update_time.eq(now),
+    ))
+    .execute(conn)
+    .await?;
     Ok(n > 0)
 }
 

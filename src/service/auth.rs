@@ -108,18 +108,28 @@ impl AuthService {
         password: &str,
     ) -> Result<(IssuedTokens, User), Error> {
         let canonical = login.canonical();
-        let mut conn = db::conn(&self.pool).await?;
-        let mut found = db::users::for_login(&mut conn, canonical).await?;
-        let key = match &found {
+        let key_of = |found: &Option<db::users::Credentials>| match found {
             Some(c) => user_key(c.user.id),
             None => hashed_key("login", canonical),
         };
-        let (lease, waited) = self.throttle.claim(conn, key).await?;
-        if waited {
-            // A password may have changed while this attempt waited.
-            let mut conn = db::conn(&self.pool).await?;
-            found = db::users::for_login(&mut conn, canonical).await?;
-        }
+        let mut conn = db::conn(&self.pool).await?;
+        let mut found = db::users::for_login(&mut conn, canonical).await?;
+        let lease = loop {
+            let key = key_of(&found);
+            let (lease, waited) = self.throttle.claim(conn, key.clone()).await?;
+            if !waited {
+                break lease;
+            }
+            // The password, or who the login names, may have changed while
+            // this attempt waited: read again, and claim again if the
+            // throttling key is another one now.
+            let mut again = db::conn(&self.pool).await?;
+            found = db::users::for_login(&mut again, canonical).await?;
+            if key_of(&found) == key {
+                break lease;
+            }
+            conn = again;
+        };
 
         // Dropped unsettled (an error here, or the call cancelled), the
         // lease counts nothing.
@@ -326,18 +336,17 @@ impl AuthService {
             .for_user(&[&forbidden[0], &forbidden[1]])
             .map_err(|e| Error::invalid("new_password", e))?;
         let mut conn = db::conn(&self.pool).await?;
-        let (stored, _) = db::users::password_hash(&mut conn, user.id)
+        let (stored, changed_at) = db::users::password_hash(&mut conn, user.id)
             .await?
             .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
         let (lease, waited) = self.throttle.claim(conn, user_key(user.id)).await?;
-        let stored = if waited {
+        let (stored, changed_at) = if waited {
             let mut conn = db::conn(&self.pool).await?;
             db::users::password_hash(&mut conn, user.id)
                 .await?
                 .ok_or(Error::InvalidToken(Reason::UserNotFound))?
-                .0
         } else {
-            stored
+            (stored, changed_at)
         };
         let matches = self.hasher.verify(current, Some(&stored)).await?;
         let mut conn = db::conn(&self.pool).await?;
@@ -352,9 +361,9 @@ impl AuthService {
         let (user_id, keep) = (user.id, caller.session_id);
         let ended = conn
             .transaction(async |conn| {
-                // Only over the hash just checked: a password set meanwhile
+                // Only over the password just checked: a password set meanwhile
                 // (SetPassword) is not silently overwritten.
-                if !db::users::replace_password_hash(conn, user_id, &stored, &hash).await? {
+                if !db::users::replace_password_hash(conn, user_id, changed_at, &hash).await? {
                     return Err(Error::InvalidCredentials);
                 }
                 super::password_changed(conn, user_id, Some(keep), EndReason::PasswordChanged).await

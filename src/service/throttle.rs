@@ -100,23 +100,15 @@ impl Throttle {
                 None => db::conn(&self.pool).await?,
             };
             match self.try_claim(conn, &key, id).await? {
-                Claim::Granted => {
-                    let lease = Lease {
-                        id,
-                        key,
-                        throttle: self.clone(),
-                        settled: false,
-                    };
-                    return Ok((lease, waited));
-                }
-                Claim::Locked(until) => {
+                Looked::Granted(lease) => return Ok((lease, waited)),
+                Looked::Locked(until) => {
                     tracing::info!("attempt refused: throttled");
                     return Err(super::throttled(
                         "too many failed logins; try again later",
                         until,
                     ));
                 }
-                Claim::Busy if started.elapsed() >= self.lease => {
+                Looked::Busy if started.elapsed() >= self.lease => {
                     // Leases that never end: a replica died mid-check, or the
                     // clocks disagree. Refuse rather than wait for ever.
                     return Err(super::throttled(
@@ -124,7 +116,7 @@ impl Throttle {
                         chrono::Utc::now() + chrono::Duration::seconds(1),
                     ));
                 }
-                Claim::Busy => {
+                Looked::Busy => {
                     waited = true;
                     tokio::select! {
                         () = &mut ended => {}
@@ -137,21 +129,41 @@ impl Throttle {
     }
 
     /// One look at `key`, taking lease `id` if there is room. The statement
-    /// runs in a task of its own, so that a call cancelled meanwhile cannot
-    /// leave a lease behind that nothing gives back: if nobody awaits the
-    /// answer any more, the task gives a granted lease back itself.
-    async fn try_claim(&self, mut conn: db::Conn, key: &str, id: Uuid) -> Result<Claim, Error> {
+    /// runs in a task of its own, and a granted lease is made a [`Lease`]
+    /// there, before it is handed over: wherever the call is cancelled (while
+    /// the statement runs, or after the answer is sent and before it is
+    /// read), the `Lease` is dropped unsettled and gives itself back. A
+    /// statement that failed may still have committed (a connection lost
+    /// after the commit): its lease is given back too.
+    async fn try_claim(&self, mut conn: db::Conn, key: &str, id: Uuid) -> Result<Looked, Error> {
         let (answer, asked) = tokio::sync::oneshot::channel();
         let (key, lease) = (key.to_owned(), self.lease.as_secs_f64());
         let throttle = self.clone();
         tokio::spawn(async move {
-            let claim = db::throttle::claim(&mut conn, &key, id, FREE_FAILURES, lease).await;
-            if let Err(Ok(Claim::Granted)) = answer.send(claim) {
-                if let Err(e) = db::throttle::release(&mut conn, id).await {
-                    tracing::warn!(error = %e, "a login lease stays until it expires");
+            let looked = match db::throttle::claim(&mut conn, &key, id, FREE_FAILURES, lease).await
+            {
+                Ok(Claim::Granted) => Ok(Looked::Granted(Lease {
+                    id,
+                    key,
+                    throttle,
+                    settled: false,
+                })),
+                Ok(Claim::Busy) => Ok(Looked::Busy),
+                Ok(Claim::Locked(until)) => Ok(Looked::Locked(until)),
+                Err(e) => {
+                    drop(conn);
+                    drop(Lease {
+                        id,
+                        key,
+                        throttle,
+                        settled: false,
+                    });
+                    Err(e)
                 }
-                throttle.wake();
-            }
+            };
+            // Nobody waits any more: a granted lease is dropped here, and
+            // gives itself back.
+            let _ = answer.send(looked);
         });
         Ok(asked
             .await
@@ -162,6 +174,17 @@ impl Throttle {
     fn wake(&self) {
         self.ended.notify_waiters();
     }
+}
+
+/// What one look at a key found.
+#[derive(Debug)]
+enum Looked {
+    /// Room: the lease to check a password with.
+    Granted(Lease),
+    /// The checks under way fill the budget.
+    Busy,
+    /// Locked until then.
+    Locked(chrono::DateTime<chrono::Utc>),
 }
 
 /// The right to check one password on one key. Settle it with

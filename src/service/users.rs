@@ -97,7 +97,6 @@ pub struct UserUpdate {
 
 /// A user to create, whatever asks for it (CreateUser, `createsuperuser`,
 /// an import): the fields, checked, and the password's hash.
-#[derive(Debug)]
 pub(crate) struct Account<'a> {
     pub id: Uuid,
     pub username: &'a Username,
@@ -109,6 +108,16 @@ pub(crate) struct Account<'a> {
     pub is_active: bool,
     pub is_verified: bool,
     pub attributes: serde_json::Value,
+}
+
+impl std::fmt::Debug for Account<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The hash stays out.
+        f.debug_struct("Account")
+            .field("id", &self.id)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The one path that creates users: inserts the row (with its canonical

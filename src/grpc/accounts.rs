@@ -95,7 +95,7 @@ impl pb::account_service_server::AccountService for AccountsGrpc {
         let password = v.check("new_password", NewPassword::parse(&req.new_password));
         v.finish()?;
         let (Some(token), Some(password)) = (token, password) else {
-            return Err(Error::internal("a checked field is missing").into());
+            return Err(Error::internal("a field failed validation without a violation").into());
         };
         self.accounts.reset_password(&token, password).await?;
         Ok(Response::new(pb::ResetPasswordResponse {}))

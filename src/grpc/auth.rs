@@ -134,7 +134,7 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         let new = v.check("new_password", NewPassword::parse(&req.new_password));
         v.finish()?;
         let Some(new) = new else {
-            return Err(Error::internal("a checked field is missing").into());
+            return Err(Error::internal("a field failed validation without a violation").into());
         };
         self.auth
             .change_password(caller, &req.current_password, new)

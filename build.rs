@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "identity/v1/group.proto",
     "identity/v1/auth.proto",
     "identity/v1/account.proto",
+    "identity/v1/change.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

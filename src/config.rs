@@ -227,6 +227,18 @@ pub struct Config {
           default_value = "60s", value_parser = parse_ttl)]
     pub keys_reload_interval: Duration,
 
+    /// How long the change feed keeps changes (the audit trail); a cursor
+    /// older than this is refused with CURSOR_EXPIRED. Purged hourly.
+    #[arg(long, env = "CHANGES_RETENTION", value_name = "CHANGES_RETENTION",
+          default_value = "7d", value_parser = parse_ttl)]
+    pub changes_retention: Duration,
+
+    /// The longest a WatchChanges stream goes without a response: when
+    /// nothing changes, a heartbeat with the current cursor.
+    #[arg(long, env = "CHANGES_HEARTBEAT", value_name = "CHANGES_HEARTBEAT",
+          default_value = "10s", value_parser = parse_heartbeat)]
+    pub changes_heartbeat: Duration,
+
     /// Folder of the PostgreSQL server binaries for the embedded cluster
     /// (default: found on PATH or under /usr/lib/postgresql/*/bin).
     #[arg(long, env = "PG_BIN_DIR", value_name = "PG_BIN_DIR")]
@@ -363,6 +375,15 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("expected a duration such as 10s or 500ms ({e})"))?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+        return Err("must be from 100ms to 1h".into());
+    }
+    Ok(d)
+}
+
 fn parse_delay(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("expected a duration such as 0s or 6m ({e})"))?;
@@ -412,6 +433,8 @@ mod tests {
         assert_eq!(c.listen_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(c.pool_size() as usize, 2 * c.worker_threads());
         assert_eq!(c.max_streams, 1024);
+        assert_eq!(c.changes_retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.changes_heartbeat, Duration::from_secs(10));
         assert_eq!(c.http2_max_concurrent_streams, 200);
     }
 

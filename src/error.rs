@@ -172,6 +172,8 @@ pub enum Reason {
     EmailNotVerified,
     /// A unique field's value is taken (ALREADY_EXISTS).
     FieldTaken,
+    /// A change feed cursor older than `CHANGES_RETENTION`.
+    CursorExpired,
 }
 
 impl Reason {
@@ -195,6 +197,7 @@ impl Reason {
             Reason::AccountTokenExpired => "ACCOUNT_TOKEN_EXPIRED",
             Reason::EmailNotVerified => "EMAIL_NOT_VERIFIED",
             Reason::FieldTaken => "FIELD_TAKEN",
+            Reason::CursorExpired => "CURSOR_EXPIRED",
         }
     }
 }
@@ -431,6 +434,7 @@ mod tests {
             (Reason::AccountTokenExpired, "ACCOUNT_TOKEN_EXPIRED"),
             (Reason::EmailNotVerified, "EMAIL_NOT_VERIFIED"),
             (Reason::FieldTaken, "FIELD_TAKEN"),
+            (Reason::CursorExpired, "CURSOR_EXPIRED"),
         ];
         for (reason, wire) in all {
             assert_eq!(reason.as_str(), wire);

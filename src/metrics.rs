@@ -99,6 +99,7 @@ impl Metrics {
         db_pool: Pool,
         hasher: Hasher,
         streams: StreamLimit,
+        feed: &crate::service::changes::FeedMetrics,
     ) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
@@ -139,6 +140,9 @@ impl Metrics {
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(hash_queue.clone()))?;
+        for collector in feed.collectors() {
+            registry.register(collector)?;
+        }
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;

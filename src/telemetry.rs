@@ -130,6 +130,11 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// A call's request id, in its request's extensions for the layers and
+/// handlers inside (the change feed records it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
 /// Gives every call a request id (echoed in `x-request-id`), a tracing span
 /// with the RPC and that id, and a Sentry hub of its own tagged with both,
 /// so that whatever the call reports says which call it was.
@@ -168,10 +173,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         use sentry::SentryFutureExt;
         use tracing::Instrument;
         let id = request_id(request.headers());
+        request.extensions_mut().insert(RequestId(id.clone()));
         let rpc = request.uri().path().to_owned();
         let span = tracing::info_span!("rpc", rpc = %rpc, request_id = %id);
         let hub = Arc::new(sentry::Hub::new_from_top(sentry::Hub::main()));

@@ -9,10 +9,11 @@ use crate::error::Error;
 
 /// Deletes, every hour, what no check needs any more: sessions ended or
 /// expired a week ago (with their retired refresh tokens) and throttling
-/// rows idle for a day. Every replica may run it; the deletes are idempotent.
+/// rows idle for a day, and changes older than `CHANGES_RETENTION`. Every replica may run it; the deletes are idempotent.
 pub(super) async fn purge_old_rows(
     pool: Pool,
     refresh_ttl: Duration,
+    changes_retention: Duration,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     const EVERY: Duration = Duration::from_secs(3600);
@@ -30,7 +31,9 @@ pub(super) async fn purge_old_rows(
             let ttl = chrono::Duration::from_std(refresh_ttl).unwrap_or(chrono::Duration::days(30));
             let retired = db::sessions::purge_retired(&mut conn, ttl).await?;
             let tokens = db::accounts::purge(&mut conn).await?;
-            Ok::<_, Error>((sessions + retired + tokens, failures))
+            drop(conn);
+            let changes = crate::service::changes::purge(&pool, changes_retention).await?;
+            Ok::<_, Error>((sessions + retired + tokens + changes, failures))
         }
         .await;
         match result {

@@ -12,6 +12,7 @@ use super::KeysSource;
 /// verifies, and a key removed from it stops verifying.
 pub(super) async fn reload_keys(
     source: KeysSource,
+    pool: crate::db::Pool,
     tokens: TokenIssuer,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -48,10 +49,24 @@ pub(super) async fn reload_keys(
                 let count = keys.keys().len();
                 if tokens.replace_keys(keys) {
                     tracing::info!(signing_kid = %signing, keys = count, "keys reloaded");
+                    record_keys_changed(&pool).await;
                 }
             }
             Ok(Err(e)) => tracing::error!(error = %e, "keys not reloaded; the current ones stay"),
             Err(e) => tracing::error!(error = %e, "keys not reloaded"),
         }
+    }
+}
+
+/// Records KEYS_CHANGED in the change feed, so that verifiers re-read the
+/// public keys; a failure is logged (the keys are in use all the same).
+async fn record_keys_changed(pool: &crate::db::Pool) {
+    let result = async {
+        let mut conn = crate::db::conn(pool).await?;
+        crate::db::changes::record_keys_changed(&mut conn).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "the key change was not recorded in the change feed");
     }
 }

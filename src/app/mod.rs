@@ -28,11 +28,11 @@ use tonic_health::ServingStatus;
 use crate::config::Config;
 use crate::db::{self, Pool, embedded::EmbeddedError};
 use crate::error::Error;
-use crate::grpc::{AccountsGrpc, AuthGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
+use crate::grpc::{AccountsGrpc, AuthGrpc, ChangesGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
 use crate::hashing::Hasher;
 use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};
 use crate::proto::{self, identity::v1 as pb};
-use crate::service::{AccountService, AuthService, GroupService, UserService};
+use crate::service::{AccountService, AuthService, ChangeService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
 
 use health::{Prober, report_database, service_names, watch_database};
@@ -78,6 +78,7 @@ pub struct Application {
     accounts: AccountService,
     auth: AuthService,
     groups: GroupService,
+    changes: ChangeService,
     registration_open: bool,
     limits: Limits,
     keys: KeysSource,
@@ -98,6 +99,7 @@ struct KeysSource {
 /// The limits of [`crate::limits`], from the configuration.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
+    changes_retention: Duration,
     refresh_ttl: Duration,
     request_timeout: Duration,
     shutdown_grace: Duration,
@@ -156,8 +158,16 @@ impl Application {
             config.access_token_ttl,
         );
         let streams = StreamLimit::new(config.max_streams as usize);
-        let metrics = crate::metrics::Metrics::new(pool.clone(), hasher.clone(), streams.clone())
+        let feed_metrics = crate::service::changes::FeedMetrics::new()
             .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
+        let metrics = crate::metrics::Metrics::new(
+            pool.clone(),
+            hasher.clone(),
+            streams.clone(),
+            &feed_metrics,
+        )
+        .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
+        let changes = ChangeService::new(pool.clone(), config.changes_heartbeat, feed_metrics);
         let users = UserService::new(pool.clone(), hasher.clone());
         let accounts = AccountService::new(
             pool.clone(),
@@ -202,6 +212,7 @@ impl Application {
             accounts,
             auth,
             groups,
+            changes,
             registration_open: config.allow_registration,
             metrics,
             streams,
@@ -213,6 +224,7 @@ impl Application {
                 interval: config.keys_reload_interval,
             },
             limits: Limits {
+                changes_retention: config.changes_retention,
                 refresh_ttl: config.refresh_token_ttl,
                 request_timeout: config.request_timeout,
                 shutdown_grace: config.shutdown_grace,
@@ -253,10 +265,17 @@ impl Application {
         let janitor = tokio::spawn(purge_old_rows(
             self.pool.clone(),
             self.limits.refresh_ttl,
+            self.limits.changes_retention,
             health_stopped.clone(),
         ));
+        let listener = tokio::spawn(
+            self.changes
+                .clone()
+                .listen(self.database.url.clone(), health_stopped.clone()),
+        );
         let reloader = tokio::spawn(reload_keys(
             self.keys.clone(),
+            self.pool.clone(),
             self.auth.tokens().clone(),
             health_stopped.clone(),
         ));
@@ -279,6 +298,9 @@ impl Application {
             ))
             .add_service(pb::account_service_server::AccountServiceServer::new(
                 AccountsGrpc::new(self.accounts),
+            ))
+            .add_service(pb::change_service_server::ChangeServiceServer::new(
+                ChangesGrpc::new(self.changes),
             ));
         let http = crate::http::routes(self.auth.tokens().clone(), self.metrics.clone());
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
@@ -354,6 +376,7 @@ impl Application {
         let _ = watcher.await;
         let _ = reloader.await;
         let _ = janitor.await;
+        let _ = listener.await;
         drop(self.pool);
         self.database.close().await?;
         result?;

@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod changes;
 pub mod embedded;
 mod error;
 mod fresh;

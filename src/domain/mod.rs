@@ -2,6 +2,7 @@
 //! a value of a type here has passed its rules, so later layers need not
 //! check again.
 
+pub mod change;
 pub mod group;
 pub mod page;
 pub mod session;
@@ -9,6 +10,7 @@ pub mod text;
 pub mod user;
 pub mod violation;
 
+pub use change::{Change, ChangeKind, Cursor};
 pub use group::{Group, Groupname, Slug};
 pub use page::{PageRequest, Pager};
 pub use session::EndReason;

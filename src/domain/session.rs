@@ -13,6 +13,8 @@ pub enum EndReason {
     PasswordReset,
     /// A retired refresh token was presented again.
     RefreshReused,
+    /// EndSession by a superuser (its own user ending it is a Logout).
+    EndedByAdmin,
 }
 
 impl EndReason {
@@ -24,6 +26,38 @@ impl EndReason {
             EndReason::PasswordSet => "password_set",
             EndReason::PasswordReset => "password_reset",
             EndReason::RefreshReused => "refresh_token_reused",
+            EndReason::EndedByAdmin => "ended_by_admin",
         }
+    }
+
+    /// The name clients see (`Session.end_reason`, `Change.end_reason`) for
+    /// a stored reason: LOGOUT, PASSWORD_CHANGED, PASSWORD_SET,
+    /// PASSWORD_RESET, REUSE_DETECTED, ENDED_BY_ADMIN, USER_DELETED (a live
+    /// session deleted with its user), or the stored text in capitals (a
+    /// reason written by hand in SQL).
+    pub fn wire_name(stored: &str) -> String {
+        match stored {
+            "refresh_token_reused" => "REUSE_DETECTED".to_owned(),
+            other => other.to_ascii_uppercase(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EndReason;
+
+    #[test]
+    fn reasons_have_their_wire_names() {
+        assert_eq!(EndReason::wire_name(EndReason::Logout.as_str()), "LOGOUT");
+        assert_eq!(
+            EndReason::wire_name(EndReason::RefreshReused.as_str()),
+            "REUSE_DETECTED"
+        );
+        assert_eq!(
+            EndReason::wire_name(EndReason::EndedByAdmin.as_str()),
+            "ENDED_BY_ADMIN"
+        );
+        assert_eq!(EndReason::wire_name("user_deleted"), "USER_DELETED");
     }
 }

@@ -107,7 +107,9 @@ fn table(path: &str) -> Option<Access> {
         | "/identity.v1.AuthService/ChangePassword"
         | "/identity.v1.GroupService/GetGroup"
         | "/identity.v1.GroupService/ListGroups"
-        | "/identity.v1.GroupService/ListUserGroups" => SignedIn,
+        | "/identity.v1.GroupService/ListUserGroups"
+        | "/identity.v1.AuthService/ListSessions"
+        | "/identity.v1.AuthService/EndSession" => SignedIn,
         "/identity.v1.UserService/ListUsers"
         | "/identity.v1.UserService/DeleteUser"
         | "/identity.v1.UserService/SetPassword"
@@ -118,7 +120,9 @@ fn table(path: &str) -> Option<Access> {
         | "/identity.v1.GroupService/ListGroupMembers"
         | "/identity.v1.AccountService/IssueVerificationToken"
         | "/identity.v1.AccountService/RequestPasswordReset"
-        | "/identity.v1.AccountService/ImportUsers" => Superuser,
+        | "/identity.v1.AccountService/ImportUsers"
+        | "/identity.v1.ChangeService/WatchChanges"
+        | "/identity.v1.ChangeService/ListChanges" => Superuser,
         _ => return None,
     })
 }
@@ -261,8 +265,22 @@ where
             if !allowed {
                 return Ok(refuse(caller.refusal()));
             }
+            // Every change the call makes is recorded as made by the
+            // caller, through this RPC, under this request id.
+            let origin = crate::db::changes::Origin {
+                actor_id: match &caller {
+                    Caller::User(user) => Some(user.user.id),
+                    Caller::Anonymous => None,
+                },
+                rpc: request.uri().path().to_owned(),
+                request_id: request
+                    .extensions()
+                    .get::<crate::telemetry::RequestId>()
+                    .map(|id| id.0.clone())
+                    .unwrap_or_default(),
+            };
             request.extensions_mut().insert(caller);
-            inner.call(request).await
+            crate::service::audit::within(origin, inner.call(request)).await
         })
     }
 }

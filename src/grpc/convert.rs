@@ -33,6 +33,15 @@ pub fn parse_optional_id(field: &str, value: &str) -> Result<Option<Uuid>, Error
     }
 }
 
+/// The description of a single-field INVALID_ARGUMENT, to collect it with
+/// others in one [`crate::error::Violations`].
+pub fn describe(e: Error) -> String {
+    match e {
+        Error::InvalidArgument(mut v) => v.pop().map(|f| f.description).unwrap_or_default(),
+        other => other.to_string(),
+    }
+}
+
 /// A protobuf timestamp.
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::authz::{self, Caller};
-use super::convert::parse_id;
+use super::convert::{describe, parse_id};
 use crate::domain::{
     Groupname, Pager, Slug,
     text::{self, fold, nfkc_trimmed, no_control},
@@ -49,14 +49,6 @@ fn parse_ids(group_id: &str, user_id: &str) -> Result<(uuid::Uuid, uuid::Uuid), 
     group
         .zip(user)
         .ok_or_else(|| Error::internal("ids failed without a violation"))
-}
-
-/// The description of a single-field INVALID_ARGUMENT.
-fn describe(e: Error) -> String {
-    match e {
-        Error::InvalidArgument(mut v) => v.pop().map(|f| f.description).unwrap_or_default(),
-        other => other.to_string(),
-    }
 }
 
 #[tonic::async_trait]

@@ -4,11 +4,13 @@
 pub mod accounts;
 pub mod auth;
 pub mod authz;
+pub mod changes;
 pub mod convert;
 pub mod groups;
 pub mod users;
 
 pub use accounts::AccountsGrpc;
 pub use auth::AuthGrpc;
+pub use changes::ChangesGrpc;
 pub use groups::GroupsGrpc;
 pub use users::UsersGrpc;

@@ -2,7 +2,9 @@
 //! transaction; the `db` functions it calls only query.
 
 pub mod accounts;
+pub mod audit;
 pub mod auth;
+pub mod changes;
 mod errors;
 pub mod groups;
 pub mod import;
@@ -15,6 +17,7 @@ pub mod verify;
 pub use crate::db::Page;
 pub use accounts::AccountService;
 pub use auth::AuthService;
+pub use changes::ChangeService;
 pub use groups::GroupService;
 pub use users::UserService;
 

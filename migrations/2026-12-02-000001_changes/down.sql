@@ -1,0 +1,17 @@
+DROP TRIGGER group_members_changed ON group_members;
+DROP FUNCTION identity_members_changed();
+DROP TRIGGER groups_changed ON groups;
+DROP FUNCTION identity_groups_changed();
+DROP TRIGGER sessions_deleted ON sessions;
+DROP TRIGGER sessions_ended ON sessions;
+DROP TRIGGER sessions_started ON sessions;
+DROP FUNCTION identity_sessions_changed();
+DROP TRIGGER users_updated ON users;
+DROP TRIGGER users_changed ON users;
+DROP FUNCTION identity_users_changed();
+DROP FUNCTION identity_record_change(smallint, uuid, uuid, uuid, text[], text);
+DROP TABLE changes;
+DROP FUNCTION identity_change_commit();
+DROP SEQUENCE changes_seq;
+DROP TABLE change_commits;
+DROP TABLE change_clock;

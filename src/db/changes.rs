@@ -1,0 +1,249 @@
+//! The change feed's queries (the triggers that write it are in
+//! `migrations/*_changes/up.sql`): the transaction that tells the triggers
+//! who is acting, the read after a cursor, the purge, and the listening
+//! connection that hears of new commits.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{
+    Array, BigInt, Int2, Nullable, SmallInt, Text, Timestamptz, Uuid as SqlUuid,
+};
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, RunQueryDsl, TransactionManager};
+use uuid::Uuid;
+
+use super::{Error, prepared};
+use crate::domain::{Change, ChangeKind, Cursor};
+
+/// The channel the commit trigger notifies, with the new position.
+pub const CHANNEL: &str = "identity_changes";
+
+/// Who makes the changes of a transaction: what the triggers record as
+/// `actor_id`, `rpc` and `request_id`. Empty for SQL typed by hand.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The user acting, if known.
+    pub actor_id: Option<Uuid>,
+    /// The RPC (`/identity.v1.UserService/UpdateUser`) or command.
+    pub rpc: String,
+    /// The call's request id.
+    pub request_id: String,
+}
+
+impl Origin {
+    /// `BEGIN` and the transaction-local settings in one round trip (a
+    /// simple-protocol batch, so no binds: every value is reduced to the
+    /// characters a path or request id may have, and quoted).
+    fn begin_sql(&self) -> String {
+        fn literal(s: &str) -> String {
+            let kept: String = s
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || "-_.:/ ".contains(*c))
+                .take(256)
+                .collect();
+            format!("'{kept}'")
+        }
+        let actor = self.actor_id.map(|u| u.to_string()).unwrap_or_default();
+        format!(
+            "BEGIN; SELECT set_config('identity.actor_id', {}, true), \
+             set_config('identity.rpc', {}, true), set_config('identity.request_id', {}, true)",
+            literal(&actor),
+            literal(&self.rpc),
+            literal(&self.request_id),
+        )
+    }
+}
+
+/// Runs `f` in a transaction whose changes are recorded as made by
+/// `origin`; commits when `f` succeeds, rolls back when it fails. Costs no
+/// round trip beyond diesel's own `BEGIN` and `COMMIT`.
+pub async fn transaction<T, E, F>(
+    conn: &mut AsyncPgConnection,
+    origin: &Origin,
+    f: F,
+) -> Result<T, E>
+where
+    F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    AnsiTransactionManager::begin_transaction_sql(conn, &origin.begin_sql()).await?;
+    match f(conn).await {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn).await?;
+            Ok(value)
+        }
+        Err(e) => match AnsiTransactionManager::rollback_transaction(conn).await {
+            Ok(()) | Err(diesel::result::Error::BrokenTransactionManager) => Err(e),
+            Err(rollback) => Err(rollback.into()),
+        },
+    }
+}
+
+/// A filter over the feed; `None` (or empty kinds) lets everything through.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only these kinds.
+    pub kinds: Vec<ChangeKind>,
+    /// Only changes of this user.
+    pub user_id: Option<Uuid>,
+    /// Only changes made by this user.
+    pub actor_id: Option<Uuid>,
+}
+
+/// One read of the feed.
+#[derive(Debug)]
+pub struct Read {
+    /// The changes after the cursor, in commit order.
+    pub changes: Vec<Change>,
+    /// The last position filed when the read was made.
+    pub head: i64,
+    /// Every position up to this one has been purged.
+    pub purged_through: i64,
+}
+
+#[derive(Debug, QueryableByName)]
+struct ReadRow {
+    #[diesel(sql_type = BigInt)]
+    head: i64,
+    #[diesel(sql_type = BigInt)]
+    purged_through: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    position: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    commit_time: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<SmallInt>)]
+    kind: Option<i16>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    user_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    session_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    group_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    api_key_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    actor_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Text>)]
+    rpc: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    request_id: Option<String>,
+    #[diesel(sql_type = Nullable<Array<Text>>)]
+    fields: Option<Vec<String>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    end_reason: Option<String>,
+}
+
+impl ReadRow {
+    fn change(self) -> Option<Change> {
+        Some(Change {
+            cursor: Cursor {
+                position: self.position?,
+                seq: self.seq?,
+            },
+            commit_time: self.commit_time?,
+            // A number no kind has (written by hand) is skipped.
+            kind: ChangeKind::from_number(i32::from(self.kind?))?,
+            user_id: self.user_id,
+            session_id: self.session_id,
+            group_id: self.group_id,
+            api_key_id: self.api_key_id,
+            actor_id: self.actor_id,
+            rpc: self.rpc.unwrap_or_default(),
+            request_id: self.request_id.unwrap_or_default(),
+            fields: self.fields.unwrap_or_default(),
+            end_reason: self.end_reason.unwrap_or_default(),
+        })
+    }
+}
+
+struct ReadSql;
+
+/// At most `limit` changes after `after` that pass `filter`, with the head
+/// and the purge mark of the same snapshot.
+pub async fn read(
+    conn: &mut AsyncPgConnection,
+    after: Cursor,
+    filter: &Filter,
+    limit: i64,
+) -> Result<Read, Error> {
+    let kinds: Option<Vec<i16>> =
+        (!filter.kinds.is_empty()).then(|| filter.kinds.iter().map(|k| *k as i16).collect());
+    let rows: Vec<ReadRow> = prepared::<ReadSql, _>(
+        diesel::sql_query(include_str!("sql/changes_read.sql"))
+            .bind::<BigInt, _>(after.position)
+            .bind::<BigInt, _>(after.seq)
+            .bind::<Nullable<Array<Int2>>, _>(kinds)
+            .bind::<Nullable<SqlUuid>, _>(filter.user_id)
+            .bind::<Nullable<SqlUuid>, _>(filter.actor_id)
+            .bind::<BigInt, _>(limit),
+    )
+    .load(conn)
+    .await?;
+    let (head, purged_through) = rows
+        .iter()
+        .next()
+        .map(|r| (r.head, r.purged_through))
+        .unwrap_or_default();
+    Ok(Read {
+        changes: rows.into_iter().filter_map(ReadRow::change).collect(),
+        head,
+        purged_through,
+    })
+}
+
+/// Deletes the changes committed before `before`, whole commits at a time,
+/// and moves the purge mark past them; returns how many changes went.
+pub async fn purge(conn: &mut AsyncPgConnection, before: DateTime<Utc>) -> Result<usize, Error> {
+    let deleted: Vec<CountRow> = diesel::sql_query(
+        "WITH gone AS ( \
+             DELETE FROM change_commits \
+             WHERE position <= (SELECT max(position) FROM change_commits WHERE commit_time < $1) \
+             RETURNING position, xid), \
+         removed AS (DELETE FROM changes WHERE xid IN (SELECT xid FROM gone) RETURNING 1), \
+         marked AS ( \
+             UPDATE change_clock SET purged_through = GREATEST(purged_through, \
+                 (SELECT max(position) FROM gone)) \
+             WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1) \
+         SELECT (SELECT count(*) FROM removed) AS n, (SELECT count(*) FROM marked) AS m",
+    )
+    .bind::<Timestamptz, _>(before)
+    .load(conn)
+    .await?;
+    Ok(deleted.iter().next().map_or(0, |r| r.n as usize))
+}
+
+#[derive(Debug, QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+    #[diesel(sql_type = BigInt)]
+    #[allow(dead_code)]
+    m: i64,
+}
+
+/// Records that this replica's set of signing keys changed.
+pub async fn record_keys_changed(conn: &mut AsyncPgConnection) -> Result<(), Error> {
+    diesel::sql_query("SELECT identity_record_change($1, NULL, NULL, NULL)")
+        .bind::<SmallInt, _>(ChangeKind::KeysChanged as i16)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A connection of its own that listens on [`CHANNEL`].
+pub async fn listen(database_url: &str) -> Result<AsyncPgConnection, Error> {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let mut conn = AsyncPgConnection::establish(database_url)
+        .await
+        .map_err(|e| Error::Unavailable(Box::new(e)))?;
+    conn.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    Ok(conn)
+}
+
+/// A round trip, to learn that a connection still answers.
+pub async fn ping(conn: &mut AsyncPgConnection) -> Result<(), Error> {
+    use diesel_async::SimpleAsyncConnection;
+    conn.batch_execute("SELECT 1").await?;
+    Ok(())
+}

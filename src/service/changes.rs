@@ -1,0 +1,444 @@
+//! The change feed's readers: ListChanges (the audit trail, paged by
+//! cursor), WatchChanges (a stream that follows the feed as it commits),
+//! the listener that wakes the watchers when any replica commits a change,
+//! and the hourly purge of changes older than `CHANGES_RETENTION`.
+//!
+//! The feed is ordered and gap-free by construction (the commit clock of
+//! `migrations/*_changes/up.sql`, see docs/changes.md), so a reader needs no
+//! more than "everything after my cursor": every read here is one
+//! statement, which also returns the head of the feed in the same snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::db::{self, Pool, changes::Filter};
+use crate::domain::{Change, ChangeKind, Cursor};
+use crate::error::{Error, Reason};
+use futures::Stream;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The most changes in one ListChanges page.
+pub const MAX_PAGE: i64 = 1000;
+/// The page size when none is asked for.
+pub const DEFAULT_PAGE: i64 = 100;
+/// The most changes in one WatchChanges response.
+const BATCH: i64 = 500;
+/// How often a watcher reads the feed while no listener is connected.
+const SLOW_POLL: Duration = Duration::from_millis(500);
+/// How often the listener checks that its connection still answers.
+const LISTENER_PING: Duration = Duration::from_secs(5);
+
+/// The feed's metrics, registered with the others by [`crate::metrics`].
+#[derive(Clone, Debug)]
+pub struct FeedMetrics {
+    /// WatchChanges streams open now.
+    pub watchers: IntGauge,
+    /// Commits filed in the feed (on any replica), as heard by this one.
+    pub commits: IntCounter,
+    /// Changes sent to watchers, by kind.
+    pub delivered: IntCounterVec,
+    /// From a change's commit to its sending to a watcher.
+    pub delay: Histogram,
+    /// How far the slowest open stream is behind the head, in commits.
+    pub lag: IntGauge,
+}
+
+impl FeedMetrics {
+    /// Creates the collectors (unregistered).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            watchers: IntGauge::new("identity_change_streams", "WatchChanges streams open now.")?,
+            commits: IntCounter::new(
+                "identity_changes_written_total",
+                "Transactions filed in the change feed by any replica, as this replica heard them.",
+            )?,
+            delivered: IntCounterVec::new(
+                Opts::new(
+                    "identity_changes_delivered_total",
+                    "Changes sent to WatchChanges streams, by kind.",
+                ),
+                &["kind"],
+            )?,
+            delay: Histogram::with_opts(
+                HistogramOpts::new(
+                    "identity_change_delivery_seconds",
+                    "From a change's commit to its sending on a WatchChanges stream.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )?,
+            lag: IntGauge::new(
+                "identity_change_stream_lag",
+                "Commits between the head of the feed and the slowest open WatchChanges stream.",
+            )?,
+        })
+    }
+
+    /// Every collector, for registration.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.watchers.clone()),
+            Box::new(self.commits.clone()),
+            Box::new(self.delivered.clone()),
+            Box::new(self.delay.clone()),
+            Box::new(self.lag.clone()),
+        ]
+    }
+}
+
+/// What the listener tells the watchers: bumped on every commit heard, and
+/// whether it is connected (when not, watchers poll).
+#[derive(Debug, Clone, Copy, Default)]
+struct Heard {
+    commits: u64,
+    listening: bool,
+}
+
+/// ListChanges and WatchChanges.
+#[derive(Clone)]
+pub struct ChangeService {
+    pool: Pool,
+    heartbeat: Duration,
+    heard: watch::Receiver<Heard>,
+    heard_tx: Arc<watch::Sender<Heard>>,
+    metrics: FeedMetrics,
+    lags: Arc<std::sync::Mutex<std::collections::HashMap<u64, i64>>>,
+    next_stream: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for ChangeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeService")
+            .field("heartbeat", &self.heartbeat)
+            .field("heard", &*self.heard.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One page of ListChanges, or one response of WatchChanges.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The changes, in commit order.
+    pub changes: Vec<Change>,
+    /// Where the reader stands after them.
+    pub cursor: Cursor,
+}
+
+impl ChangeService {
+    /// Reads from `pool`; a watcher hears from the feed at least every
+    /// `heartbeat`.
+    pub fn new(pool: Pool, heartbeat: Duration, metrics: FeedMetrics) -> Self {
+        let (tx, rx) = watch::channel(Heard::default());
+        Self {
+            pool,
+            heartbeat,
+            heard: rx,
+            heard_tx: Arc::new(tx),
+            metrics,
+            lags: Arc::default(),
+            next_stream: Arc::default(),
+        }
+    }
+
+    /// ListChanges: at most `page_size` changes after `after` (none: the
+    /// oldest kept) that pass `filter`, and the cursor to go on from.
+    pub async fn list(
+        &self,
+        after: Option<Cursor>,
+        filter: &Filter,
+        page_size: i64,
+    ) -> Result<Batch, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        let start = after.unwrap_or(Cursor::after_commit(0));
+        let read = db::changes::read(&mut conn, start, filter, page_size).await?;
+        let start = match after {
+            Some(cursor) => {
+                check_cursor(cursor, &read)?;
+                cursor
+            }
+            None => start,
+        };
+        Ok(advance(start, read, page_size))
+    }
+
+    /// WatchChanges: a stream of batches after `after` (none: from now)
+    /// that pass `kinds`. Its first response comes at once (the changes
+    /// already after `after`, or a heartbeat); after that a response comes
+    /// whenever changes commit, or a heartbeat at least every `heartbeat`.
+    /// The stream reads the database only when polled, so a consumer that
+    /// does not read makes the server read (and buffer) nothing. It ends
+    /// with UNAVAILABLE when the database cannot be read by the time a
+    /// heartbeat is due, and with FAILED_PRECONDITION CURSOR_EXPIRED when
+    /// its cursor has been purged.
+    pub async fn watch(
+        &self,
+        after: Option<Cursor>,
+        kinds: Vec<ChangeKind>,
+    ) -> Result<impl Stream<Item = Result<Batch, Error>> + Send + 'static, Error> {
+        let filter = Filter {
+            kinds,
+            ..Filter::default()
+        };
+        // The start is checked now, so that a bad cursor fails the call
+        // rather than its stream.
+        let mut conn = db::conn(&self.pool).await?;
+        let probe = db::changes::read(&mut conn, after.unwrap_or_default(), &filter, 1).await?;
+        drop(conn);
+        let cursor = match after {
+            Some(cursor) => {
+                check_cursor(cursor, &probe)?;
+                cursor
+            }
+            None => Cursor::after_commit(probe.head),
+        };
+        let id = self
+            .next_stream
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut heard = self.heard.clone();
+        heard.mark_unchanged();
+        let watcher = Watcher {
+            service: self.clone(),
+            id,
+            filter,
+            cursor,
+            heard,
+            next_beat: Instant::now(),
+            first: true,
+            done: false,
+            _open: Open::new(self, id),
+        };
+        Ok(futures::stream::unfold(watcher, |mut w| async move {
+            if w.done {
+                return None;
+            }
+            let item = w.next().await;
+            w.done = item.is_err();
+            Some((item, w))
+        }))
+    }
+
+    /// Listens for commits on a connection of its own until `stopped`,
+    /// waking the watchers on each; reconnects after a second when the
+    /// connection is lost (the watchers poll meanwhile).
+    pub async fn listen(self, database_url: String, mut stopped: watch::Receiver<bool>) {
+        use futures::StreamExt;
+        loop {
+            if let Ok(mut conn) = db::changes::listen(&database_url).await {
+                // Whatever committed while no one listened is read now.
+                self.heard_tx.send_modify(|h| {
+                    h.listening = true;
+                    h.commits += 1;
+                });
+                let mut ping = tokio::time::interval(LISTENER_PING);
+                ping.tick().await;
+                loop {
+                    enum Event {
+                        Heard(bool),
+                        Ping,
+                    }
+                    let event = tokio::select! {
+                        heard = async {
+                            let heard = conn.notifications_stream();
+                            futures::pin_mut!(heard);
+                            heard.next().await
+                        } => Event::Heard(matches!(heard, Some(Ok(_)))),
+                        _ = ping.tick() => Event::Ping,
+                        _ = stopped.changed() => return,
+                    };
+                    let alive = match event {
+                        Event::Heard(true) => {
+                            self.metrics.commits.inc();
+                            self.heard_tx.send_modify(|h| h.commits += 1);
+                            true
+                        }
+                        Event::Heard(false) => false,
+                        Event::Ping => {
+                            tokio::time::timeout(LISTENER_PING, db::changes::ping(&mut conn))
+                                .await
+                                .is_ok_and(|r| r.is_ok())
+                        }
+                    };
+                    if !alive {
+                        break;
+                    }
+                }
+                tracing::warn!("the change feed's listener lost its connection; watchers poll");
+            }
+            self.heard_tx.send_modify(|h| h.listening = false);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopped.changed() => return,
+            }
+        }
+    }
+
+    fn update_lag(&self, id: u64, behind: Option<i64>) {
+        let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
+        match behind {
+            Some(b) => {
+                lags.insert(id, b);
+            }
+            None => {
+                lags.remove(&id);
+            }
+        }
+        self.metrics
+            .lag
+            .set(lags.values().copied().max().unwrap_or(0));
+    }
+}
+
+/// The purge of changes committed longer than `retention` ago; returns how
+/// many went.
+pub async fn purge(pool: &Pool, retention: Duration) -> Result<usize, Error> {
+    let mut conn = db::conn(pool).await?;
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(7));
+    Ok(db::changes::purge(&mut conn, chrono::Utc::now() - retention).await?)
+}
+
+/// A cursor the feed can resume from: not purged, not ahead of the head.
+fn check_cursor(cursor: Cursor, read: &db::changes::Read) -> Result<(), Error> {
+    if cursor.position < read.purged_through {
+        return Err(Error::Refused {
+            reason: Reason::CursorExpired,
+            message: "the cursor is older than CHANGES_RETENTION: start again from empty and re-read state",
+        });
+    }
+    if cursor.position > read.head {
+        return Err(Error::invalid(
+            "after_cursor",
+            "is ahead of the feed: not a cursor from this service's database",
+        ));
+    }
+    Ok(())
+}
+
+/// The batch a read makes, and where its reader stands after it: after
+/// the last change, or, when the read came back short (it saw everything
+/// up to the head), after the head, so that a filtered reader does not
+/// scan the same unmatched changes again.
+fn advance(start: Cursor, read: db::changes::Read, limit: i64) -> Batch {
+    let full = read.changes.len() as i64 >= limit;
+    let mut cursor = read.changes.last().map_or(start, |c| c.cursor);
+    if !full {
+        cursor = cursor.max(Cursor::after_commit(read.head));
+    }
+    Batch {
+        changes: read.changes,
+        cursor,
+    }
+}
+
+/// Counts a stream as open while it lives.
+#[derive(Debug)]
+struct Open {
+    service: ChangeService,
+    id: u64,
+}
+
+impl Open {
+    fn new(service: &ChangeService, id: u64) -> Self {
+        service.metrics.watchers.inc();
+        Open {
+            service: service.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.service.metrics.watchers.dec();
+        self.service.update_lag(self.id, None);
+    }
+}
+
+/// The state of one WatchChanges stream.
+struct Watcher {
+    service: ChangeService,
+    id: u64,
+    filter: Filter,
+    cursor: Cursor,
+    heard: watch::Receiver<Heard>,
+    /// When a response is due even if nothing changed.
+    next_beat: Instant,
+    first: bool,
+    done: bool,
+    _open: Open,
+}
+
+impl Watcher {
+    /// The next response: changes as soon as there are any, else a
+    /// heartbeat when one is due.
+    async fn next(&mut self) -> Result<Batch, Error> {
+        let heartbeat = self.service.heartbeat;
+        loop {
+            match self.read().await {
+                Ok(read) => {
+                    let head = read.head;
+                    let batch = advance(self.cursor, read, BATCH);
+                    self.cursor = batch.cursor;
+                    self.service
+                        .update_lag(self.id, Some(head - self.cursor.position.min(head)));
+                    if !batch.changes.is_empty() || self.first || Instant::now() >= self.next_beat {
+                        self.first = false;
+                        self.next_beat = Instant::now() + heartbeat;
+                        self.delivered(&batch.changes);
+                        return Ok(batch);
+                    }
+                }
+                // The database is away: try again until a heartbeat is
+                // due, then say so (a client trusts a stream that beats).
+                Err(Error::Unavailable(_)) if Instant::now() < self.next_beat => {
+                    tokio::time::sleep(SLOW_POLL.min(self.next_beat - Instant::now())).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            let listening = self.heard.borrow_and_update().listening;
+            let poll = async {
+                if listening {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(SLOW_POLL).await
+                }
+            };
+            tokio::select! {
+                _ = self.heard.changed() => {}
+                _ = tokio::time::sleep_until(self.next_beat) => {}
+                _ = poll => {}
+            }
+        }
+    }
+
+    async fn read(&mut self) -> Result<db::changes::Read, Error> {
+        let mut conn = db::conn(&self.service.pool).await?;
+        let read = db::changes::read(&mut conn, self.cursor, &self.filter, BATCH).await?;
+        check_cursor(self.cursor, &read)?;
+        Ok(read)
+    }
+
+    fn delivered(&self, changes: &[Change]) {
+        let now = chrono::Utc::now();
+        let metrics = &self.service.metrics;
+        for change in changes {
+            metrics
+                .delivered
+                .with_label_values(&[change.kind.name()])
+                .inc();
+            let delay = (now - change.commit_time).num_microseconds().unwrap_or(0);
+            metrics.delay.observe(delay.max(0) as f64 / 1e6);
+        }
+    }
+}
+
+/// Parses the kinds of a filter: each a known kind, none UNSPECIFIED.
+pub fn kinds(numbers: &[i32]) -> Result<Vec<ChangeKind>, String> {
+    numbers
+        .iter()
+        .map(|n| ChangeKind::from_number(*n).ok_or_else(|| format!("{n} is not a change kind")))
+        .collect()
+}

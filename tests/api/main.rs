@@ -28,6 +28,7 @@ mod operations;
 mod properties;
 mod sentry;
 mod server;
+mod sessions;
 mod statements;
 mod tls;
 mod users;

@@ -297,3 +297,50 @@ async fn without_a_superuser_token_it_exits_1_with_a_hint_about_identity_token()
         }
     }
 }
+
+#[tokio::test]
+async fn changes_made_in_sql_show_without_an_origin_and_a_closed_pipe_ends_the_command_quietly() {
+    use diesel_async::SimpleAsyncConnection;
+    let app = spawn_app().await;
+    let token = root_token(&app).await;
+    // More output than a pipe holds (64 KiB), by hand in SQL.
+    app.db
+        .connect()
+        .await
+        .batch_execute(
+            "INSERT INTO groups (id, groupname, groupname_canonical, slug, search, create_time)
+             SELECT gen_random_uuid(), 'g' || n, 'g' || n, 'g-' || n, '', now()
+             FROM generate_series(1, 2000) AS n",
+        )
+        .await
+        .unwrap();
+
+    let mut child = command(&app, Some(&token), &["--json", "--kind", "group_created"])
+        .spawn()
+        .expect("spawn identity");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(DEADLINE, stdout.next_line())
+        .await
+        .expect("a first line in time")
+        .unwrap()
+        .expect("a first line");
+    let change = json(&first);
+    assert_eq!(change["kind"], "group_created");
+    assert!(!change["group_id"].as_str().unwrap().is_empty());
+    for origin in ["actor_id", "rpc", "request_id"] {
+        assert_eq!(change[origin], "", "{origin}: SQL by hand has none");
+    }
+
+    // The reader goes away, as `| head -1` does.
+    drop(stdout);
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("exits once its output is closed")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

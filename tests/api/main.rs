@@ -14,6 +14,7 @@ mod accounts;
 mod auth;
 mod authz;
 mod changes;
+mod changes_cli;
 mod changes_keys;
 mod cli;
 mod examples;

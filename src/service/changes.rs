@@ -376,6 +376,9 @@ impl Watcher {
     async fn next(&mut self) -> Result<Batch, Error> {
         let heartbeat = self.service.heartbeat;
         loop {
+            // Marked seen before the read, so that a commit heard during
+            // the read wakes the wait below instead of being lost.
+            let listening = self.heard.borrow_and_update().listening;
             match self.read().await {
                 Ok(read) => {
                     let head = read.head;
@@ -398,7 +401,6 @@ impl Watcher {
                 }
                 Err(e) => return Err(e),
             }
-            let listening = self.heard.borrow_and_update().listening;
             let poll = async {
                 if listening {
                     std::future::pending::<()>().await

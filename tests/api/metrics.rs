@@ -60,3 +60,64 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_hashing_and_proces
     }
     assert!(sample(&body, r#"identity_db_pool_connections{state="idle"}"#).unwrap() >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_feed_counts_its_streams_and_deliveries_with_their_delay() {
+    let app = spawn_app().await;
+    let mut stream = app
+        .admin
+        .changes
+        .clone()
+        .watch_changes(pb::WatchChangesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("the first response");
+    let user = app.create_user("watched").await;
+    let delivered = loop {
+        let response = stream.message().await.unwrap().expect("the stream goes on");
+        if let Some(change) = response.changes.into_iter().next() {
+            break change;
+        }
+    };
+    assert_eq!(delivered.user_id, user.id);
+
+    let addr = app.addr;
+    let body = tokio::task::spawn_blocking(move || http1_get(addr, "/metrics").2)
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&body, "identity_change_streams"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"identity_changes_delivered_total{kind="user_created"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, "identity_change_delivery_seconds_count"),
+        Some(1.0)
+    );
+    assert!(sample(&body, "identity_changes_written_total").is_some_and(|n| n >= 1.0));
+    assert!(sample(&body, "identity_change_stream_lag").is_some());
+
+    drop(stream);
+    // The stream's end is counted once the server notices it: scrape until.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let body = tokio::task::spawn_blocking(move || http1_get(addr, "/metrics").2)
+                .await
+                .unwrap();
+            if sample(&body, "identity_change_streams") == Some(0.0) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the closed stream is still counted");
+}

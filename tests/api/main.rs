@@ -14,6 +14,7 @@ mod accounts;
 mod auth;
 mod authz;
 mod changes;
+mod changes_list;
 mod changes_order;
 mod cli;
 mod examples;

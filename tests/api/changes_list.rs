@@ -99,6 +99,9 @@ async fn pages_follow_the_cursor_even_inside_one_commit_and_an_empty_page_keeps_
     assert_eq!(next[0].user_id, user.id);
 }
 
+/// Which changes a filter should let through.
+type Matches<'a> = Box<dyn Fn(&pb::Change) -> bool + 'a>;
+
 #[tokio::test]
 async fn filters_by_kind_user_and_actor_list_exactly_the_matching_changes() {
     let app = spawn_app().await;
@@ -139,7 +142,7 @@ async fn filters_by_kind_user_and_actor_list_exactly_the_matching_changes() {
     let all = changes_after(&app, &start).await;
     assert_eq!(all.len(), 2 + 1 + 1 + 1 + 1 + 2, "{all:#?}");
 
-    let cases: Vec<(pb::ListChangesRequest, Box<dyn Fn(&pb::Change) -> bool>)> = vec![
+    let cases: Vec<(pb::ListChangesRequest, Matches)> = vec![
         (
             pb::ListChangesRequest {
                 kinds: vec![K::UserUpdated as i32],

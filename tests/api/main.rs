@@ -16,6 +16,7 @@ mod authz;
 mod changes;
 mod changes_list;
 mod changes_order;
+mod changes_watch;
 mod cli;
 mod examples;
 mod faults;

@@ -251,3 +251,26 @@ async fn a_transaction_rolled_back_leaves_no_change_and_no_hole() {
     let (next, _) = read_changes(&mut watch, 1).await;
     assert_eq!(next[0].user_id, last.id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_one_replica_reaches_a_watcher_on_another_within_a_second() {
+    let db = Arc::new(TestDb::migrated().await);
+    let a = spawn_app_on(db.clone(), |_| {}).await;
+    // A heartbeat far away: only the other replica's notice can wake it.
+    let b = spawn_app_on(db.clone(), |c| {
+        c.changes_heartbeat = std::time::Duration::from_secs(60)
+    })
+    .await;
+    let mut watch = open_watch(&b.admin, "", &[]).await.unwrap();
+    next_response(&mut watch).await;
+    for i in 0..5 {
+        let user = a.create_user(&format!("remote{i}")).await;
+        let response = tokio::time::timeout(std::time::Duration::from_secs(1), watch.message())
+            .await
+            .expect("within a second of the commit")
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.changes.len(), 1, "{response:#?}");
+        assert_eq!(response.changes[0].user_id, user.id);
+    }
+}

@@ -91,6 +91,8 @@ pub enum Resource {
     User,
     /// A group.
     Group,
+    /// A login session.
+    Session,
 }
 
 impl Resource {
@@ -99,6 +101,7 @@ impl Resource {
         match self {
             Resource::User => "user",
             Resource::Group => "group",
+            Resource::Session => "session",
         }
     }
 }

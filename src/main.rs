@@ -9,10 +9,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse_or_exit();
     // Before the runtime, so that panics on any of its threads are reported;
     // the guard flushes queued events when main returns.
-    let _sentry = telemetry::init_sentry(cli.config().sentry_dsn.as_deref());
+    let _sentry = telemetry::init_sentry(cli.sentry_dsn());
     telemetry::init(cli.log_format());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.config().worker_threads())
+        .worker_threads(cli.worker_threads())
         .enable_all()
         .build()
     {

@@ -10,7 +10,10 @@
    DATA_DIR and KEYS_DIR, LISTEN_ADDR=127.0.0.1:0 and JSON logs, and waits
    for its "identity ready" log line, which carries the address;
 4. runs client.py against it;
-5. stops the server with SIGTERM and checks it exits with 0.
+5. creates a superuser with `identity createsuperuser` (beside the running
+   server, on its embedded cluster) and runs `watch.py --check` as it: the
+   change feed watcher sees the changes it makes;
+6. stops the server with SIGTERM and checks it exits with 0.
 
 Exits non-zero on any failure, printing the server's last log lines.
 Standard library only: it runs on the system python3 (3.8 or newer).
@@ -22,6 +25,7 @@ import collections
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,6 +47,7 @@ READY_TIMEOUT = 180  # s: first start runs initdb and migrations; a slow CI box 
 CLIENT_TIMEOUT = 300  # s
 STOP_TIMEOUT = 90  # s: SHUTDOWN_GRACE (30 s) plus stopping the embedded PostgreSQL
 LOG_TAIL = 40  # server lines shown on failure
+SUPERUSER = "watcher-admin"  # created for watch.py --check
 
 
 class Failure(Exception):
@@ -123,10 +128,11 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.reader: threading.Thread | None = None
 
-    def start(self) -> str:
+    def env(self) -> dict:
+        """The server's environment; admin commands run with it too."""
         env = dict(os.environ)
         # A fresh embedded cluster and fresh keys, whatever the caller's shell has.
-        for name in ("DATABASE_URL", "TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA"):
+        for name in ("DATABASE_URL", "TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA", "IDENTITY_PASSWORD"):
             env.pop(name, None)
         env.update(
             DATA_DIR=str(self.data_dir),
@@ -135,6 +141,23 @@ class Server:
             LOG_FORMAT="json",
             ALLOW_REGISTRATION="true",
         )
+        return env
+
+    def create_superuser(self, username: str, password: str) -> None:
+        """`identity createsuperuser` beside the running server (it uses the server's cluster)."""
+        env = self.env()
+        env["IDENTITY_PASSWORD"] = password  # never on the command line
+        result = subprocess.run(
+            [str(self.binary), "createsuperuser", "--username", username,
+             "--email", f"{username}@example.com"],
+            cwd=self.tmp, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=CLIENT_TIMEOUT,
+        )
+        if result.returncode != 0:
+            raise Failure(f"createsuperuser exited with {result.returncode}: {result.stdout.strip()}")
+
+    def start(self) -> str:
+        env = self.env()
         say(f"starting {self.binary} serve (DATA_DIR and KEYS_DIR under {self.tmp})")
         self.proc = subprocess.Popen(
             [str(self.binary), "serve"],
@@ -229,6 +252,15 @@ def main() -> int:
                                 stdin=subprocess.DEVNULL, timeout=CLIENT_TIMEOUT)
         if client.returncode != 0:
             raise Failure(f"client.py exited with {client.returncode}")
+        password = secrets.token_urlsafe(24)
+        server.create_superuser(SUPERUSER, password)
+        say(f"created superuser {SUPERUSER}; running watch.py --check")
+        watcher = subprocess.run([str(venv_python()), str(HERE / "watch.py"), "--check",
+                                  "--username", SUPERUSER, addr],
+                                 env={**os.environ, "IDENTITY_PASSWORD": password},
+                                 stdin=subprocess.DEVNULL, timeout=CLIENT_TIMEOUT)
+        if watcher.returncode != 0:
+            raise Failure(f"watch.py --check exited with {watcher.returncode}")
         code = server.stop()
         if code != 0:
             raise Failure(f"the server exited with {code} after SIGTERM (expected 0)")

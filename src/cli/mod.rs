@@ -2,10 +2,12 @@
 //! environment variable (see [`crate::config`]). This file holds the
 //! command line and its dispatch; each family of subcommands has a file:
 //! `serve.rs` (the service and its stop signals), `admin.rs` (migrate,
-//! createsuperuser, keys, and the admin database they share) and
-//! `import.rs` (the JSON Lines reader of `identity import`).
+//! createsuperuser, keys, and the admin database they share),
+//! `import.rs` (the JSON Lines reader of `identity import`) and
+//! `changes.rs` (a gRPC client printing the change feed).
 
 mod admin;
+mod changes;
 mod import;
 mod serve;
 
@@ -18,6 +20,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat};
 
 use admin::{CreateSuperuserArgs, KeysArgs, MigrateArgs};
+use changes::ChangesArgs;
 use import::ImportArgs;
 
 /// identity: users, groups, logins and JWT access tokens over gRPC.
@@ -48,6 +51,13 @@ enum Command {
     /// users already imported, so an interrupted import is resumed by
     /// running it again. Exits 1 when a line was refused.
     Import(ImportArgs),
+    /// Prints the change feed of a running server, one line per change:
+    /// who did what, when, in commit order (`tail -f` with --follow). A
+    /// gRPC client: the server from --server / IDENTITY_SERVER, a
+    /// superuser's access token from IDENTITY_TOKEN (never a flag: command
+    /// lines show in `ps`). On exit the cursor to resume from (--after) is
+    /// printed to standard error. Exits 1 on a refusal, 2 on a bad option.
+    Changes(ChangesArgs),
 }
 
 impl Cli {
@@ -81,20 +91,33 @@ impl Cli {
         }
     }
 
-    /// The settings of the chosen subcommand.
-    pub fn config(&self) -> &Config {
+    /// The service settings of the chosen subcommand; none for `changes`,
+    /// a client that needs none of them.
+    pub fn config(&self) -> Option<&Config> {
         match &self.command {
-            Command::Serve(config) => config,
-            Command::Migrate(args) => &args.config,
-            Command::CreateSuperuser(args) => &args.config,
-            Command::Keys(args) => &args.config,
-            Command::Import(args) => &args.config,
+            Command::Serve(config) => Some(config),
+            Command::Migrate(args) => Some(&args.config),
+            Command::CreateSuperuser(args) => Some(&args.config),
+            Command::Keys(args) => Some(&args.config),
+            Command::Import(args) => Some(&args.config),
+            Command::Changes(_) => None,
         }
     }
 
     /// How logs are written.
     pub fn log_format(&self) -> LogFormat {
-        self.config().log_format
+        self.config().map_or(LogFormat::Text, |c| c.log_format)
+    }
+
+    /// Where errors are reported, if anywhere.
+    pub fn sentry_dsn(&self) -> Option<&str> {
+        self.config().and_then(|c| c.sentry_dsn.as_deref())
+    }
+
+    /// The runtime's worker threads: `WEB_CONCURRENCY` or the cores; one
+    /// for a client command, which reads one stream.
+    pub fn worker_threads(&self) -> usize {
+        self.config().map_or(1, Config::worker_threads)
     }
 
     /// Runs the subcommand.
@@ -105,6 +128,7 @@ impl Cli {
             Command::CreateSuperuser(args) => admin::create_superuser(args).await,
             Command::Keys(args) => admin::keys(args),
             Command::Import(args) => import::import(args).await,
+            Command::Changes(args) => return changes::changes(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -88,6 +88,14 @@ constraints! {
         LoginAttemptsPkey = "login_attempts_pkey",
         /// `account_tokens.hash`.
         AccountTokensPkey = "account_tokens_pkey",
+        /// `change_clock.one` (the clock has one row).
+        ChangeClockPkey = "change_clock_pkey",
+        /// `change_commits.position`.
+        ChangeCommitsPkey = "change_commits_pkey",
+        /// `change_commits.xid`.
+        ChangeCommitsXid = "change_commits_xid_key",
+        /// `changes (xid, seq)`.
+        ChangesPkey = "changes_pkey",
     }
 }
 
@@ -111,7 +119,11 @@ constraints! {
 
 /// The CHECK constraints of `migrations/`: a violation is a bug (the input
 /// rules come first), so it is [`Error::Other`].
-pub const CHECKS: &[&str] = &["users_attributes_is_object", "account_tokens_purpose_check"];
+pub const CHECKS: &[&str] = &[
+    "users_attributes_is_object",
+    "account_tokens_purpose_check",
+    "change_clock_one_check",
+];
 
 impl From<diesel::result::Error> for Error {
     fn from(e: diesel::result::Error) -> Self {

@@ -102,6 +102,53 @@ diesel::table! {
     }
 }
 
+/// SQL types diesel does not know.
+pub mod sql_types {
+    /// PostgreSQL's 64-bit transaction id (`pg_current_xact_id()`).
+    #[derive(diesel::sql_types::SqlType, Debug)]
+    #[diesel(postgres_type(name = "xid8"))]
+    pub struct Xid8;
+}
+
+diesel::table! {
+    change_clock (one) {
+        one -> Bool,
+        position -> Int8,
+        purged_through -> Int8,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::Xid8;
+
+    change_commits (position) {
+        position -> Int8,
+        xid -> Xid8,
+        commit_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    use diesel::sql_types::*;
+    use super::sql_types::Xid8;
+
+    changes (xid, seq) {
+        xid -> Xid8,
+        seq -> Int8,
+        kind -> Int2,
+        user_id -> Nullable<Uuid>,
+        session_id -> Nullable<Uuid>,
+        group_id -> Nullable<Uuid>,
+        api_key_id -> Nullable<Uuid>,
+        actor_id -> Nullable<Uuid>,
+        rpc -> Text,
+        request_id -> Text,
+        fields -> Array<Text>,
+        end_reason -> Text,
+    }
+}
+
 diesel::joinable!(account_tokens -> users (user_id));
 diesel::joinable!(sessions -> users (user_id));
 diesel::joinable!(login_names -> users (user_id));
@@ -115,5 +162,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     retired_refresh_tokens,
     login_failures,
     login_attempts,
-    account_tokens
+    account_tokens,
+    change_clock,
+    change_commits,
+    changes
 );

@@ -10,9 +10,10 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::Error;
+use super::page::Page;
 use super::prepared;
 use super::schema::{retired_refresh_tokens, sessions};
-use crate::domain::EndReason;
+use crate::domain::{EndReason, PageRequest, Session};
 
 pub use super::fresh::{Fresh, fresh};
 
@@ -283,3 +284,73 @@ pub async fn purge_sessions(
 /// Names of the hand-written statements in the statement cache.
 struct RotateSql;
 struct StartSql;
+
+/// The columns ListSessions shows.
+#[derive(Debug, Queryable, Selectable)]
+#[diesel(table_name = sessions, check_for_backend(diesel::pg::Pg))]
+struct SessionRow {
+    id: Uuid,
+    user_id: Uuid,
+    create_time: DateTime<Utc>,
+    refresh_time: DateTime<Utc>,
+    refresh_expire_time: DateTime<Utc>,
+    end_time: Option<DateTime<Utc>>,
+    end_reason: Option<String>,
+}
+
+impl From<SessionRow> for Session {
+    fn from(r: SessionRow) -> Self {
+        Session {
+            id: r.id,
+            user_id: r.user_id,
+            create_time: r.create_time,
+            refresh_time: r.refresh_time,
+            refresh_expire_time: r.refresh_expire_time,
+            end_time: r.end_time,
+            end_reason: r.end_reason,
+        }
+    }
+}
+
+fn of_user(user_id: Uuid, include_ended: bool) -> sessions::BoxedQuery<'static, diesel::pg::Pg> {
+    let mut query = sessions::table
+        .filter(sessions::user_id.eq(user_id))
+        .into_boxed();
+    if !include_ended {
+        query = query
+            .filter(sessions::end_time.is_null())
+            .filter(sessions::refresh_expire_time.gt(diesel::dsl::now));
+    }
+    query
+}
+
+/// One page of a user's sessions by id (so oldest first): the live ones
+/// (not ended, refresh token unexpired), or with `include_ended` all that
+/// are kept (ended ones are purged a week after they end).
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    include_ended: bool,
+    page: PageRequest,
+) -> Result<Page<Session>, Error> {
+    super::page::keyset(
+        conn,
+        page,
+        sessions::id,
+        SessionRow::as_select(),
+        || of_user(user_id, include_ended),
+        |s: &Session| s.id,
+    )
+    .await
+}
+
+/// The session `id`, if there is one.
+pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Session>, Error> {
+    Ok(sessions::table
+        .find(id)
+        .select(SessionRow::as_select())
+        .first(conn)
+        .await
+        .optional()?
+        .map(Into::into))
+}

@@ -13,6 +13,6 @@ pub mod violation;
 pub use change::{Change, ChangeKind, Cursor};
 pub use group::{Group, Groupname, Slug};
 pub use page::{PageRequest, Pager};
-pub use session::EndReason;
+pub use session::{EndReason, Session};
 pub use user::{Attributes, Email, Login, NewPassword, OpaqueToken, Password, User, Username};
 pub use violation::Violation;

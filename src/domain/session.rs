@@ -1,4 +1,26 @@
-//! Sessions: why one ended.
+//! Sessions: what one is, and why one ended.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A login session, as ListSessions shows it (never its refresh token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The session id (the `sid` claim).
+    pub id: Uuid,
+    /// Whose it is.
+    pub user_id: Uuid,
+    /// When it started.
+    pub create_time: DateTime<Utc>,
+    /// When it was last refreshed (its start, if never).
+    pub refresh_time: DateTime<Utc>,
+    /// When its current refresh token expires.
+    pub refresh_expire_time: DateTime<Utc>,
+    /// When it ended, if it did.
+    pub end_time: Option<DateTime<Utc>>,
+    /// Why it ended, as stored ([`EndReason::as_str`]).
+    pub end_reason: Option<String>,
+}
 
 /// Why a session ended, as stored (`sessions.end_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

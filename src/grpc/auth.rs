@@ -3,8 +3,8 @@
 use tonic::{Request, Response, Status};
 
 use super::authz::Caller;
-use super::convert::timestamp;
-use crate::domain::{Login, NewPassword, OpaqueToken, Violation};
+use super::convert::{parse_id, parse_optional_id, timestamp};
+use crate::domain::{EndReason, Login, NewPassword, OpaqueToken, Pager, Session, Violation};
 use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
 use crate::service::{AuthService, auth::IssuedTokens};
@@ -140,5 +140,64 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
             .change_password(caller, &req.current_password, new)
             .await?;
         Ok(Response::new(pb::ChangePasswordResponse {}))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let caller = Caller::of(&request);
+        let signed_in = caller.signed_in()?;
+        let req = request.into_inner();
+        let user_id = parse_optional_id("user_id", &req.user_id)?.unwrap_or(signed_in.user.id);
+        if user_id != signed_in.user.id && !caller.is_superuser() {
+            return Err(caller.refusal().into());
+        }
+        let pager = Pager::for_filters(&[
+            "sessions",
+            &user_id.to_string(),
+            if req.include_ended { "all" } else { "live" },
+        ]);
+        let page = pager
+            .parse(req.page_size, &req.page_token)
+            .map_err(|(field, e)| Error::invalid(field, e))?;
+        let page = self
+            .auth
+            .list_sessions(user_id, req.include_ended, page)
+            .await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            next_page_token: page.last.map(|id| pager.next(id)).unwrap_or_default(),
+            sessions: page.items.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn end_session(
+        &self,
+        request: Request<pb::EndSessionRequest>,
+    ) -> Result<Response<pb::EndSessionResponse>, Status> {
+        let caller = Caller::of(&request);
+        let caller = caller.signed_in()?;
+        let id = parse_id("session_id", &request.get_ref().session_id)?;
+        self.auth.end_session(caller, id).await?;
+        Ok(Response::new(pb::EndSessionResponse {}))
+    }
+}
+
+impl From<Session> for pb::Session {
+    fn from(s: Session) -> Self {
+        pb::Session {
+            id: s.id.to_string(),
+            user_id: s.user_id.to_string(),
+            create_time: Some(timestamp(s.create_time)),
+            last_refresh_time: Some(timestamp(s.refresh_time)),
+            refresh_token_expire_time: Some(timestamp(s.refresh_expire_time)),
+            end_time: s.end_time.map(timestamp),
+            end_reason: s
+                .end_reason
+                .as_deref()
+                .map(EndReason::wire_name)
+                .unwrap_or_default(),
+            api_key_id: String::new(),
+        }
     }
 }

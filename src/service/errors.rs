@@ -27,7 +27,12 @@ impl From<db::Error> for Error {
                 | UniqueKey::RetiredRefreshTokensPkey
                 | UniqueKey::LoginFailuresPkey
                 | UniqueKey::LoginAttemptsPkey
-                | UniqueKey::AccountTokensPkey => Error::internal(db::Error::Unique(key)),
+                | UniqueKey::AccountTokensPkey
+                // Written by the feed's triggers under the clock's lock.
+                | UniqueKey::ChangeClockPkey
+                | UniqueKey::ChangeCommitsPkey
+                | UniqueKey::ChangeCommitsXid
+                | UniqueKey::ChangesPkey => Error::internal(db::Error::Unique(key)),
             },
             db::Error::MissingRef(fk) => match fk {
                 // A group or user deleted while a membership was added.

@@ -8,6 +8,7 @@ pub mod changes;
 mod errors;
 pub mod groups;
 pub mod import;
+mod sessions;
 pub mod throttle;
 pub mod users;
 pub mod verify;

@@ -126,6 +126,8 @@ fn udt_name(diesel_type: &str) -> &'static str {
         "Int2" => "int2",
         "Int4" => "int4",
         "Int8" => "int8",
+        "Xid8" => "xid8",
+        "Array<Text>" => "_text",
         other => panic!("schema.rs: add {other} to the type map of this test"),
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::changes::{open_watch, read_changes};
 use crate::helpers::*;
 use identity::proto::identity::v1 as pb;
 
@@ -10,18 +11,9 @@ use identity::proto::identity::v1 as pb;
 async fn a_rotation_picked_up_by_the_reloader_is_recorded_as_keys_changed() {
     let db = TestDb::migrated().await;
     let app = spawn_app_on(db, |c| c.keys_reload_interval = Duration::from_secs(1)).await;
-    let mut stream = app
-        .admin
-        .changes
-        .clone()
-        .watch_changes(pb::WatchChangesRequest {
-            after_cursor: String::new(),
-            kinds: vec![pb::ChangeKind::KeysChanged as i32],
-        })
+    let mut stream = open_watch(&app.admin, "", &[pb::ChangeKind::KeysChanged])
         .await
-        .unwrap()
-        .into_inner();
-    stream.message().await.unwrap().expect("the first response");
+        .unwrap();
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_identity"))
         .args(["keys", "rotate"])
@@ -34,16 +26,9 @@ async fn a_rotation_picked_up_by_the_reloader_is_recorded_as_keys_changed() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let change = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let response = stream.message().await.unwrap().expect("the stream goes on");
-            if let Some(change) = response.changes.into_iter().next() {
-                return change;
-            }
-        }
-    })
-    .await
-    .expect("KEYS_CHANGED within 30 s");
+    // The reloader runs every second; read_changes waits up to its deadline.
+    let (changes, _) = read_changes(&mut stream, 1).await;
+    let change = &changes[0];
     assert_eq!(change.kind(), pb::ChangeKind::KeysChanged);
     assert!(change.user_id.is_empty() && change.actor_id.is_empty());
 }

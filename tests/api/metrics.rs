@@ -1,6 +1,7 @@
 //! `GET /metrics`: scraped while calls are made.
 
 use crate::auth::http1_get;
+use crate::changes::{open_watch, read_changes};
 use crate::helpers::{TestUser, spawn_app};
 use identity::proto::identity::v1 as pb;
 
@@ -64,22 +65,10 @@ async fn metrics_count_calls_by_method_and_code_and_show_pool_hashing_and_proces
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_change_feed_counts_its_streams_and_deliveries_with_their_delay() {
     let app = spawn_app().await;
-    let mut stream = app
-        .admin
-        .changes
-        .clone()
-        .watch_changes(pb::WatchChangesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    stream.message().await.unwrap().expect("the first response");
+    let mut stream = open_watch(&app.admin, "", &[]).await.unwrap();
     let user = app.create_user("watched").await;
-    let delivered = loop {
-        let response = stream.message().await.unwrap().expect("the stream goes on");
-        if let Some(change) = response.changes.into_iter().next() {
-            break change;
-        }
-    };
+    let (delivered, _) = read_changes(&mut stream, 1).await;
+    let delivered = &delivered[0];
     assert_eq!(delivered.user_id, user.id);
 
     let addr = app.addr;

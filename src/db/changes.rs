@@ -200,6 +200,15 @@ pub async fn read(
     })
 }
 
+/// The last position filed, and the purge mark: `(head, purged_through)`.
+pub async fn head(conn: &mut AsyncPgConnection) -> Result<(i64, i64), Error> {
+    use super::schema::change_clock;
+    Ok(change_clock::table
+        .select((change_clock::position, change_clock::purged_through))
+        .first(conn)
+        .await?)
+}
+
 /// Deletes the changes committed before `before`, whole commits at a time,
 /// and moves the purge mark past them; returns how many changes went.
 pub async fn purge(conn: &mut AsyncPgConnection, before: DateTime<Utc>) -> Result<usize, Error> {

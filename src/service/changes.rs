@@ -156,7 +156,7 @@ impl ChangeService {
         let read = db::changes::read(&mut conn, start, filter, page_size).await?;
         let start = match after {
             Some(cursor) => {
-                check_cursor(cursor, &read)?;
+                check_cursor(cursor, read.head, read.purged_through)?;
                 cursor
             }
             None => start,
@@ -185,14 +185,14 @@ impl ChangeService {
         // The start is checked now, so that a bad cursor fails the call
         // rather than its stream.
         let mut conn = db::conn(&self.pool).await?;
-        let probe = db::changes::read(&mut conn, after.unwrap_or_default(), &filter, 1).await?;
+        let (head, purged_through) = db::changes::head(&mut conn).await?;
         drop(conn);
         let cursor = match after {
             Some(cursor) => {
-                check_cursor(cursor, &probe)?;
+                check_cursor(cursor, head, purged_through)?;
                 cursor
             }
-            None => Cursor::after_commit(probe.head),
+            None => Cursor::after_commit(head),
         };
         let id = self
             .next_stream
@@ -300,14 +300,14 @@ pub async fn purge(pool: &Pool, retention: Duration) -> Result<usize, Error> {
 }
 
 /// A cursor the feed can resume from: not purged, not ahead of the head.
-fn check_cursor(cursor: Cursor, read: &db::changes::Read) -> Result<(), Error> {
-    if cursor.position < read.purged_through {
+fn check_cursor(cursor: Cursor, head: i64, purged_through: i64) -> Result<(), Error> {
+    if cursor.position < purged_through {
         return Err(Error::Refused {
             reason: Reason::CursorExpired,
             message: "the cursor is older than CHANGES_RETENTION: start again from empty and re-read state",
         });
     }
-    if cursor.position > read.head {
+    if cursor.position > head {
         return Err(Error::invalid(
             "after_cursor",
             "is ahead of the feed: not a cursor from this service's database",
@@ -419,7 +419,7 @@ impl Watcher {
     async fn read(&mut self) -> Result<db::changes::Read, Error> {
         let mut conn = db::conn(&self.service.pool).await?;
         let read = db::changes::read(&mut conn, self.cursor, &self.filter, BATCH).await?;
-        check_cursor(self.cursor, &read)?;
+        check_cursor(self.cursor, read.head, read.purged_through)?;
         Ok(read)
     }
 

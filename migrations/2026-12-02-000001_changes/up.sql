@@ -110,14 +110,14 @@ BEGIN
     ELSIF TG_OP = 'DELETE' THEN
         PERFORM identity_record_change(3::smallint, OLD.id, NULL, NULL);
     ELSE
-        IF NEW.username IS DISTINCT FROM OLD.username THEN v_fields := v_fields || 'username'; END IF;
-        IF NEW.email IS DISTINCT FROM OLD.email THEN v_fields := v_fields || 'email'; END IF;
-        IF NEW.first_name IS DISTINCT FROM OLD.first_name THEN v_fields := v_fields || 'first_name'; END IF;
-        IF NEW.last_name IS DISTINCT FROM OLD.last_name THEN v_fields := v_fields || 'last_name'; END IF;
-        IF NEW.is_superuser IS DISTINCT FROM OLD.is_superuser THEN v_fields := v_fields || 'is_superuser'; END IF;
-        IF NEW.is_active IS DISTINCT FROM OLD.is_active THEN v_fields := v_fields || 'is_active'; END IF;
-        IF NEW.is_verified IS DISTINCT FROM OLD.is_verified THEN v_fields := v_fields || 'is_verified'; END IF;
-        IF NEW.attributes IS DISTINCT FROM OLD.attributes THEN v_fields := v_fields || 'attributes'; END IF;
+        IF NEW.username IS DISTINCT FROM OLD.username THEN v_fields := v_fields || 'username'::text; END IF;
+        IF NEW.email IS DISTINCT FROM OLD.email THEN v_fields := v_fields || 'email'::text; END IF;
+        IF NEW.first_name IS DISTINCT FROM OLD.first_name THEN v_fields := v_fields || 'first_name'::text; END IF;
+        IF NEW.last_name IS DISTINCT FROM OLD.last_name THEN v_fields := v_fields || 'last_name'::text; END IF;
+        IF NEW.is_superuser IS DISTINCT FROM OLD.is_superuser THEN v_fields := v_fields || 'is_superuser'::text; END IF;
+        IF NEW.is_active IS DISTINCT FROM OLD.is_active THEN v_fields := v_fields || 'is_active'::text; END IF;
+        IF NEW.is_verified IS DISTINCT FROM OLD.is_verified THEN v_fields := v_fields || 'is_verified'::text; END IF;
+        IF NEW.attributes IS DISTINCT FROM OLD.attributes THEN v_fields := v_fields || 'attributes'::text; END IF;
         IF cardinality(v_fields) > 0 THEN
             PERFORM identity_record_change(2::smallint, NEW.id, NULL, NULL, v_fields);
         END IF;

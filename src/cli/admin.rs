@@ -153,8 +153,10 @@ pub(super) async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), St
         .map_err(|e| invalid("password", e))?;
 
     with_admin_db(&args.config, async |pool, hasher| {
-        let created = UserService::new(pool, hasher)
-            .create(NewUser {
+        let users = UserService::new(pool, hasher);
+        let created = crate::service::audit::within(
+            super::import::command_origin("identity createsuperuser"),
+            users.create(NewUser {
                 username,
                 email,
                 password,
@@ -164,8 +166,9 @@ pub(super) async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), St
                 is_active: true,
                 is_verified: true,
                 attributes: Attributes::default(),
-            })
-            .await;
+            }),
+        )
+        .await;
         match created {
             Ok(user) => {
                 println!("created superuser {} ({})", user.username, user.id);

@@ -92,7 +92,10 @@ async fn read_lines(
             continue;
         }
         let (numbers, users): (Vec<usize>, Vec<ImportedUser>) = batch.into_iter().unzip();
-        let outcomes = accounts.import(users).await?;
+        let outcomes = crate::service::audit::within(command_origin("identity import"), async {
+            accounts.import(users).await
+        })
+        .await?;
         for (number, outcome) in numbers.iter().zip(outcomes) {
             match outcome {
                 ImportOutcome::Imported(_) => imported += 1,
@@ -109,4 +112,14 @@ async fn read_lines(
         );
     }
     Ok((imported, already, refused))
+}
+
+/// The origin the change feed records for a command run by an operator:
+/// no actor (no user signed in), the command as the RPC.
+pub(super) fn command_origin(command: &str) -> crate::db::changes::Origin {
+    crate::db::changes::Origin {
+        actor_id: None,
+        rpc: command.to_owned(),
+        request_id: uuid::Uuid::now_v7().to_string(),
+    }
 }

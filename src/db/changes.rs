@@ -78,6 +78,16 @@ where
     }
 }
 
+/// Records the rest of the current transaction's changes as made by
+/// `actor` (for a call that learns who acts only inside its transaction).
+pub async fn act_as(conn: &mut AsyncPgConnection, actor: Uuid) -> Result<(), Error> {
+    diesel::sql_query("SELECT set_config('identity.actor_id', $1, true)")
+        .bind::<Text, _>(actor.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// A filter over the feed; `None` (or empty kinds) lets everything through.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
@@ -180,9 +190,7 @@ pub async fn read(
     )
     .load(conn)
     .await?;
-    let (head, purged_through) = rows
-        .iter()
-        .next()
+    let (head, purged_through) = <[ReadRow]>::first(&rows)
         .map(|r| (r.head, r.purged_through))
         .unwrap_or_default();
     Ok(Read {
@@ -210,7 +218,7 @@ pub async fn purge(conn: &mut AsyncPgConnection, before: DateTime<Utc>) -> Resul
     .bind::<Timestamptz, _>(before)
     .load(conn)
     .await?;
-    Ok(deleted.iter().next().map_or(0, |r| r.n as usize))
+    Ok(<[CountRow]>::first(&deleted).map_or(0, |r| r.n as usize))
 }
 
 #[derive(Debug, QueryableByName)]

@@ -1,10 +1,10 @@
 //! The AccountService use cases: email verification and password reset.
 //! The import of users with their hashes is in `service::import`.
 
+use super::audit;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel_async::AsyncConnection;
 use uuid::Uuid;
 
 use crate::db::{
@@ -97,28 +97,29 @@ impl AccountService {
     pub async fn confirm_email(&self, token: &OpaqueToken) -> Result<User, Error> {
         let hash = opaque::hash(token.expose());
         let mut conn = db::conn(&self.pool).await?;
-        let user = conn
-            .transaction(async |conn| {
-                let Some((user_id, email)) =
-                    db::accounts::use_token(conn, &hash, Purpose::VerifyEmail).await?
-                else {
-                    return Err(refusal(
-                        db::accounts::state(conn, &hash, Purpose::VerifyEmail).await?,
-                    ));
-                };
-                let current = db::users::canonical_names(conn, user_id).await?;
-                if current.as_ref().map(|(_, e)| e) != Some(&email) {
-                    // Rolled back: the token stays unused.
-                    return Err(Error::Refused {
-                        reason: Reason::AccountTokenInvalid,
-                        message: "token not valid for this address",
-                    });
-                }
-                db::users::set_verified(conn, user_id)
-                    .await?
-                    .ok_or(Error::NotFound(Resource::User))
-            })
-            .await?;
+        let user = audit::transaction(&mut conn, async |conn| {
+            let Some((user_id, email)) =
+                db::accounts::use_token(conn, &hash, Purpose::VerifyEmail).await?
+            else {
+                return Err(refusal(
+                    db::accounts::state(conn, &hash, Purpose::VerifyEmail).await?,
+                ));
+            };
+            // The token speaks for its user: the change is theirs.
+            db::changes::act_as(conn, user_id).await?;
+            let current = db::users::canonical_names(conn, user_id).await?;
+            if current.as_ref().map(|(_, e)| e) != Some(&email) {
+                // Rolled back: the token stays unused.
+                return Err(Error::Refused {
+                    reason: Reason::AccountTokenInvalid,
+                    message: "token not valid for this address",
+                });
+            }
+            db::users::set_verified(conn, user_id)
+                .await?
+                .ok_or(Error::NotFound(Resource::User))
+        })
+        .await?;
         tracing::info!(user_id = %user.id, "email verified");
         Ok(user)
     }
@@ -204,37 +205,36 @@ impl AccountService {
             .map_err(|e| Error::invalid("new_password", e))?;
         let new_hash = self.hasher.hash(&password).await?;
         let mut conn = db::conn(&self.pool).await?;
-        let ended = conn
-            .transaction(async |conn| {
-                let Some((used_by, email)) =
-                    db::accounts::use_token(conn, &hash, Purpose::ResetPassword).await?
-                else {
-                    // Used by a concurrent call meanwhile, or just expired.
-                    return Err(refusal(
-                        db::accounts::state(conn, &hash, Purpose::ResetPassword).await?,
-                    ));
-                };
-                let current = db::users::canonical_names(conn, used_by).await?;
-                let active = db::users::by_id_for_update(conn, used_by)
-                    .await?
-                    .is_some_and(|u| u.is_active);
-                if used_by != user_id || !active || current.as_ref().map(|(_, e)| e) != Some(&email)
-                {
-                    // Rolled back: nothing changes, the token stays unused.
-                    return Err(Error::Refused {
-                        reason: Reason::AccountTokenInvalid,
-                        message: "invalid reset token",
-                    });
-                }
-                if !db::users::set_password_hash(conn, user_id, &new_hash).await? {
-                    return Err(Error::Refused {
-                        reason: Reason::AccountTokenInvalid,
-                        message: "invalid reset token",
-                    });
-                }
-                super::password_changed(conn, user_id, None, EndReason::PasswordReset).await
-            })
-            .await?;
+        // The token speaks for its user: the changes are theirs.
+        let ended = audit::transaction_as(&mut conn, &audit::as_user(user_id), async |conn| {
+            let Some((used_by, email)) =
+                db::accounts::use_token(conn, &hash, Purpose::ResetPassword).await?
+            else {
+                // Used by a concurrent call meanwhile, or just expired.
+                return Err(refusal(
+                    db::accounts::state(conn, &hash, Purpose::ResetPassword).await?,
+                ));
+            };
+            let current = db::users::canonical_names(conn, used_by).await?;
+            let active = db::users::by_id_for_update(conn, used_by)
+                .await?
+                .is_some_and(|u| u.is_active);
+            if used_by != user_id || !active || current.as_ref().map(|(_, e)| e) != Some(&email) {
+                // Rolled back: nothing changes, the token stays unused.
+                return Err(Error::Refused {
+                    reason: Reason::AccountTokenInvalid,
+                    message: "invalid reset token",
+                });
+            }
+            if !db::users::set_password_hash(conn, user_id, &new_hash).await? {
+                return Err(Error::Refused {
+                    reason: Reason::AccountTokenInvalid,
+                    message: "invalid reset token",
+                });
+            }
+            super::password_changed(conn, user_id, None, EndReason::PasswordReset).await
+        })
+        .await?;
         tracing::info!(user_id = %user_id, sessions_ended = ended, "password reset");
         Ok(())
     }

@@ -2,10 +2,10 @@
 //! Token verification (VerifyToken and the bearer check of every
 //! authenticated call) is in `service::verify`.
 
+use super::audit;
 use std::time::Duration;
 
 use chrono::Utc;
-use diesel_async::AsyncConnection;
 use uuid::Uuid;
 
 use crate::db::{
@@ -199,7 +199,13 @@ impl AuthService {
             refresh_hash: &refresh.hash,
             refresh_expire_time: refresh_expire,
         };
-        if !sessions::start(conn, &row, password_changed_at).await? {
+        // The session starts as the user's own doing: the password proved
+        // who the anonymous caller is.
+        let started = audit::transaction_as(conn, &audit::as_user(user.id), async |conn| {
+            sessions::start(conn, &row, password_changed_at).await
+        })
+        .await?;
+        if !started {
             return Ok(None);
         }
         let groups = db::groups::of_user(conn, user.id).await?;
@@ -247,41 +253,44 @@ impl AuthService {
         // Rotation, the fresh read and signing commit together: if anything
         // after the rotation fails, the old token stays current, so that the
         // client's retry is not mistaken for reuse.
-        let outcome = conn
-            .transaction(async |conn| {
-                let rotation =
-                    sessions::rotate(conn, &old, &new.hash, refresh_expire, KEEP_RETIRED).await?;
-                let Rotation::Rotated {
-                    session_id,
-                    user_id,
-                } = rotation
-                else {
-                    return Ok(Err(rotation));
-                };
-                let fresh = sessions::fresh(conn, user_id, session_id, true)
-                    .await?
-                    .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
-                if self.require_verified && !fresh.user.is_verified {
-                    // Rolled back: the token stays current, usable once the
-                    // address is verified.
-                    return Err(email_not_verified());
-                }
-                let tokens = self.issue(
-                    &fresh.user,
-                    fresh.groups.as_deref().unwrap_or_default(),
-                    session_id,
-                    new.token.clone(),
-                    refresh_expire,
-                )?;
-                Ok::<_, Error>(Ok((tokens, fresh.user, session_id, user_id)))
-            })
-            .await?;
+        let outcome = audit::transaction(&mut conn, async |conn| {
+            let rotation =
+                sessions::rotate(conn, &old, &new.hash, refresh_expire, KEEP_RETIRED).await?;
+            let Rotation::Rotated {
+                session_id,
+                user_id,
+            } = rotation
+            else {
+                return Ok(Err(rotation));
+            };
+            let fresh = sessions::fresh(conn, user_id, session_id, true)
+                .await?
+                .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
+            if self.require_verified && !fresh.user.is_verified {
+                // Rolled back: the token stays current, usable once the
+                // address is verified.
+                return Err(email_not_verified());
+            }
+            let tokens = self.issue(
+                &fresh.user,
+                fresh.groups.as_deref().unwrap_or_default(),
+                session_id,
+                new.token.clone(),
+                refresh_expire,
+            )?;
+            Ok::<_, Error>(Ok((tokens, fresh.user, session_id, user_id)))
+        })
+        .await?;
         let (tokens, user, session_id, user_id) = match outcome {
             Ok(issued) => issued,
             Err(Rotation::Reused) => {
                 // Outside the rolled-back transaction: reuse ends the session
-                // for good.
-                sessions::end_reused(&mut conn, &old).await?;
+                // for good. Recorded with no actor: whoever replayed the
+                // token is not proven to be its user.
+                audit::transaction(&mut conn, async |conn| {
+                    sessions::end_reused(conn, &old).await
+                })
+                .await?;
                 return Err(Error::InvalidToken(Reason::SessionEnded));
             }
             Err(_) => return Err(Error::InvalidToken(Reason::RefreshTokenInvalid)),
@@ -305,17 +314,26 @@ impl AuthService {
             .await?
             .ok_or(Error::InvalidToken(Reason::RefreshTokenInvalid))?;
         let (session_id, user_id) = (owner.session_id, owner.user_id);
-        if all_sessions {
+        // The refresh token speaks for its user: the changes are theirs.
+        let origin = audit::as_user(user_id);
+        if all_sessions && !owner.current_and_live {
             // Only the current token of a live session speaks for the user:
             // an old one (which may have leaked) ends its own session only.
-            if !owner.current_and_live {
-                sessions::end(&mut conn, session_id, EndReason::Logout).await?;
-                return Err(Error::InvalidToken(Reason::RefreshTokenInvalid));
-            }
-            sessions::end_all_of_user(&mut conn, user_id, None, EndReason::Logout).await?;
-        } else {
-            sessions::end(&mut conn, session_id, EndReason::Logout).await?;
+            audit::transaction_as(&mut conn, &origin, async |conn| {
+                sessions::end(conn, session_id, EndReason::Logout).await
+            })
+            .await?;
+            return Err(Error::InvalidToken(Reason::RefreshTokenInvalid));
         }
+        audit::transaction_as(&mut conn, &origin, async |conn| {
+            if all_sessions {
+                sessions::end_all_of_user(conn, user_id, None, EndReason::Logout).await?;
+            } else {
+                sessions::end(conn, session_id, EndReason::Logout).await?;
+            }
+            Ok::<_, db::Error>(())
+        })
+        .await?;
         tracing::info!(user_id = %user_id, session_id = %session_id, all_sessions, "logged out");
         Ok(())
     }
@@ -359,16 +377,15 @@ impl AuthService {
         let hash = self.hasher.hash(&new).await?;
         let mut conn = db::conn(&self.pool).await?;
         let (user_id, keep) = (user.id, caller.session_id);
-        let ended = conn
-            .transaction(async |conn| {
-                // Only over the password just checked: a password set meanwhile
-                // (SetPassword) is not silently overwritten.
-                if !db::users::replace_password_hash(conn, user_id, changed_at, &hash).await? {
-                    return Err(Error::InvalidCredentials);
-                }
-                super::password_changed(conn, user_id, Some(keep), EndReason::PasswordChanged).await
-            })
-            .await?;
+        let ended = audit::transaction(&mut conn, async |conn| {
+            // Only over the password just checked: a password set meanwhile
+            // (SetPassword) is not silently overwritten.
+            if !db::users::replace_password_hash(conn, user_id, changed_at, &hash).await? {
+                return Err(Error::InvalidCredentials);
+            }
+            super::password_changed(conn, user_id, Some(keep), EndReason::PasswordChanged).await
+        })
+        .await?;
         tracing::info!(other_sessions_ended = ended, "password changed");
         Ok(())
     }

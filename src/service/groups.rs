@@ -2,6 +2,7 @@
 
 use uuid::Uuid;
 
+use super::audit;
 use crate::db::{self, Pool, groups::NewGroupRow};
 use crate::domain::{Group, Groupname, PageRequest, Slug, User, text};
 use crate::error::{Error, Field, Resource};
@@ -53,7 +54,9 @@ impl GroupService {
             search: &search,
         };
         let mut conn = db::conn(&self.pool).await?;
-        let group = match db::groups::insert(&mut conn, &row).await {
+        let inserted =
+            audit::transaction(&mut conn, async |conn| db::groups::insert(conn, &row).await).await;
+        let group = match inserted {
             Err(db::Error::Unique(db::UniqueKey::GroupsSlug)) if derived => {
                 return Err(Error::AlreadyExists {
                     field: Field::Slug,
@@ -96,7 +99,9 @@ impl GroupService {
     #[tracing::instrument(skip(self))]
     pub async fn delete(&self, id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
-        if !db::groups::delete(&mut conn, id).await? {
+        let deleted =
+            audit::transaction(&mut conn, async |conn| db::groups::delete(conn, id).await).await?;
+        if !deleted {
             return Err(Error::NotFound(Resource::Group));
         }
         tracing::info!(group_id = %id, "group deleted");
@@ -107,7 +112,10 @@ impl GroupService {
     #[tracing::instrument(skip(self))]
     pub async fn add_member(&self, group_id: Uuid, user_id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
-        db::groups::add_member(&mut conn, group_id, user_id).await?;
+        audit::transaction(&mut conn, async |conn| {
+            db::groups::add_member(conn, group_id, user_id).await
+        })
+        .await?;
         tracing::info!(group_id = %group_id, user_id = %user_id, "member added");
         Ok(())
     }
@@ -122,7 +130,10 @@ impl GroupService {
             (_, false) => return Err(Error::NotFound(Resource::User)),
             _ => {}
         }
-        db::groups::remove_member(&mut conn, group_id, user_id).await?;
+        audit::transaction(&mut conn, async |conn| {
+            db::groups::remove_member(conn, group_id, user_id).await
+        })
+        .await?;
         tracing::info!(group_id = %group_id, user_id = %user_id, "member removed");
         Ok(())
     }

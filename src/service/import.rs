@@ -3,6 +3,7 @@
 //! rules and its hash against the accepted formats, then created through
 //! the one path that creates users, in a savepoint of its own.
 
+use super::audit;
 use std::collections::BTreeMap;
 
 use diesel_async::AsyncConnection;
@@ -105,26 +106,25 @@ impl AccountService {
         }
         let checked: Vec<Result<ValidUser, String>> = users.into_iter().map(validate).collect();
         let mut conn = db::conn(&self.pool).await?;
-        let outcomes = conn
-            .transaction(async |conn| {
-                // One import at a time: concurrent runs of overlapping files
-                // would otherwise race on the same names (or deadlock).
-                diesel_async::SimpleAsyncConnection::batch_execute(
-                    conn,
-                    "SELECT pg_advisory_xact_lock(7263551846239217)",
-                )
-                .await?;
-                let mut outcomes = Vec::with_capacity(checked.len());
-                for user in &checked {
-                    let outcome = match user {
-                        Err(why) => ImportOutcome::Refused(why.clone()),
-                        Ok(user) => import_one(conn, user).await?,
-                    };
-                    outcomes.push(outcome);
-                }
-                Ok::<_, Error>(outcomes)
-            })
+        let outcomes = audit::transaction(&mut conn, async |conn| {
+            // One import at a time: concurrent runs of overlapping files
+            // would otherwise race on the same names (or deadlock).
+            diesel_async::SimpleAsyncConnection::batch_execute(
+                conn,
+                "SELECT pg_advisory_xact_lock(7263551846239217)",
+            )
             .await?;
+            let mut outcomes = Vec::with_capacity(checked.len());
+            for user in &checked {
+                let outcome = match user {
+                    Err(why) => ImportOutcome::Refused(why.clone()),
+                    Ok(user) => import_one(conn, user).await?,
+                };
+                outcomes.push(outcome);
+            }
+            Ok::<_, Error>(outcomes)
+        })
+        .await?;
         let imported = outcomes
             .iter()
             .filter(|o| matches!(o, ImportOutcome::Imported(_)))

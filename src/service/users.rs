@@ -1,6 +1,6 @@
 //! The UserService use cases.
 
-use diesel_async::AsyncConnection;
+use super::audit;
 use uuid::Uuid;
 
 use crate::db::{
@@ -194,8 +194,7 @@ impl UserService {
             attributes: new.attributes.to_json(),
         };
         let mut conn = db::conn(&self.pool).await?;
-        let user = conn
-            .transaction(async |conn| insert_account(conn, &account).await)
+        let user = audit::transaction(&mut conn, async |conn| insert_account(conn, &account).await)
             .await?;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
@@ -230,40 +229,39 @@ impl UserService {
     #[tracing::instrument(skip(self, update))]
     pub async fn update(&self, id: Uuid, update: UserUpdate) -> Result<User, Error> {
         let mut conn = db::conn(&self.pool).await?;
-        let user = conn
-            .transaction(async |conn| {
-                let demotes = update.is_superuser == Some(false) || update.is_active == Some(false);
-                if demotes {
-                    keep_a_superuser(conn, id).await?;
-                }
-                let Some(current) = db::users::by_id_for_update(conn, id).await? else {
-                    return Err(Error::NotFound(Resource::User));
-                };
-                let first_name = update.first_name.unwrap_or(current.first_name);
-                let last_name = update.last_name.unwrap_or(current.last_name);
-                let changes = UserChangesRow {
-                    search: text::search_text(&[
-                        &current.username,
-                        &current.email,
-                        &first_name,
-                        &last_name,
-                    ]),
-                    first_name,
-                    last_name,
-                    is_superuser: update.is_superuser.unwrap_or(current.is_superuser),
-                    is_active: update.is_active.unwrap_or(current.is_active),
-                    is_verified: update.is_verified.unwrap_or(current.is_verified),
-                    attributes: update
-                        .attributes
-                        .as_ref()
-                        .map_or(current.attributes, Attributes::to_json),
-                    update_time: chrono::Utc::now(),
-                };
-                db::users::update(conn, id, &changes)
-                    .await?
-                    .ok_or(Error::NotFound(Resource::User))
-            })
-            .await?;
+        let user = audit::transaction(&mut conn, async |conn| {
+            let demotes = update.is_superuser == Some(false) || update.is_active == Some(false);
+            if demotes {
+                keep_a_superuser(conn, id).await?;
+            }
+            let Some(current) = db::users::by_id_for_update(conn, id).await? else {
+                return Err(Error::NotFound(Resource::User));
+            };
+            let first_name = update.first_name.unwrap_or(current.first_name);
+            let last_name = update.last_name.unwrap_or(current.last_name);
+            let changes = UserChangesRow {
+                search: text::search_text(&[
+                    &current.username,
+                    &current.email,
+                    &first_name,
+                    &last_name,
+                ]),
+                first_name,
+                last_name,
+                is_superuser: update.is_superuser.unwrap_or(current.is_superuser),
+                is_active: update.is_active.unwrap_or(current.is_active),
+                is_verified: update.is_verified.unwrap_or(current.is_verified),
+                attributes: update
+                    .attributes
+                    .as_ref()
+                    .map_or(current.attributes, Attributes::to_json),
+                update_time: chrono::Utc::now(),
+            };
+            db::users::update(conn, id, &changes)
+                .await?
+                .ok_or(Error::NotFound(Resource::User))
+        })
+        .await?;
         tracing::info!(user_id = %id, "user updated");
         Ok(user)
     }
@@ -273,7 +271,7 @@ impl UserService {
     #[tracing::instrument(skip(self))]
     pub async fn delete(&self, id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
-        conn.transaction(async |conn| {
+        audit::transaction(&mut conn, async |conn| {
             keep_a_superuser(conn, id).await?;
             if db::users::delete(conn, id).await? {
                 Ok(())
@@ -301,15 +299,14 @@ impl UserService {
             .map_err(|e| Error::invalid("new_password", e))?;
         let hash = self.hasher.hash(&password).await?;
         let mut conn = db::conn(&self.pool).await?;
-        let ended = conn
-            .transaction(async |conn| {
-                if !db::users::set_password_hash(conn, id, &hash).await? {
-                    return Err(Error::NotFound(Resource::User));
-                }
-                // A new password from an administrator also lifts a lock.
-                super::password_changed(conn, id, None, EndReason::PasswordSet).await
-            })
-            .await?;
+        let ended = audit::transaction(&mut conn, async |conn| {
+            if !db::users::set_password_hash(conn, id, &hash).await? {
+                return Err(Error::NotFound(Resource::User));
+            }
+            // A new password from an administrator also lifts a lock.
+            super::password_changed(conn, id, None, EndReason::PasswordSet).await
+        })
+        .await?;
         tracing::info!(user_id = %id, sessions_ended = ended, "password set");
         Ok(())
     }

@@ -20,7 +20,8 @@ use uuid::Uuid;
 
 pub use pb::{
     account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient,
-    group_service_client::GroupServiceClient, user_service_client::UserServiceClient,
+    change_service_client::ChangeServiceClient, group_service_client::GroupServiceClient,
+    user_service_client::UserServiceClient,
 };
 
 /// Adds `authorization: Bearer <token>` to every call, when there is one.
@@ -55,6 +56,7 @@ pub struct Clients {
     pub groups: GroupServiceClient<Authed>,
     pub auth: AuthServiceClient<Authed>,
     pub accounts: AccountServiceClient<Authed>,
+    pub changes: ChangeServiceClient<Authed>,
 }
 
 impl Clients {
@@ -65,7 +67,8 @@ impl Clients {
             users: UserServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             groups: GroupServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             auth: AuthServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            accounts: AccountServiceClient::with_interceptor(channel.clone(), bearer),
+            accounts: AccountServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            changes: ChangeServiceClient::with_interceptor(channel.clone(), bearer),
         }
     }
 

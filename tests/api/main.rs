@@ -13,6 +13,7 @@ mod helpers;
 mod accounts;
 mod auth;
 mod authz;
+mod changes;
 mod cli;
 mod examples;
 mod faults;

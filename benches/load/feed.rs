@@ -254,7 +254,7 @@ impl Bench<'_> {
         delay.ok = tally.in_window;
         delay.latency = tally.delay;
         for (label, n) in [
-            ("MISSING_CHANGE", missing),
+            ("UNDELIVERED", missing),
             ("EXTRA_CHANGE", extra),
             ("OUT_OF_ORDER", tally.out_of_order),
             ("NOT_DRAINED", u64::from(!drained)),
@@ -277,7 +277,7 @@ impl Bench<'_> {
             ),
             format!(
                 "exactly once: {total} successful writes (warm-up included), {} USER_UPDATED \
-                 changes for them, {missing} missing, {extra} extra, {} out of order, \
+                 changes for them, {missing} undelivered when the drain ended, {extra} extra, {} out of order, \
                  {} changes received in all",
                 total - missing + extra,
                 tally.out_of_order,

@@ -12,6 +12,7 @@
 #![allow(unreachable_pub, missing_docs)]
 
 mod drive;
+mod feed;
 mod report;
 mod scenarios;
 mod seed;
@@ -47,7 +48,7 @@ pub struct Settings {
     pub smoke: bool,
 }
 
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
     "health",
     "db",
     "hashing",
@@ -58,6 +59,8 @@ pub const ALL: [&str; 10] = [
     "refresh",
     "login",
     "flood",
+    "feed",
+    "feed_cost",
 ];
 
 impl Settings {
@@ -169,7 +172,8 @@ async fn run(settings: Settings) -> bool {
         .await
         .expect("a hash");
 
-    let mut bench = Bench::connect(&settings, &config, &server, pool, hash).await;
+    let mut bench =
+        Bench::connect(&settings, &config, &server, (&url, &scratch.0), pool, hash).await;
     let mut seeded = Seeded::default();
     let mut results: Vec<SizeResult> = Vec::new();
     for &size in &settings.sizes {

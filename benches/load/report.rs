@@ -6,17 +6,24 @@ use std::{fmt::Write as _, path::PathBuf};
 use identity::config::Config;
 use serde_json::json;
 
-use crate::{Settings, drive::Outcome, server::Server};
+use crate::{
+    Settings,
+    drive::Outcome,
+    server::{CpuMark, CpuShares, Server},
+};
 
 /// One measured line.
 pub struct Row {
     pub name: String,
     pub label: String,
     pub outcome: Outcome,
-    /// The server's CPU over the scenario, in % of one core.
-    pub server_cpu: Option<f64>,
+    /// The CPU of the server, the load generator and PostgreSQL over the
+    /// scenario, each in % of one core.
+    pub cpu: Option<CpuShares>,
     /// The server's peak resident set size over the scenario, in bytes.
     pub server_rss: Option<u64>,
+    /// Lines printed under the row (and kept in the JSON).
+    pub notes: Vec<String>,
 }
 
 impl Row {
@@ -25,14 +32,21 @@ impl Row {
             name: name.into(),
             label: label.into(),
             outcome,
-            server_cpu: None,
+            cpu: None,
             server_rss: None,
+            notes: Vec::new(),
         }
     }
 
-    pub fn with_server(mut self, server: &Server, cpu_before: f64, elapsed: f64) -> Self {
-        self.server_cpu = Some((server.cpu_seconds() - cpu_before) / elapsed * 100.0);
+    /// The CPU since `mark` and the server's peak memory.
+    pub fn with_server(mut self, server: &Server, mark: &CpuMark) -> Self {
+        self.cpu = Some(mark.shares(server));
         self.server_rss = Some(server.peak_rss());
+        self
+    }
+
+    pub fn with_notes(mut self, notes: Vec<String>) -> Self {
+        self.notes = notes;
         self
     }
 }
@@ -61,6 +75,8 @@ fn ceiling_of(name: &str) -> Option<&'static str> {
         "list_users" => Some("health"),
         "login" | "flood_login" => Some("hashing"),
         "flood_verify" => Some("verify"),
+        "update_feed" | "update_feed2" => Some("update_nofeed"),
+        "create_feed" | "create_feed2" => Some("create_nofeed"),
         _ => None,
     }
 }
@@ -134,6 +150,38 @@ fn targets(config: &Config, results: &[SizeResult]) -> Vec<Target> {
             .filter_map(|row| row.server_rss)
             .max()
             .map(|b| b as f64 / 1048576.0);
+        for (op, name) in [("UpdateUser", "update"), ("CreateUser", "create")] {
+            let with = [
+                r.rate(&format!("{name}_feed")),
+                r.rate(&format!("{name}_feed2")),
+            ];
+            let with = match with {
+                [Some(a), Some(b)] => Some((a + b) / 2.0),
+                [a, b] => a.or(b),
+            };
+            out.push(Target {
+                what: format!(
+                    "{n} users: {op} with the change feed / without (mean of the runs with)"
+                ),
+                value: ratio(with, r.rate(&format!("{name}_nofeed"))),
+                limit: 0.8,
+                at_least: true,
+            });
+        }
+        out.push(Target {
+            what: format!("{n} users: change feed delivery delay p99, ms (commit to a watcher on another replica)"),
+            value: p99("feed_delay"),
+            limit: 100.0,
+            at_least: false,
+        });
+        out.push(Target {
+            what: format!("{n} users: change feed: writes not delivered exactly once, in order"),
+            value: r
+                .get("feed_delay")
+                .map(|row| row.outcome.errors.values().sum::<u64>() as f64),
+            limit: 0.0,
+            at_least: false,
+        });
         out.push(Target {
             what: format!("{n} users: peak RSS of the server, MiB (64 + hashing x argon2 memory)"),
             value: peak,
@@ -173,7 +221,7 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{:<14} {:>8} {:>10} {:>7} {:>8} {:>8} {:>8}  {:<9} {:>6} {:>7} {:>8}",
+        "\n{:<14} {:>8} {:>10} {:>7} {:>8} {:>8} {:>8}  {:<13} {:>6} {:>7} {:>7} {:>7} {:>8}",
         "scenario",
         "users",
         "ok/s",
@@ -184,6 +232,8 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
         "vs",
         "ratio",
         "srv CPU",
+        "gen CPU",
+        "pg CPU",
         "srv RSS"
     );
     let mut failed = false;
@@ -197,7 +247,7 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
             let vs = ratio(Some(o.per_second()), ceiling.and_then(|c| r.rate(c)));
             let _ = writeln!(
                 out,
-                "{:<14} {:>8} {:>10.1} {:>7} {:>8.2} {:>8.2} {:>8.2}  {:<9} {:>6} {:>7} {:>8}",
+                "{:<14} {:>8} {:>10.1} {:>7} {:>8.2} {:>8.2} {:>8.2}  {:<13} {:>6} {:>7} {:>7} {:>7} {:>8}",
                 row.name,
                 r.users,
                 o.per_second(),
@@ -207,12 +257,17 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
                 o.ms(0.99),
                 ceiling.unwrap_or("-"),
                 vs.map_or("-".into(), |v| format!("{v:.2}")),
-                row.server_cpu.map_or("-".into(), |c| format!("{c:.0}%")),
+                percent(row.cpu.map(|c| c.server)),
+                percent(row.cpu.map(|c| c.generator)),
+                percent(row.cpu.and_then(|c| c.postgres)),
                 row.server_rss
                     .map_or("-".into(), |b| format!("{:.1}M", b as f64 / 1048576.0)),
             );
             if !o.errors.is_empty() {
                 let _ = writeln!(out, "{:<14}   errors: {:?}", "", o.errors);
+            }
+            for note in &row.notes {
+                let _ = writeln!(out, "{:<14}   {note}", "");
             }
             if settings.smoke && (o.ok == 0 || errors > 0) {
                 failed = true;
@@ -231,8 +286,11 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
                 },
                 "ceiling": ceiling,
                 "ratio_to_ceiling": vs,
-                "server_cpu_percent": row.server_cpu,
+                "server_cpu_percent": row.cpu.map(|c| c.server),
+                "generator_cpu_percent": row.cpu.map(|c| c.generator),
+                "postgres_cpu_percent": row.cpu.and_then(|c| c.postgres),
                 "server_peak_rss_bytes": row.server_rss,
+                "notes": row.notes,
             }));
         }
         sizes_json.push(json!({
@@ -312,6 +370,10 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
         eprintln!("smoke run: a scenario failed calls or made none");
     }
     failed
+}
+
+fn percent(share: Option<f64>) -> String {
+    share.map_or("-".into(), |c| format!("{c:.0}%"))
 }
 
 fn target_dir() -> PathBuf {

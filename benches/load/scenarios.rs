@@ -1,6 +1,7 @@
 //! The scenarios and the ceilings, each a list of calls for the driver.
 
 use std::{
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -30,7 +31,7 @@ use crate::{
     drive::{self, Call, Outcome, Rng, Window, code},
     report::Row,
     seed::{self, Seeded},
-    server::Server,
+    server::{CpuMark, Server},
 };
 
 /// A logged-in user: what its tokens name, and the tokens.
@@ -44,8 +45,14 @@ pub struct Session {
 
 /// Everything the scenarios share.
 pub struct Bench<'a> {
-    settings: &'a Settings,
-    server: &'a Server,
+    pub settings: &'a Settings,
+    pub server: &'a Server,
+    /// The server's database, for a second replica.
+    pub database_url: String,
+    /// The server's keys, for a second replica.
+    pub keys_dir: PathBuf,
+    /// Where a second replica may keep its DATA_DIR.
+    pub scratch: PathBuf,
     pub pool: Pool,
     pub hash: String,
     channels: Vec<Channel>,
@@ -54,7 +61,8 @@ pub struct Bench<'a> {
     issuer: String,
     audience: String,
     jwks: jsonwebtoken::jwk::JwkSet,
-    admin: MetadataValue<tonic::metadata::Ascii>,
+    /// The bearer token of a superuser.
+    pub admin: MetadataValue<tonic::metadata::Ascii>,
     sessions: Vec<Session>,
     /// VerifyToken alone, for the mixed scenario's comparison.
     pub verify_alone: Option<Outcome>,
@@ -81,6 +89,7 @@ impl<'a> Bench<'a> {
         settings: &'a Settings,
         config: &Config,
         server: &'a Server,
+        (database_url, scratch): (&str, &Path),
         pool: Pool,
         hash: String,
     ) -> Self {
@@ -100,6 +109,9 @@ impl<'a> Bench<'a> {
         Self {
             settings,
             server,
+            database_url: database_url.to_owned(),
+            keys_dir: scratch.join("keys"),
+            scratch: scratch.to_owned(),
             pool,
             hash,
             channels,
@@ -210,30 +222,39 @@ impl<'a> Bench<'a> {
                 vec![self.measure("login", "Login", calls).await]
             }
             "flood" => self.flood(ids.len()).await,
+            "feed" => self.feed(&ids).await,
+            "feed_cost" => self.feed_cost(&ids).await,
             "hashing" => vec![self.hashing_ceiling()],
             "jwt" => vec![self.jwt_ceiling()],
             other => unreachable!("unknown scenario {other}"),
         }
     }
 
-    fn window(&self) -> Window {
+    pub fn window(&self) -> Window {
         Window::after(self.settings.warmup(), self.settings.measure())
     }
 
-    /// Drives `calls`, with the server's CPU and peak memory around them.
+    /// Drives `calls`, with the CPU and the server's peak memory around
+    /// them.
     async fn measure(&self, name: &str, label: &str, calls: Vec<Call>) -> Row {
-        self.server.reset_peak_rss();
-        let cpu = self.server.cpu_seconds();
-        let started = Instant::now();
-        let outcome = drive::drive(calls, self.window()).await;
-        Row::new(name, label, outcome).with_server(
-            self.server,
-            cpu,
-            started.elapsed().as_secs_f64(),
-        )
+        self.measure_in(name, label, calls, self.window()).await
     }
 
-    fn channel(&self, worker: usize) -> Channel {
+    /// As [`Self::measure`], in `window`.
+    pub async fn measure_in(
+        &self,
+        name: &str,
+        label: &str,
+        calls: Vec<Call>,
+        window: Window,
+    ) -> Row {
+        self.server.reset_peak_rss();
+        let mark = CpuMark::now(self.server);
+        let outcome = drive::drive(calls, window).await;
+        Row::new(name, label, outcome).with_server(self.server, &mark)
+    }
+
+    pub fn channel(&self, worker: usize) -> Channel {
         self.channels[worker % self.channels.len()].clone()
     }
 
@@ -435,19 +456,14 @@ impl<'a> Bench<'a> {
         let logins: Vec<Call> = (0..n).map(|w| self.login_call(n + w, users)).collect();
         let verifies = self.verify_calls(n);
         self.server.reset_peak_rss();
-        let cpu = self.server.cpu_seconds();
-        let started = Instant::now();
+        let mark = CpuMark::now(self.server);
         let window = self.window();
         let (login, verify) =
             tokio::join!(drive::drive(logins, window), drive::drive(verifies, window));
-        let elapsed = started.elapsed().as_secs_f64();
         vec![
-            Row::new("flood_verify", "VerifyToken under a login flood", verify).with_server(
-                self.server,
-                cpu,
-                elapsed,
-            ),
-            Row::new("flood_login", "Login flood", login).with_server(self.server, cpu, elapsed),
+            Row::new("flood_verify", "VerifyToken under a login flood", verify)
+                .with_server(self.server, &mark),
+            Row::new("flood_login", "Login flood", login).with_server(self.server, &mark),
         ]
     }
 

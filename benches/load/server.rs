@@ -1,5 +1,6 @@
 //! The server under test: the release-built `identity serve` in its own
-//! process, and what `/proc` says about it.
+//! process, and what `/proc` says about it, about the load generator (this
+//! process) and about the embedded PostgreSQL cluster.
 
 use std::{
     io::{BufRead, BufReader},
@@ -7,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// A running `identity serve`. Dropping it sends SIGTERM and waits.
@@ -15,6 +16,8 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub pid: i32,
+    /// The embedded cluster's `postmaster.pid`, when this server runs one.
+    postmaster_pid: Option<PathBuf>,
 }
 
 impl Server {
@@ -76,7 +79,14 @@ impl Server {
             Err(_) => panic!("identity serve not ready within 5 minutes"),
         };
         let pid = child.id() as i32;
-        Self { child, addr, pid }
+        Self {
+            child,
+            addr,
+            pid,
+            postmaster_pid: database_url
+                .is_none()
+                .then(|| data_dir.join("pg").join("postmaster.pid")),
+        }
     }
 
     /// Resets the peak resident set size the kernel keeps (VmHWM).
@@ -93,6 +103,94 @@ impl Server {
     /// CPU time (user + system) used so far, in seconds.
     pub fn cpu_seconds(&self) -> f64 {
         cpu_seconds(self.pid)
+    }
+
+    /// CPU time used so far by the embedded PostgreSQL cluster this server
+    /// started: the postmaster, its live children (the backends and
+    /// background workers), and the children it has reaped. None on
+    /// `DATABASE_URL`.
+    pub fn postgres_cpu_seconds(&self) -> Option<f64> {
+        let file = self.postmaster_pid.as_ref()?;
+        let postmaster: i32 = std::fs::read_to_string(file)
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()?;
+        let mut ticks = 0;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Some(fields) = stat_fields(pid) else {
+                continue;
+            };
+            let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
+            if pid == postmaster {
+                // utime, stime, cutime, cstime (fields 14 to 17)
+                ticks += (11..=14).filter_map(field).sum::<u64>();
+            } else if field(1) == Some(postmaster as u64) {
+                ticks += (11..=12).filter_map(field).sum::<u64>();
+            }
+        }
+        Some(ticks as f64 / clock_ticks())
+    }
+}
+
+/// CPU seconds used so far by the processes a scenario loads, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    at: Instant,
+    server: f64,
+    generator: f64,
+    postgres: Option<f64>,
+}
+
+/// CPU used between a mark and now, in % of one core.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CpuShares {
+    /// The server under test.
+    pub server: f64,
+    /// This process: the load generator.
+    pub generator: f64,
+    /// The embedded cluster, when the server runs one.
+    pub postgres: Option<f64>,
+}
+
+impl CpuMark {
+    pub fn now(server: &Server) -> Self {
+        Self {
+            at: Instant::now(),
+            server: server.cpu_seconds(),
+            generator: cpu_seconds(std::process::id() as i32),
+            postgres: server.postgres_cpu_seconds(),
+        }
+    }
+
+    /// The shares since this mark.
+    pub fn shares(&self, server: &Server) -> CpuShares {
+        let elapsed = self.at.elapsed().as_secs_f64().max(1e-9);
+        let share = |now: f64, then: f64| (now - then) / elapsed * 100.0;
+        let now = Self::now(server);
+        CpuShares {
+            server: share(now.server, self.server),
+            generator: share(now.generator, self.generator),
+            postgres: now
+                .postgres
+                .zip(self.postgres)
+                .map(|(now, then)| share(now, then)),
+        }
+    }
+
+    /// Another server's share since this mark (a second replica).
+    pub fn server_share(&self, other: &Server, other_before: f64) -> f64 {
+        let elapsed = self.at.elapsed().as_secs_f64().max(1e-9);
+        (other.cpu_seconds() - other_before) / elapsed * 100.0
     }
 }
 
@@ -115,18 +213,27 @@ fn status_kib(pid: i32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (which may hold
+/// spaces): index 0 is field 3 (state), 1 the parent's pid, 11 and 12 utime
+/// and stime, 13 and 14 the reaped children's.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at 3.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let fields = stat_fields(pid).unwrap_or_default();
     let ticks: u64 = [11, 12] // utime, stime (fields 14 and 15)
         .iter()
         .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
         .sum();
+    ticks as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// A folder removed when dropped.

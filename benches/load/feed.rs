@@ -201,7 +201,7 @@ impl Bench<'_> {
                     let now = Utc::now();
                     tally.lock().expect("unpoisoned").add(&response, now, wall);
                     if let Ok(cursor) = Cursor::parse(&response.cursor) {
-                        seen_tx.send_replace(cursor.position);
+                        seen_tx.send_replace(cursor.xid);
                     }
                 }
             }
@@ -463,7 +463,8 @@ impl Bench<'_> {
             .unwrap_or_else(|e| panic!("{verb} the feed's triggers: {e}"));
     }
 
-    /// The last position filed in the feed.
+    /// The transaction of the newest change in the feed: a watcher whose
+    /// cursor reaches it has everything written so far.
     async fn feed_head(&self) -> i64 {
         #[derive(diesel::QueryableByName)]
         struct Head {
@@ -471,11 +472,14 @@ impl Bench<'_> {
             position: i64,
         }
         let mut conn = self.pool.get().await.expect("a connection");
-        diesel::sql_query("SELECT position FROM change_clock")
-            .get_result::<Head>(&mut conn)
-            .await
-            .expect("the head of the feed")
-            .position
+        diesel::sql_query(
+            "SELECT COALESCE((SELECT xid::text::bigint FROM changes \
+             ORDER BY xid DESC, seq DESC LIMIT 1), 0) AS position",
+        )
+        .get_result::<Head>(&mut conn)
+        .await
+        .expect("the head of the feed")
+        .position
     }
 
     /// The cluster's settings that decide what a commit waits for.

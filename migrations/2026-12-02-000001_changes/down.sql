@@ -11,7 +11,5 @@ DROP TRIGGER users_changed ON users;
 DROP FUNCTION identity_users_changed();
 DROP FUNCTION identity_record_change(smallint, uuid, uuid, uuid, text[], text);
 DROP TABLE changes;
-DROP FUNCTION identity_change_commit();
 DROP SEQUENCE changes_seq;
-DROP TABLE change_commits;
-DROP TABLE change_clock;
+DROP TABLE change_purge;

@@ -3,35 +3,32 @@
 -- change's own transaction, so that a change made by hand in SQL or by
 -- `identity import` is recorded too.
 --
--- Commit order. A change row gets its place in the feed at commit, not when
--- it is written: a deferred trigger bumps the one row of `change_clock` and
--- files the transaction under the new number in `change_commits`. The
--- clock's row lock is held until the transaction has ended and is visible
--- to every reader (PostgreSQL releases row locks after a commit is visible),
--- so numbers are handed out in commit order; an aborted transaction rolls
--- its number back, so the numbers have no holes. A reader that has seen
--- number n has therefore seen every number below n: resuming after n never
--- skips a change. Changes of one transaction share its number and keep the
--- order they were written in (`seq`).
+-- Order without gaps. Each change row carries its transaction's id
+-- (`pg_current_xact_id()`, 64 bits, never reused) and a sequence number;
+-- the feed is ordered by (xid, seq). A reader reads only rows whose xid is
+-- below the xmin of its snapshot (`pg_snapshot_xmin(pg_current_snapshot())`):
+-- every transaction with a lower id has ended by then, so no row can
+-- appear later below that line, and a reader that has read everything
+-- below it and resumes after its cursor never skips a change. Every reader
+-- sees the same order. A transaction that began after another committed
+-- has a higher id, so causally ordered changes are in order; concurrent
+-- transactions are ordered by id. No lock is taken at commit, so writers
+-- commit (and flush) in parallel.
+--
+-- Waking readers. A transaction run by the service sets
+-- identity.announce = 'on', and the service announces its commits itself
+-- (a NOTIFY of its own, after the commit, that never holds up a writer);
+-- any other transaction (SQL by hand, `identity import`) notifies from the
+-- trigger.
 
-CREATE TABLE change_clock (
-    one            boolean PRIMARY KEY DEFAULT true CHECK (one),
-    -- the last number handed out
-    position       bigint  NOT NULL,
-    -- every number up to this one has been purged (CHANGES_RETENTION)
-    purged_through bigint  NOT NULL
+-- Every change up to this cursor (xid, seq) has been purged
+-- (CHANGES_RETENTION); a reader behind it has missed changes.
+CREATE TABLE change_purge (
+    one  boolean PRIMARY KEY DEFAULT true CHECK (one),
+    xid  xid8    NOT NULL,
+    seq  bigint  NOT NULL
 );
-INSERT INTO change_clock (one, position, purged_through) VALUES (true, 0, 0);
-
--- One row per committed transaction that made changes.
-CREATE TABLE change_commits (
-    position    bigint      PRIMARY KEY,
-    xid         xid8        NOT NULL,
-    commit_time timestamptz NOT NULL,
-    CONSTRAINT change_commits_xid_key UNIQUE (xid)
-);
-
-CREATE INDEX change_commits_commit_time ON change_commits (commit_time);
+INSERT INTO change_purge (one, xid, seq) VALUES (true, '0', 0);
 
 CREATE SEQUENCE changes_seq;
 
@@ -39,46 +36,28 @@ CREATE SEQUENCE changes_seq;
 -- `rpc` and `request_id` come from the transaction-local settings
 -- identity.actor_id, identity.rpc and identity.request_id that the service
 -- sets at the start of every transaction it runs (empty for SQL by hand).
+-- `record_time` is when the change was written (its transaction commits
+-- right after).
 CREATE TABLE changes (
-    xid        xid8     NOT NULL DEFAULT pg_current_xact_id(),
-    seq        bigint   NOT NULL DEFAULT nextval('changes_seq'),
-    kind       smallint NOT NULL,
-    user_id    uuid,
-    session_id uuid,
-    group_id   uuid,
-    api_key_id uuid,
-    actor_id   uuid,
-    rpc        text     NOT NULL DEFAULT '',
-    request_id text     NOT NULL DEFAULT '',
-    fields     text[]   NOT NULL DEFAULT '{}',
-    end_reason text     NOT NULL DEFAULT '',
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    seq         bigint      NOT NULL DEFAULT nextval('changes_seq'),
+    record_time timestamptz NOT NULL DEFAULT clock_timestamp(),
+    kind        smallint    NOT NULL,
+    user_id     uuid,
+    session_id  uuid,
+    group_id    uuid,
+    api_key_id  uuid,
+    actor_id    uuid,
+    rpc         text        NOT NULL DEFAULT '',
+    request_id  text        NOT NULL DEFAULT '',
+    fields      text[]      NOT NULL DEFAULT '{}',
+    end_reason  text        NOT NULL DEFAULT '',
     PRIMARY KEY (xid, seq)
 );
 
-CREATE INDEX changes_user_id ON changes (user_id) WHERE user_id IS NOT NULL;
-CREATE INDEX changes_actor_id ON changes (actor_id) WHERE actor_id IS NOT NULL;
-
--- Files the transaction under the next number of the clock, once, at commit.
-CREATE FUNCTION identity_change_commit() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_position bigint;
-BEGIN
-    IF current_setting('identity.change_filed', true) = 't' THEN
-        RETURN NULL;
-    END IF;
-    UPDATE change_clock SET position = position + 1 RETURNING position INTO v_position;
-    INSERT INTO change_commits (position, xid, commit_time)
-    VALUES (v_position, pg_current_xact_id(), clock_timestamp());
-    PERFORM set_config('identity.change_filed', 't', true);
-    PERFORM pg_notify('identity_changes', v_position::text);
-    RETURN NULL;
-END
-$$;
-
-CREATE CONSTRAINT TRIGGER changes_file_at_commit
-    AFTER INSERT ON changes DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION identity_change_commit();
+CREATE INDEX changes_record_time ON changes (record_time);
+CREATE INDEX changes_user_id ON changes (user_id, xid, seq) WHERE user_id IS NOT NULL;
+CREATE INDEX changes_actor_id ON changes (actor_id, xid, seq) WHERE actor_id IS NOT NULL;
 
 -- Records one change with the calling transaction's actor, RPC and request id.
 CREATE FUNCTION identity_record_change(
@@ -94,6 +73,9 @@ BEGIN
             COALESCE(current_setting('identity.rpc', true), ''),
             COALESCE(current_setting('identity.request_id', true), ''),
             p_fields, COALESCE(p_end_reason, ''));
+    IF current_setting('identity.announce', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pg_notify('identity_changes', '');
+    END IF;
 END
 $$;
 

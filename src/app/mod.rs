@@ -273,6 +273,12 @@ impl Application {
                 .clone()
                 .listen(self.database.url.clone(), health_stopped.clone()),
         );
+        let announcer = tokio::spawn(
+            self.changes
+                .clone()
+                .announce_commits(health_stopped.clone()),
+        );
+        let announces = self.changes.announcer();
         let reloader = tokio::spawn(reload_keys(
             self.keys.clone(),
             self.pool.clone(),
@@ -313,7 +319,7 @@ impl Application {
             .layer(ShedLayer::new(self.limits.max_concurrent_requests))
             .layer(DeadlineLayer::new(self.limits.request_timeout))
             .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
-            .layer(AuthLayer::new(self.auth));
+            .layer(AuthLayer::new(self.auth, announces));
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let streams = self.streams.clone();
         let signalled = async move {
@@ -377,6 +383,7 @@ impl Application {
         let _ = reloader.await;
         let _ = janitor.await;
         let _ = listener.await;
+        let _ = announcer.await;
         drop(self.pool);
         self.database.close().await?;
         result?;

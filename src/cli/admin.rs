@@ -156,6 +156,7 @@ pub(super) async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), St
         let users = UserService::new(pool, hasher);
         let created = crate::service::audit::within(
             super::import::command_origin("identity createsuperuser"),
+            None,
             users.create(NewUser {
                 username,
                 email,

@@ -92,10 +92,11 @@ async fn read_lines(
             continue;
         }
         let (numbers, users): (Vec<usize>, Vec<ImportedUser>) = batch.into_iter().unzip();
-        let outcomes = crate::service::audit::within(command_origin("identity import"), async {
-            accounts.import(users).await
-        })
-        .await?;
+        let outcomes =
+            crate::service::audit::within(command_origin("identity import"), None, async {
+                accounts.import(users).await
+            })
+            .await?;
         for (number, outcome) in numbers.iter().zip(outcomes) {
             match outcome {
                 ImportOutcome::Imported(_) => imported += 1,
@@ -121,5 +122,6 @@ pub(super) fn command_origin(command: &str) -> crate::db::changes::Origin {
         actor_id: None,
         rpc: command.to_owned(),
         request_id: uuid::Uuid::now_v7().to_string(),
+        announce: false,
     }
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{Error, prepared};
 use crate::domain::{Change, ChangeKind, Cursor};
 
-/// The channel the commit trigger notifies, with the new position.
+/// The channel on which commits of changes are announced (no payload).
 pub const CHANNEL: &str = "identity_changes";
 
 /// Who makes the changes of a transaction: what the triggers record as
@@ -27,6 +27,10 @@ pub struct Origin {
     pub rpc: String,
     /// The call's request id.
     pub request_id: String,
+    /// Whether the caller announces the commit itself (the service does,
+    /// after the commit, so that no writer waits on PostgreSQL's
+    /// notification lock); otherwise the triggers notify.
+    pub announce: bool,
 }
 
 impl Origin {
@@ -45,10 +49,12 @@ impl Origin {
         let actor = self.actor_id.map(|u| u.to_string()).unwrap_or_default();
         format!(
             "BEGIN; SELECT set_config('identity.actor_id', {}, true), \
-             set_config('identity.rpc', {}, true), set_config('identity.request_id', {}, true)",
+             set_config('identity.rpc', {}, true), set_config('identity.request_id', {}, true), \
+             set_config('identity.announce', {}, true)",
             literal(&actor),
             literal(&self.rpc),
             literal(&self.request_id),
+            literal(if self.announce { "on" } else { "" }),
         )
     }
 }
@@ -102,26 +108,40 @@ pub struct Filter {
 /// One read of the feed.
 #[derive(Debug)]
 pub struct Read {
-    /// The changes after the cursor, in commit order.
+    /// The changes after the cursor, in feed order.
     pub changes: Vec<Change>,
-    /// The last position filed when the read was made.
-    pub head: i64,
-    /// Every position up to this one has been purged.
-    pub purged_through: i64,
+    /// Every transaction below it that could write here had ended by the
+    /// read's snapshot, and the read saw all of their changes that pass the
+    /// filter (up to its limit).
+    pub horizon: i64,
+    /// Every change up to this cursor (the last one purged) has been purged.
+    pub purged: Cursor,
+    /// The snapshot's xmax: no transaction at or above it had begun to
+    /// write, so no cursor of this feed can be there.
+    pub xmax: i64,
+    /// The transaction of the newest change visible, if any: at or above
+    /// the horizon, committed changes wait for an older transaction to end.
+    pub newest: Option<i64>,
 }
 
 #[derive(Debug, QueryableByName)]
 struct ReadRow {
     #[diesel(sql_type = BigInt)]
-    head: i64,
+    horizon: i64,
     #[diesel(sql_type = BigInt)]
-    purged_through: i64,
+    xmax: i64,
+    #[diesel(sql_type = BigInt)]
+    purged_xid: i64,
+    #[diesel(sql_type = BigInt)]
+    purged_seq: i64,
     #[diesel(sql_type = Nullable<BigInt>)]
-    position: Option<i64>,
+    newest: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    xid: Option<i64>,
     #[diesel(sql_type = Nullable<BigInt>)]
     seq: Option<i64>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
-    commit_time: Option<DateTime<Utc>>,
+    record_time: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<SmallInt>)]
     kind: Option<i16>,
     #[diesel(sql_type = Nullable<SqlUuid>)]
@@ -148,10 +168,10 @@ impl ReadRow {
     fn change(self) -> Option<Change> {
         Some(Change {
             cursor: Cursor {
-                position: self.position?,
+                xid: self.xid?,
                 seq: self.seq?,
             },
-            commit_time: self.commit_time?,
+            commit_time: self.record_time?,
             // A number no kind has (written by hand) is skipped.
             kind: ChangeKind::from_number(i32::from(self.kind?))?,
             user_id: self.user_id,
@@ -169,8 +189,9 @@ impl ReadRow {
 
 struct ReadSql;
 
-/// At most `limit` changes after `after` that pass `filter`, with the head
-/// and the purge mark of the same snapshot.
+/// At most `limit` changes after `after` that pass `filter`, below the
+/// horizon, with the horizon, the purge mark and the newest change of the
+/// same snapshot.
 pub async fn read(
     conn: &mut AsyncPgConnection,
     after: Cursor,
@@ -181,7 +202,7 @@ pub async fn read(
         (!filter.kinds.is_empty()).then(|| filter.kinds.iter().map(|k| *k as i16).collect());
     let rows: Vec<ReadRow> = prepared::<ReadSql, _>(
         diesel::sql_query(include_str!("sql/changes_read.sql"))
-            .bind::<BigInt, _>(after.position)
+            .bind::<BigInt, _>(after.xid)
             .bind::<BigInt, _>(after.seq)
             .bind::<Nullable<Array<Int2>>, _>(kinds)
             .bind::<Nullable<SqlUuid>, _>(filter.user_id)
@@ -190,39 +211,51 @@ pub async fn read(
     )
     .load(conn)
     .await?;
-    let (head, purged_through) = <[ReadRow]>::first(&rows)
-        .map(|r| (r.head, r.purged_through))
-        .unwrap_or_default();
+    let first = <[ReadRow]>::first(&rows)
+        .ok_or_else(|| Error::Other("the feed's read returned no row".into()))?;
+    let (horizon, xmax, purged, newest) = (
+        first.horizon,
+        first.xmax,
+        Cursor {
+            xid: first.purged_xid,
+            seq: first.purged_seq,
+        },
+        first.newest,
+    );
     Ok(Read {
         changes: rows.into_iter().filter_map(ReadRow::change).collect(),
-        head,
-        purged_through,
+        horizon,
+        purged,
+        xmax,
+        newest,
     })
 }
 
-/// The last position filed, and the purge mark: `(head, purged_through)`.
-pub async fn head(conn: &mut AsyncPgConnection) -> Result<(i64, i64), Error> {
-    use super::schema::change_clock;
-    Ok(change_clock::table
-        .select((change_clock::position, change_clock::purged_through))
-        .first(conn)
-        .await?)
+/// The horizon, the purge mark and the newest change, without reading
+/// changes.
+pub async fn head(conn: &mut AsyncPgConnection) -> Result<Read, Error> {
+    read(conn, Cursor::default(), &Filter::default(), 0).await
 }
 
-/// Deletes the changes committed before `before`, whole commits at a time,
-/// and moves the purge mark past them; returns how many changes went.
+/// Deletes the changes recorded before `before` (whole transactions, only
+/// below the horizon) and moves the purge mark past them; returns how many
+/// changes went.
 pub async fn purge(conn: &mut AsyncPgConnection, before: DateTime<Utc>) -> Result<usize, Error> {
+    // Below the snapshot's xmin (a stricter line than the readers' horizon:
+    // this runs hourly, and need not know which database a transaction is
+    // in).
     let deleted: Vec<CountRow> = diesel::sql_query(
-        "WITH gone AS ( \
-             DELETE FROM change_commits \
-             WHERE position <= (SELECT max(position) FROM change_commits WHERE commit_time < $1) \
-             RETURNING position, xid), \
-         removed AS (DELETE FROM changes WHERE xid IN (SELECT xid FROM gone) RETURNING 1), \
+        "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon), \
+         m AS ( \
+             SELECT c.xid FROM changes c, h \
+             WHERE c.record_time < $1 AND c.xid < h.horizon \
+             ORDER BY c.xid DESC LIMIT 1), \
+         gone AS (DELETE FROM changes c USING m WHERE c.xid <= m.xid RETURNING c.xid, c.seq), \
+         last AS (SELECT xid, seq FROM gone ORDER BY xid DESC, seq DESC LIMIT 1), \
          marked AS ( \
-             UPDATE change_clock SET purged_through = GREATEST(purged_through, \
-                 (SELECT max(position) FROM gone)) \
-             WHERE EXISTS (SELECT 1 FROM gone) RETURNING 1) \
-         SELECT (SELECT count(*) FROM removed) AS n, (SELECT count(*) FROM marked) AS m",
+             UPDATE change_purge p SET xid = last.xid, seq = last.seq \
+             FROM last WHERE (last.xid, last.seq) > (p.xid, p.seq) RETURNING 1) \
+         SELECT (SELECT count(*) FROM gone) AS n, (SELECT count(*) FROM marked) AS m",
     )
     .bind::<Timestamptz, _>(before)
     .load(conn)
@@ -245,6 +278,20 @@ pub async fn record_keys_changed(conn: &mut AsyncPgConnection) -> Result<(), Err
         .bind::<SmallInt, _>(ChangeKind::KeysChanged as i16)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// Tells every listener that changes committed: a transaction of its own
+/// that does not wait for its commit to be flushed (a notification lost in
+/// a crash costs a poll, nothing more).
+pub async fn announce(conn: &mut AsyncPgConnection) -> Result<(), Error> {
+    use diesel_async::SimpleAsyncConnection;
+    // One statement, so its own transaction: the setting holds for its
+    // commit, and nothing is left open if the call is cancelled.
+    conn.batch_execute(&format!(
+        "SELECT set_config('synchronous_commit', 'off', true), pg_notify('{CHANNEL}', '')"
+    ))
+    .await?;
     Ok(())
 }
 

@@ -88,12 +88,8 @@ constraints! {
         LoginAttemptsPkey = "login_attempts_pkey",
         /// `account_tokens.hash`.
         AccountTokensPkey = "account_tokens_pkey",
-        /// `change_clock.one` (the clock has one row).
-        ChangeClockPkey = "change_clock_pkey",
-        /// `change_commits.position`.
-        ChangeCommitsPkey = "change_commits_pkey",
-        /// `change_commits.xid`.
-        ChangeCommitsXid = "change_commits_xid_key",
+        /// `change_purge.one` (the purge mark has one row).
+        ChangePurgePkey = "change_purge_pkey",
         /// `changes (xid, seq)`.
         ChangesPkey = "changes_pkey",
     }
@@ -122,7 +118,7 @@ constraints! {
 pub const CHECKS: &[&str] = &[
     "users_attributes_is_object",
     "account_tokens_purpose_check",
-    "change_clock_one_check",
+    "change_purge_one_check",
 ];
 
 impl From<diesel::result::Error> for Error {

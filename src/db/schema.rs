@@ -111,21 +111,13 @@ pub mod sql_types {
 }
 
 diesel::table! {
-    change_clock (one) {
-        one -> Bool,
-        position -> Int8,
-        purged_through -> Int8,
-    }
-}
-
-diesel::table! {
     use diesel::sql_types::*;
     use super::sql_types::Xid8;
 
-    change_commits (position) {
-        position -> Int8,
+    change_purge (one) {
+        one -> Bool,
         xid -> Xid8,
-        commit_time -> Timestamptz,
+        seq -> Int8,
     }
 }
 
@@ -136,6 +128,7 @@ diesel::table! {
     changes (xid, seq) {
         xid -> Xid8,
         seq -> Int8,
+        record_time -> Timestamptz,
         kind -> Int2,
         user_id -> Nullable<Uuid>,
         session_id -> Nullable<Uuid>,
@@ -163,7 +156,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     login_failures,
     login_attempts,
     account_tokens,
-    change_clock,
-    change_commits,
+    change_purge,
     changes
 );

@@ -79,22 +79,24 @@ impl ChangeKind {
     }
 }
 
-/// Where a reader stands: after the change numbered `seq` of the
-/// transaction filed at `position` (`seq` = `i64::MAX`: after all of it).
-/// Shown to clients as 32 hexadecimal digits, which they treat as opaque.
+/// Where a reader stands: after the change numbered `seq` of transaction
+/// `xid` (`seq` = `i64::MAX`: after all of it, and of every transaction
+/// before it). The feed is ordered by (xid, seq). Shown to clients as 32
+/// hexadecimal digits, which they treat as opaque.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cursor {
-    /// The commit's place in the feed (`change_commits.position`).
-    pub position: i64,
-    /// The change's number within the feed (`changes.seq`).
+    /// The transaction's id (`changes.xid`, PostgreSQL's 64-bit xid8).
+    pub xid: i64,
+    /// The change's number (`changes.seq`).
     pub seq: i64,
 }
 
 impl Cursor {
-    /// After every change of the commit at `position`.
-    pub const fn after_commit(position: i64) -> Cursor {
+    /// After every change of every transaction below `horizon`, whose
+    /// changes are all final.
+    pub const fn before(horizon: i64) -> Cursor {
         Cursor {
-            position,
+            xid: horizon - 1,
             seq: i64::MAX,
         }
     }
@@ -105,18 +107,18 @@ impl Cursor {
         if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(BAD);
         }
-        let position = i64::from_str_radix(&s[..16], 16).map_err(|_| BAD)?;
+        let xid = i64::from_str_radix(&s[..16], 16).map_err(|_| BAD)?;
         let seq = i64::from_str_radix(&s[16..], 16).map_err(|_| BAD)?;
-        if position < 0 || seq < 0 {
+        if xid < 0 || seq < 0 {
             return Err(BAD);
         }
-        Ok(Cursor { position, seq })
+        Ok(Cursor { xid, seq })
     }
 }
 
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}{:016x}", self.position, self.seq)
+        write!(f, "{:016x}{:016x}", self.xid, self.seq)
     }
 }
 
@@ -125,7 +127,8 @@ impl std::fmt::Display for Cursor {
 pub struct Change {
     /// Where a reader stands after it.
     pub cursor: Cursor,
-    /// When its transaction committed.
+    /// When it was recorded, in its transaction (which commits right
+    /// after).
     pub commit_time: chrono::DateTime<chrono::Utc>,
     /// What it did.
     pub kind: ChangeKind,
@@ -155,15 +158,9 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_order_as_the_feed() {
-        let a = Cursor {
-            position: 41,
-            seq: 7,
-        };
-        let b = Cursor::after_commit(41);
-        let c = Cursor {
-            position: 42,
-            seq: 1,
-        };
+        let a = Cursor { xid: 41, seq: 7 };
+        let b = Cursor::before(42);
+        let c = Cursor { xid: 42, seq: 1 };
         assert!(a < b && b < c);
         for x in [a, b, c] {
             assert_eq!(Cursor::parse(&x.to_string()), Ok(x));

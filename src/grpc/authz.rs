@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::error::Reason;
-use crate::service::{AuthService, verify::Authenticated};
+use crate::service::{AuthService, changes::Announcer, verify::Authenticated};
 
 /// Who is calling.
 #[derive(Debug, Clone)]
@@ -196,12 +196,14 @@ fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     auth: AuthService,
+    announcer: Announcer,
 }
 
 impl AuthLayer {
-    /// Verifies tokens with `auth`.
-    pub fn new(auth: AuthService) -> Self {
-        Self { auth }
+    /// Verifies tokens with `auth`; the calls' commits of changes are
+    /// announced by `announcer`.
+    pub fn new(auth: AuthService, announcer: Announcer) -> Self {
+        Self { auth, announcer }
     }
 }
 
@@ -212,6 +214,7 @@ impl<S> Layer<S> for AuthLayer {
         AuthMiddleware {
             inner,
             auth: self.auth.clone(),
+            announcer: self.announcer.clone(),
         }
     }
 }
@@ -221,6 +224,7 @@ impl<S> Layer<S> for AuthLayer {
 pub struct AuthMiddleware<S> {
     inner: S,
     auth: AuthService,
+    announcer: Announcer,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthMiddleware<S>
@@ -243,6 +247,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
+        let announcer = self.announcer.clone();
         Box::pin(async move {
             let access = access(request.uri().path());
             let token = match access {
@@ -278,9 +283,10 @@ where
                     .get::<crate::telemetry::RequestId>()
                     .map(|id| id.0.clone())
                     .unwrap_or_default(),
+                announce: true,
             };
             request.extensions_mut().insert(caller);
-            crate::service::audit::within(origin, inner.call(request)).await
+            crate::service::audit::within(origin, Some(announcer), inner.call(request)).await
         })
     }
 }

@@ -1,31 +1,46 @@
 //! Who is acting: the origin (actor, RPC, request id) of the call being
 //! served, kept for the length of the call in a task-local, and the
 //! transaction every service runs its writes in, which hands that origin
-//! to the change feed's triggers (`db::changes::transaction`).
+//! to the change feed's triggers (`db::changes::transaction`) and, once it
+//! has committed, announces the commit to every replica's watchers.
 
 use diesel_async::AsyncPgConnection;
 use uuid::Uuid;
 
+use super::changes::Announcer;
 use crate::db::changes::{self, Origin};
 
-tokio::task_local! {
-    static ORIGIN: Origin;
+/// The call being served: its origin, and who announces its commits.
+#[derive(Debug, Clone)]
+struct Call {
+    origin: Origin,
+    announcer: Option<Announcer>,
 }
 
-/// Runs `call` with `origin` as the origin of every change it makes.
-pub async fn within<F: Future>(origin: Origin, call: F) -> F::Output {
-    ORIGIN.scope(origin, call).await
+tokio::task_local! {
+    static CALL: Call;
+}
+
+/// Runs `call` with `origin` as the origin of every change it makes;
+/// `announcer` (the replica's) announces each commit to the watchers, else
+/// the triggers notify them.
+pub async fn within<F: Future>(origin: Origin, announcer: Option<Announcer>, call: F) -> F::Output {
+    let origin = Origin {
+        announce: announcer.is_some(),
+        ..origin
+    };
+    CALL.scope(Call { origin, announcer }, call).await
 }
 
 /// The origin of the call being served; empty outside a call.
 pub fn current() -> Origin {
-    ORIGIN.try_with(Clone::clone).unwrap_or_default()
+    CALL.try_with(|c| c.origin.clone()).unwrap_or_default()
 }
 
 /// The origin of the call being served, acting as `actor`: for calls that
 /// prove who the caller is by other means than a bearer token (Login by
-/// password, Logout and Refresh by refresh token, ResetPassword and
-/// ConfirmEmail by account token).
+/// password, Logout by refresh token, ResetPassword and ConfirmEmail by
+/// account token).
 pub fn as_user(actor: Uuid) -> Origin {
     Origin {
         actor_id: Some(actor),
@@ -40,7 +55,25 @@ where
     F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    changes::transaction(conn, &current(), f).await
+    transaction_as(conn, &current(), f).await
+}
+
+/// As [`transaction`], for a transaction that records no change (the
+/// rotation of a refresh token): no announcement after it. Should it record
+/// one all the same, its triggers notify the watchers.
+pub async fn transaction_without_changes<T, E, F>(
+    conn: &mut AsyncPgConnection,
+    f: F,
+) -> Result<T, E>
+where
+    F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    let origin = Origin {
+        announce: false,
+        ..current()
+    };
+    changes::transaction(conn, &origin, f).await
 }
 
 /// As [`transaction`], with `origin` instead of the current call's.
@@ -53,5 +86,12 @@ where
     F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    changes::transaction(conn, origin, f).await
+    let result = changes::transaction(conn, origin, f).await;
+    if result.is_ok()
+        && origin.announce
+        && let Ok(Some(announcer)) = CALL.try_with(|c| c.announcer.clone())
+    {
+        announcer.announce();
+    }
+    result
 }

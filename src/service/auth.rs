@@ -253,7 +253,7 @@ impl AuthService {
         // Rotation, the fresh read and signing commit together: if anything
         // after the rotation fails, the old token stays current, so that the
         // client's retry is not mistaken for reuse.
-        let outcome = audit::transaction(&mut conn, async |conn| {
+        let outcome = audit::transaction_without_changes(&mut conn, async |conn| {
             let rotation =
                 sessions::rotate(conn, &old, &new.hash, refresh_expire, KEEP_RETIRED).await?;
             let Rotation::Rotated {

@@ -3,10 +3,13 @@
 //! the listener that wakes the watchers when any replica commits a change,
 //! and the hourly purge of changes older than `CHANGES_RETENTION`.
 //!
-//! The feed is ordered and gap-free by construction (the commit clock of
-//! `migrations/*_changes/up.sql`, see docs/changes.md), so a reader needs no
-//! more than "everything after my cursor": every read here is one
-//! statement, which also returns the head of the feed in the same snapshot.
+//! The feed is ordered by (transaction id, sequence) and read only below
+//! the horizon (the snapshot's xmin: every transaction below it has ended),
+//! so "everything after my cursor, below the horizon" never skips a change
+//! (`migrations/*_changes/up.sql`, docs/changes.md). Every read is one
+//! statement, which also returns the horizon of its snapshot. Commits are
+//! announced by the replica that made them (the [`Announcer`]), after the
+//! commit, and heard by every replica's listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,7 @@ use crate::db::{self, Pool, changes::Filter};
 use crate::domain::{Change, ChangeKind, Cursor};
 use crate::error::{Error, Reason};
 use futures::Stream;
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -29,20 +32,26 @@ const BATCH: i64 = 500;
 const SLOW_POLL: Duration = Duration::from_millis(500);
 /// How often the listener checks that its connection still answers.
 const LISTENER_PING: Duration = Duration::from_secs(5);
+/// The first wait before reading again when committed changes wait behind
+/// a transaction still running (doubling up to [`SLOW_POLL`]).
+const PENDING_RETRY: Duration = Duration::from_millis(2);
+/// The longest ListChanges, or the start of a WatchChanges from now, waits
+/// for changes already committed to pass the horizon.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// The feed's metrics, registered with the others by [`crate::metrics`].
 #[derive(Clone, Debug)]
 pub struct FeedMetrics {
     /// WatchChanges streams open now.
     pub watchers: IntGauge,
-    /// Commits filed in the feed (on any replica), as heard by this one.
+    /// Announcements of commits (from any replica), as heard by this one.
     pub commits: IntCounter,
     /// Changes sent to watchers, by kind.
     pub delivered: IntCounterVec,
     /// From a change's commit to its sending to a watcher.
     pub delay: Histogram,
-    /// How far the slowest open stream is behind the head, in commits.
-    pub lag: IntGauge,
+    /// How far behind the furthest-behind open stream is, in seconds.
+    pub lag: Gauge,
 }
 
 impl FeedMetrics {
@@ -52,7 +61,8 @@ impl FeedMetrics {
             watchers: IntGauge::new("identity_change_streams", "WatchChanges streams open now.")?,
             commits: IntCounter::new(
                 "identity_changes_written_total",
-                "Transactions filed in the change feed by any replica, as this replica heard them.",
+                "Announcements of committed changes (from any replica, one per burst of commits), \
+                 as this replica's listener heard them.",
             )?,
             delivered: IntCounterVec::new(
                 Opts::new(
@@ -70,9 +80,10 @@ impl FeedMetrics {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ]),
             )?,
-            lag: IntGauge::new(
-                "identity_change_stream_lag",
-                "Commits between the head of the feed and the slowest open WatchChanges stream.",
+            lag: Gauge::new(
+                "identity_change_stream_lag_seconds",
+                "How old the last change sent is on the open WatchChanges stream furthest behind \
+                 (0 when every stream has caught up).",
             )?,
         })
     }
@@ -89,12 +100,25 @@ impl FeedMetrics {
     }
 }
 
-/// What the listener tells the watchers: bumped on every commit heard, and
-/// whether it is connected (when not, watchers poll).
+/// What the listener tells the watchers: bumped on every announcement
+/// heard, and whether it is connected (when not, watchers poll).
 #[derive(Debug, Clone, Copy, Default)]
 struct Heard {
     commits: u64,
     listening: bool,
+}
+
+/// Announces this replica's commits of changes to every replica: one
+/// NOTIFY at a time, after the commits, each covering all the commits made
+/// while the previous one was under way. Writers never wait for it.
+#[derive(Debug, Clone, Default)]
+pub struct Announcer(Arc<tokio::sync::Notify>);
+
+impl Announcer {
+    /// Asks for an announcement (returns at once).
+    pub fn announce(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// ListChanges and WatchChanges.
@@ -104,8 +128,9 @@ pub struct ChangeService {
     heartbeat: Duration,
     heard: watch::Receiver<Heard>,
     heard_tx: Arc<watch::Sender<Heard>>,
+    announcer: Announcer,
     metrics: FeedMetrics,
-    lags: Arc<std::sync::Mutex<std::collections::HashMap<u64, i64>>>,
+    lags: Arc<std::sync::Mutex<std::collections::HashMap<u64, f64>>>,
     next_stream: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -121,7 +146,7 @@ impl std::fmt::Debug for ChangeService {
 /// One page of ListChanges, or one response of WatchChanges.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// The changes, in commit order.
+    /// The changes, in feed order.
     pub changes: Vec<Change>,
     /// Where the reader stands after them.
     pub cursor: Cursor,
@@ -137,29 +162,51 @@ impl ChangeService {
             heartbeat,
             heard: rx,
             heard_tx: Arc::new(tx),
+            announcer: Announcer::default(),
             metrics,
             lags: Arc::default(),
             next_stream: Arc::default(),
         }
     }
 
+    /// This replica's announcer, for the calls that write.
+    pub fn announcer(&self) -> Announcer {
+        self.announcer.clone()
+    }
+
     /// ListChanges: at most `page_size` changes after `after` (none: the
-    /// oldest kept) that pass `filter`, and the cursor to go on from.
+    /// oldest kept) that pass `filter`, and the cursor to go on from. A
+    /// short page holds every change committed before the call, unless a
+    /// transaction older than them runs on for more than a second (their
+    /// place in the feed is not final until it ends).
     pub async fn list(
         &self,
         after: Option<Cursor>,
         filter: &Filter,
         page_size: i64,
     ) -> Result<Batch, Error> {
+        let start = after.unwrap_or_default();
         let mut conn = db::conn(&self.pool).await?;
-        let start = after.unwrap_or(Cursor::after_commit(0));
-        let read = db::changes::read(&mut conn, start, filter, page_size).await?;
+        let deadline = Instant::now() + SETTLE;
+        let mut wait = PENDING_RETRY;
+        let mut read = db::changes::read(&mut conn, start, filter, page_size).await?;
+        // The newest change committed before the call: wait (briefly) until
+        // it is final, so that the page holds it.
+        let target = read.newest;
+        while (read.changes.len() as i64) < page_size
+            && target.is_some_and(|n| n >= read.horizon)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(SLOW_POLL);
+            read = db::changes::read(&mut conn, start, filter, page_size).await?;
+        }
         let start = match after {
             Some(cursor) => {
-                check_cursor(cursor, read.head, read.purged_through)?;
+                check_cursor(cursor, &read)?;
                 cursor
             }
-            None => start,
+            None => start.max(read.purged),
         };
         Ok(advance(start, read, page_size))
     }
@@ -185,15 +232,27 @@ impl ChangeService {
         // The start is checked now, so that a bad cursor fails the call
         // rather than its stream.
         let mut conn = db::conn(&self.pool).await?;
-        let (head, purged_through) = db::changes::head(&mut conn).await?;
-        drop(conn);
+        let mut head = db::changes::head(&mut conn).await?;
         let cursor = match after {
             Some(cursor) => {
-                check_cursor(cursor, head, purged_through)?;
+                check_cursor(cursor, &head)?;
                 cursor
             }
-            None => Cursor::after_commit(head),
+            None => {
+                // From now: after every change committed before the call,
+                // once they are final (briefly waited for).
+                let deadline = Instant::now() + SETTLE;
+                let mut wait = PENDING_RETRY;
+                let target = head.newest;
+                while target.is_some_and(|n| n >= head.horizon) && Instant::now() < deadline {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(SLOW_POLL);
+                    head = db::changes::head(&mut conn).await?;
+                }
+                Cursor::before(head.horizon)
+            }
         };
+        drop(conn);
         let id = self
             .next_stream
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -220,9 +279,30 @@ impl ChangeService {
         }))
     }
 
-    /// Listens for commits on a connection of its own until `stopped`,
-    /// waking the watchers on each; reconnects after a second when the
-    /// connection is lost (the watchers poll meanwhile).
+    /// Announces this replica's commits until `stopped`: wakes the local
+    /// watchers at once, then NOTIFYs every replica's listener.
+    pub async fn announce_commits(self, mut stopped: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.announcer.0.notified() => {}
+                _ = stopped.changed() => return,
+            }
+            self.heard_tx.send_modify(|h| h.commits += 1);
+            let result = async {
+                let mut conn = db::conn(&self.pool).await?;
+                db::changes::announce(&mut conn).await
+            }
+            .await;
+            if let Err(e) = result {
+                // The other replicas' watchers poll while they hear nothing.
+                tracing::debug!(error = %e, "a commit was not announced");
+            }
+        }
+    }
+
+    /// Listens for announcements on a connection of its own until
+    /// `stopped`, waking the watchers on each; reconnects after a second
+    /// when the connection is lost (the watchers poll meanwhile).
     pub async fn listen(self, database_url: String, mut stopped: watch::Receiver<bool>) {
         use futures::StreamExt;
         loop {
@@ -275,7 +355,7 @@ impl ChangeService {
         }
     }
 
-    fn update_lag(&self, id: u64, behind: Option<i64>) {
+    fn update_lag(&self, id: u64, behind: Option<f64>) {
         let mut lags = self.lags.lock().unwrap_or_else(|p| p.into_inner());
         match behind {
             Some(b) => {
@@ -287,11 +367,11 @@ impl ChangeService {
         }
         self.metrics
             .lag
-            .set(lags.values().copied().max().unwrap_or(0));
+            .set(lags.values().copied().fold(0.0, f64::max));
     }
 }
 
-/// The purge of changes committed longer than `retention` ago; returns how
+/// The purge of changes recorded longer than `retention` ago; returns how
 /// many went.
 pub async fn purge(pool: &Pool, retention: Duration) -> Result<usize, Error> {
     let mut conn = db::conn(pool).await?;
@@ -299,15 +379,16 @@ pub async fn purge(pool: &Pool, retention: Duration) -> Result<usize, Error> {
     Ok(db::changes::purge(&mut conn, chrono::Utc::now() - retention).await?)
 }
 
-/// A cursor the feed can resume from: not purged, not ahead of the head.
-fn check_cursor(cursor: Cursor, head: i64, purged_through: i64) -> Result<(), Error> {
-    if cursor.position < purged_through {
+/// A cursor the feed can resume from: not purged, and not beyond every
+/// transaction begun so far (a cursor of another database).
+fn check_cursor(cursor: Cursor, read: &db::changes::Read) -> Result<(), Error> {
+    if cursor < read.purged {
         return Err(Error::Refused {
             reason: Reason::CursorExpired,
             message: "the cursor is older than CHANGES_RETENTION: start again from empty and re-read state",
         });
     }
-    if cursor.position > head {
+    if cursor.xid >= read.xmax {
         return Err(Error::invalid(
             "after_cursor",
             "is ahead of the feed: not a cursor from this service's database",
@@ -318,13 +399,13 @@ fn check_cursor(cursor: Cursor, head: i64, purged_through: i64) -> Result<(), Er
 
 /// The batch a read makes, and where its reader stands after it: after
 /// the last change, or, when the read came back short (it saw everything
-/// up to the head), after the head, so that a filtered reader does not
-/// scan the same unmatched changes again.
+/// below the horizon), after the horizon, so that a filtered reader does
+/// not scan the same unmatched changes again.
 fn advance(start: Cursor, read: db::changes::Read, limit: i64) -> Batch {
     let full = read.changes.len() as i64 >= limit;
     let mut cursor = read.changes.last().map_or(start, |c| c.cursor);
     if !full {
-        cursor = cursor.max(Cursor::after_commit(read.head));
+        cursor = cursor.max(Cursor::before(read.horizon));
     }
     Batch {
         changes: read.changes,
@@ -375,17 +456,27 @@ impl Watcher {
     /// heartbeat when one is due.
     async fn next(&mut self) -> Result<Batch, Error> {
         let heartbeat = self.service.heartbeat;
+        let mut retry = PENDING_RETRY;
         loop {
             // Marked seen before the read, so that a commit heard during
             // the read wakes the wait below instead of being lost.
             let listening = self.heard.borrow_and_update().listening;
+            let pending;
             match self.read().await {
                 Ok(read) => {
-                    let head = read.head;
+                    let full = read.changes.len() as i64 >= BATCH;
+                    // Committed changes wait behind a transaction still
+                    // running: read again soon, not at the next commit.
+                    pending = !full && read.newest.is_some_and(|n| n >= read.horizon);
                     let batch = advance(self.cursor, read, BATCH);
                     self.cursor = batch.cursor;
-                    self.service
-                        .update_lag(self.id, Some(head - self.cursor.position.min(head)));
+                    let behind = match (full, batch.changes.last()) {
+                        (true, Some(last)) => {
+                            (chrono::Utc::now() - last.commit_time).num_milliseconds() as f64 / 1e3
+                        }
+                        _ => 0.0,
+                    };
+                    self.service.update_lag(self.id, Some(behind.max(0.0)));
                     if !batch.changes.is_empty() || self.first || Instant::now() >= self.next_beat {
                         self.first = false;
                         self.next_beat = Instant::now() + heartbeat;
@@ -401,17 +492,18 @@ impl Watcher {
                 }
                 Err(e) => return Err(e),
             }
-            let poll = async {
-                if listening {
-                    std::future::pending::<()>().await
-                } else {
-                    tokio::time::sleep(SLOW_POLL).await
-                }
+            let wait = if pending {
+                let wait = retry;
+                retry = (retry * 2).min(SLOW_POLL);
+                wait
+            } else {
+                retry = PENDING_RETRY;
+                if listening { heartbeat } else { SLOW_POLL }
             };
             tokio::select! {
                 _ = self.heard.changed() => {}
                 _ = tokio::time::sleep_until(self.next_beat) => {}
-                _ = poll => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -419,7 +511,7 @@ impl Watcher {
     async fn read(&mut self) -> Result<db::changes::Read, Error> {
         let mut conn = db::conn(&self.service.pool).await?;
         let read = db::changes::read(&mut conn, self.cursor, &self.filter, BATCH).await?;
-        check_cursor(self.cursor, read.head, read.purged_through)?;
+        check_cursor(self.cursor, &read)?;
         Ok(read)
     }
 

@@ -28,10 +28,8 @@ impl From<db::Error> for Error {
                 | UniqueKey::LoginFailuresPkey
                 | UniqueKey::LoginAttemptsPkey
                 | UniqueKey::AccountTokensPkey
-                // Written by the feed's triggers under the clock's lock.
-                | UniqueKey::ChangeClockPkey
-                | UniqueKey::ChangeCommitsPkey
-                | UniqueKey::ChangeCommitsXid
+                // The feed's: one purge mark, rows keyed by xid and sequence.
+                | UniqueKey::ChangePurgePkey
                 | UniqueKey::ChangesPkey => Error::internal(db::Error::Unique(key)),
             },
             db::Error::MissingRef(fk) => match fk {

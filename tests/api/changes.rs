@@ -1,4 +1,3 @@
-<<<<<<< HEAD
 //! The change feed (ChangeService): what is recorded, by whom, through which
 //! RPC and with which request id; also for changes made by hand in SQL and
 //! by the command line. The helpers here serve the other `changes_*` files.
@@ -7,24 +6,17 @@ use std::time::Duration;
 
 use diesel_async::SimpleAsyncConnection;
 use tonic::Code;
-=======
-//! The change feed (ChangeService): what is recorded, in what order, and
-//! how watchers follow it.
->>>>>>> feed-bench
 
 use crate::helpers::*;
 use identity::proto::identity::v1 as pb;
 use pb::ChangeKind as K;
 
-<<<<<<< HEAD
 /// How long a test waits for an event before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// A WatchChanges stream.
 pub type Watch = tonic::Streaming<pb::WatchChangesResponse>;
 
-=======
->>>>>>> feed-bench
 /// Every change after `after` (empty: the oldest kept), paging to the end.
 pub async fn all_changes(app: &TestApp, after: &str) -> (Vec<pb::Change>, String) {
     let mut changes = Vec::new();
@@ -51,7 +43,6 @@ pub async fn all_changes(app: &TestApp, after: &str) -> (Vec<pb::Change>, String
     }
 }
 
-<<<<<<< HEAD
 /// The changes after `after`.
 pub async fn changes_after(app: &TestApp, after: &str) -> Vec<pb::Change> {
     all_changes(app, after).await.0
@@ -203,8 +194,6 @@ pub async fn sql(app: &TestApp, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-=======
->>>>>>> feed-bench
 #[tokio::test]
 async fn an_update_through_the_api_is_recorded_with_its_fields_actor_rpc_and_request_id() {
     let app = spawn_app().await;
@@ -262,7 +251,6 @@ async fn a_watcher_sees_a_change_committed_after_it_opened() {
     // The stream's cursor is at or past its last change.
     assert!(next.cursor >= next.changes[0].cursor);
 }
-<<<<<<< HEAD
 
 #[tokio::test]
 async fn user_service_changes_are_recorded_with_actor_rpc_and_request_id() {
@@ -1190,5 +1178,3 @@ async fn the_command_line_records_its_command_as_the_rpc() {
     assert_eq!(created[0], ("identity import", ""));
     assert_eq!(created[1], ("identity createsuperuser", ""));
 }
-=======
->>>>>>> feed-bench

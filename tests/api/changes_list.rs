@@ -339,8 +339,8 @@ async fn a_purged_cursor_is_expired_and_the_feed_goes_on_after_the_purge() {
     sql(
         &app,
         &format!(
-            "UPDATE change_commits SET commit_time = now() - interval '30 days' \
-             WHERE position <= {}",
+            "UPDATE changes SET record_time = now() - interval '30 days' \
+             WHERE xid <= '{}'::xid8",
             i64::from_str_radix(commit_of(&before[1]), 16).unwrap()
         ),
     )

@@ -92,7 +92,7 @@ async fn the_change_feed_counts_its_streams_and_deliveries_with_their_delay() {
         Some(1.0)
     );
     assert!(sample(&body, "identity_changes_written_total").is_some_and(|n| n >= 1.0));
-    assert!(sample(&body, "identity_change_stream_lag").is_some());
+    assert!(sample(&body, "identity_change_stream_lag_seconds").is_some());
 
     drop(stream);
     // The stream's end is counted once the server notices it: scrape until.

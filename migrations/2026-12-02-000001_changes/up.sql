@@ -55,7 +55,6 @@ CREATE TABLE changes (
     PRIMARY KEY (xid, seq)
 );
 
-CREATE INDEX changes_record_time ON changes (record_time);
 CREATE INDEX changes_user_id ON changes (user_id, xid, seq) WHERE user_id IS NOT NULL;
 CREATE INDEX changes_actor_id ON changes (actor_id, xid, seq) WHERE actor_id IS NOT NULL;
 

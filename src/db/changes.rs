@@ -239,18 +239,22 @@ pub async fn head(conn: &mut AsyncPgConnection) -> Result<Read, Error> {
 
 /// Deletes the changes recorded before `before` (whole transactions, only
 /// below the horizon) and moves the purge mark past them; returns how many
-/// changes went.
+/// changes went. The line is drawn at the first change, in feed order,
+/// recorded at `before` or later (a walk of the primary key from its
+/// start: the feed's order is its time order but for transactions that run
+/// concurrently, so no index on the time is kept for this hourly purge).
 pub async fn purge(conn: &mut AsyncPgConnection, before: DateTime<Utc>) -> Result<usize, Error> {
     // Below the snapshot's xmin (a stricter line than the readers' horizon:
     // this runs hourly, and need not know which database a transaction is
     // in).
     let deleted: Vec<CountRow> = diesel::sql_query(
         "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon), \
-         m AS ( \
-             SELECT c.xid FROM changes c, h \
-             WHERE c.record_time < $1 AND c.xid < h.horizon \
-             ORDER BY c.xid DESC LIMIT 1), \
-         gone AS (DELETE FROM changes c USING m WHERE c.xid <= m.xid RETURNING c.xid, c.seq), \
+         keep AS ( \
+             SELECT LEAST(h.horizon, COALESCE( \
+                 (SELECT c.xid FROM changes c WHERE c.record_time >= $1 \
+                  ORDER BY c.xid, c.seq LIMIT 1), h.horizon)) AS xid \
+             FROM h), \
+         gone AS (DELETE FROM changes c USING keep WHERE c.xid < keep.xid RETURNING c.xid, c.seq), \
          last AS (SELECT xid, seq FROM gone ORDER BY xid DESC, seq DESC LIMIT 1), \
          marked AS ( \
              UPDATE change_purge p SET xid = last.xid, seq = last.seq \

@@ -52,7 +52,7 @@ enum Command {
     /// running it again. Exits 1 when a line was refused.
     Import(ImportArgs),
     /// Prints the change feed of a running server, one line per change:
-    /// who did what, when, in commit order (`tail -f` with --follow). A
+    /// who did what, when, in the feed's order (`tail -f` with --follow). A
     /// gRPC client: the server from --server / IDENTITY_SERVER, a
     /// superuser's access token from IDENTITY_TOKEN (never a flag: command
     /// lines show in `ps`). On exit the cursor to resume from (--after) is

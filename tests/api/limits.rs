@@ -160,16 +160,18 @@ async fn calls_over_the_concurrency_limit_are_shed_not_queued() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_hashing_queue_refuses_logins_but_not_token_checks() {
+    // The user's hash is made with the slow parameters, so that every
+    // login's check holds the one hashing thread long enough for the
+    // others to meet a full queue (with a fast stored hash, the checks
+    // could all finish before any two overlapped).
     let db = TestDb::migrated().await;
-    let app = spawn_app_on(db, |_| {}).await;
+    let app = spawn_app_on(db, |c| {
+        slow_hashing(c);
+        c.hash_concurrency = std::num::NonZeroUsize::new(1);
+        c.hash_queue = 1;
+    })
+    .await;
     let (_, tokens) = app.signed_in_user("steady").await;
-    let app = app
-        .restart(|c| {
-            slow_hashing(c);
-            c.hash_concurrency = std::num::NonZeroUsize::new(1);
-            c.hash_queue = 1;
-        })
-        .await;
     let password = TestUser::named("steady").password;
     let logins = (0..6).map(|_| app.login("steady", &password));
     let verify = async {

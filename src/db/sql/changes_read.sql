@@ -18,13 +18,14 @@ SELECT h.horizon::text::bigint AS horizon, h.xmax::text::bigint AS xmax,
        x.api_key_id, x.actor_id, x.rpc, x.request_id, x.fields, x.end_reason
 FROM (
     SELECT COALESCE(
-        (SELECT min(x)
+        (SELECT x
          FROM pg_snapshot_xip(snap.s) AS x
          WHERE x::xid NOT IN (
              SELECT a.backend_xid FROM pg_stat_activity a
              WHERE a.backend_xid IS NOT NULL
                AND a.datid IS DISTINCT FROM
-                   (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()))),
+                   (SELECT d.oid FROM pg_database d WHERE d.datname = current_database()))
+         ORDER BY x LIMIT 1),
         pg_snapshot_xmax(snap.s)) AS horizon,
         pg_snapshot_xmax(snap.s) AS xmax
     FROM (SELECT pg_current_snapshot() AS s) snap

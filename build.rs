@@ -1,8 +1,11 @@
 //! Compiles `proto/` into Rust with a pure-Rust protobuf compiler (protox), so
 //! a build needs no system `protoc`. The same descriptor set is written to
-//! `OUT_DIR` for server reflection.
+//! `OUT_DIR` for server reflection, and beside it the descriptor set of
+//! Envoy's `ext_authz` service, compiled from the protos the `envoy-types`
+//! crate publishes (its Rust types serve the RPC; reflection needs the
+//! descriptors, which the crate does not export).
 
-use std::{env, fs, path::PathBuf};
+use std::{env, fs, path::PathBuf, process::Command};
 
 use prost::Message;
 
@@ -21,10 +24,60 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(PROTOS, ["proto"])?;
     fs::write(out_dir.join("identity_descriptor.bin"), fds.encode_to_vec())?;
 
+    let envoy = envoy_protos()?;
+    println!("cargo:rerun-if-changed={}", envoy.display());
+    let includes = [
+        "data-plane-api",
+        "xds",
+        "googleapis",
+        "protoc-gen-validate",
+        "cel-spec/proto",
+        "opentelemetry-proto",
+        "client_model",
+    ]
+    .map(|dir| envoy.join(dir));
+    let envoy_fds = protox::compile(["envoy/service/auth/v3/external_auth.proto"], includes)?;
+    fs::write(
+        out_dir.join("envoy_descriptor.bin"),
+        envoy_fds.encode_to_vec(),
+    )?;
+
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .generate_default_stubs(true)
         .compile_fds(fds)?;
     Ok(())
+}
+
+/// The `proto` folder of the `envoy-types` crate this build uses, found
+/// with `cargo metadata` (wherever cargo keeps it: registry, vendor folder).
+fn envoy_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let cargo = env::var("CARGO")?;
+    let output = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .current_dir(env::var("CARGO_MANIFEST_DIR")?)
+        .output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "cargo metadata: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let manifest = metadata["packages"]
+        .as_array()
+        .and_then(|packages| {
+            packages
+                .iter()
+                .find(|p| p["name"] == "envoy-types")
+                .and_then(|p| p["manifest_path"].as_str())
+        })
+        .ok_or("cargo metadata lists no envoy-types package")?;
+    let dir = PathBuf::from(manifest)
+        .parent()
+        .ok_or("envoy-types' manifest has no folder")?
+        .join("proto");
+    Ok(dir)
 }

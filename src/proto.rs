@@ -13,3 +13,9 @@ pub mod identity {
 /// The encoded `FileDescriptorSet` of `proto/`, for reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/identity_descriptor.bin"));
+
+/// The encoded `FileDescriptorSet` of Envoy's `envoy.service.auth.v3`
+/// (the ext_authz Check), compiled from the protos `envoy-types` publishes,
+/// for reflection.
+pub const ENVOY_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor.bin"));

@@ -28,7 +28,9 @@ use tonic_health::ServingStatus;
 use crate::config::Config;
 use crate::db::{self, Pool, embedded::EmbeddedError};
 use crate::error::Error;
-use crate::grpc::{AccountsGrpc, AuthGrpc, ChangesGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer};
+use crate::grpc::{
+    AccountsGrpc, AuthGrpc, ChangesGrpc, EnvoyGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer,
+};
 use crate::hashing::Hasher;
 use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};
 use crate::proto::{self, identity::v1 as pb};
@@ -248,11 +250,13 @@ impl Application {
         let (reporter, health) = tonic_health::server::health_reporter();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ENVOY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartupError::Other(e.to_string()))?;
         let reflection_v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(proto::ENVOY_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| StartupError::Other(e.to_string()))?;
@@ -307,6 +311,9 @@ impl Application {
             ))
             .add_service(pb::change_service_server::ChangeServiceServer::new(
                 ChangesGrpc::new(self.changes),
+            ))
+            .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+                EnvoyGrpc::new(self.auth.clone()),
             ));
         let http = crate::http::routes(self.auth.tokens().clone(), self.metrics.clone());
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));

@@ -6,11 +6,13 @@ pub mod auth;
 pub mod authz;
 pub mod changes;
 pub mod convert;
+pub mod envoy;
 pub mod groups;
 pub mod users;
 
 pub use accounts::AccountsGrpc;
 pub use auth::AuthGrpc;
 pub use changes::ChangesGrpc;
+pub use envoy::EnvoyGrpc;
 pub use groups::GroupsGrpc;
 pub use users::UsersGrpc;

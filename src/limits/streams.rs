@@ -17,13 +17,15 @@ use super::BoxFuture;
 
 /// Every RPC the server registers, as its path ("/package.Service/Method")
 /// and whether it streams (from the server, the client or both): read from
-/// the descriptor sets of identity, health and reflection (v1 and v1alpha),
+/// the descriptor sets of identity, Envoy's ext_authz, health and
+/// reflection (v1 and v1alpha),
 /// so that a streaming RPC added to `proto/` is known as one at once.
 pub fn rpc_methods() -> Vec<(String, bool)> {
     use prost::Message;
     let mut methods = Vec::new();
     for set in [
         crate::proto::FILE_DESCRIPTOR_SET,
+        crate::proto::ENVOY_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,

@@ -174,7 +174,7 @@ async fn only_superusers_read_the_feed() {
 /// Ends every connection of the server to its database (as a restart of
 /// PostgreSQL would), and with `refuse`, refuses new ones until
 /// [`allow_connections`].
-async fn cut_database(app: &TestApp, refuse: bool) {
+pub async fn cut_database(app: &TestApp, refuse: bool) {
     let name = &app.db.name;
     let refuse = if refuse {
         format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false; ")
@@ -189,7 +189,7 @@ async fn cut_database(app: &TestApp, refuse: bool) {
         .await;
 }
 
-async fn allow_connections(app: &TestApp) {
+pub async fn allow_connections(app: &TestApp) {
     let name = &app.db.name;
     app.db
         .admin(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))

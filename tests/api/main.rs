@@ -20,6 +20,7 @@ mod changes_list;
 mod changes_order;
 mod changes_watch;
 mod cli;
+mod envoy;
 mod examples;
 mod faults;
 mod groups;

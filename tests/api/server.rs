@@ -19,6 +19,8 @@ async fn health_is_serving_for_the_server_and_each_service() {
         "identity.v1.UserService",
         "identity.v1.GroupService",
         "identity.v1.AuthService",
+        "identity.v1.ChangeService",
+        "envoy.service.auth.v3.Authorization",
     ] {
         let mut watch = health
             .watch(HealthCheckRequest {
@@ -97,6 +99,8 @@ async fn reflection_lists_every_service_in_both_versions() {
         "identity.v1.UserService",
         "identity.v1.GroupService",
         "identity.v1.AuthService",
+        "identity.v1.ChangeService",
+        "envoy.service.auth.v3.Authorization",
         "grpc.health.v1.Health",
     ] {
         assert!(

@@ -239,6 +239,19 @@ pub struct Config {
           default_value = "10s", value_parser = parse_heartbeat)]
     pub changes_heartbeat: Duration,
 
+    /// `on`: VerifyToken, the Envoy check and the bearer check of every call
+    /// answer from memory kept fresh by the change feed (never staler than
+    /// the feed's delivery, and never while the feed is unheard); `off`:
+    /// one database read each.
+    #[arg(long, env = "VERIFY_CACHE", value_name = "VERIFY_CACHE",
+          default_value = "on", action = clap::ArgAction::Set, value_parser = parse_bool)]
+    pub verify_cache: bool,
+
+    /// The most sessions the verification cache keeps.
+    #[arg(long, env = "VERIFY_CACHE_SIZE", value_name = "VERIFY_CACHE_SIZE",
+          default_value = "100000", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub verify_cache_size: u32,
+
     /// Folder of the PostgreSQL server binaries for the embedded cluster
     /// (default: found on PATH or under /usr/lib/postgresql/*/bin).
     #[arg(long, env = "PG_BIN_DIR", value_name = "PG_BIN_DIR")]
@@ -435,6 +448,8 @@ mod tests {
         assert_eq!(c.max_streams, 1024);
         assert_eq!(c.changes_retention, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.changes_heartbeat, Duration::from_secs(10));
+        assert!(c.verify_cache);
+        assert_eq!(c.verify_cache_size, 100_000);
         assert_eq!(c.http2_max_concurrent_streams, 200);
     }
 

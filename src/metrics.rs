@@ -162,6 +162,14 @@ impl Metrics {
         })
     }
 
+    /// Registers one more collector (the verification cache's).
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(collector)
+    }
+
     /// The text exposition of every metric, read now.
     pub fn render(&self) -> String {
         let status = self.sources.pool.status();

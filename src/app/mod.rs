@@ -81,6 +81,7 @@ pub struct Application {
     auth: AuthService,
     groups: GroupService,
     changes: ChangeService,
+    cache: Option<crate::service::fresh::FreshCache>,
     registration_open: bool,
     limits: Limits,
     keys: KeysSource,
@@ -169,7 +170,20 @@ impl Application {
             &feed_metrics,
         )
         .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
-        let changes = ChangeService::new(pool.clone(), config.changes_heartbeat, feed_metrics);
+        let cache_metrics = crate::service::fresh::CacheMetrics::new()
+            .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
+        for collector in cache_metrics.collectors() {
+            metrics
+                .register(collector)
+                .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
+        }
+        let cache = config.verify_cache.then(|| {
+            crate::service::fresh::FreshCache::new(config.verify_cache_size as usize, cache_metrics)
+        });
+        let mut changes = ChangeService::new(pool.clone(), config.changes_heartbeat, feed_metrics);
+        if let Some(cache) = &cache {
+            changes = changes.with_cache(cache.clone());
+        }
         let users = UserService::new(pool.clone(), hasher.clone());
         let accounts = AccountService::new(
             pool.clone(),
@@ -185,6 +199,10 @@ impl Application {
             config.request_timeout,
         )
         .require_verified_login(config.require_verified_login);
+        let auth = match &cache {
+            Some(cache) => auth.with_cache(cache.clone()),
+            None => auth,
+        };
         let groups = GroupService::new(pool.clone());
         let listener = TcpListener::bind(config.listen_addr)
             .await
@@ -215,6 +233,7 @@ impl Application {
             auth,
             groups,
             changes,
+            cache,
             registration_open: config.allow_registration,
             metrics,
             streams,
@@ -283,6 +302,13 @@ impl Application {
                 .announce_commits(health_stopped.clone()),
         );
         let announces = self.changes.announcer();
+        let follower = self.cache.clone().map(|cache| {
+            tokio::spawn(cache.follow(
+                self.pool.clone(),
+                self.changes.heard(),
+                health_stopped.clone(),
+            ))
+        });
         let reloader = tokio::spawn(reload_keys(
             self.keys.clone(),
             self.pool.clone(),
@@ -391,6 +417,9 @@ impl Application {
         let _ = janitor.await;
         let _ = listener.await;
         let _ = announcer.await;
+        if let Some(follower) = follower {
+            let _ = follower.await;
+        }
         drop(self.pool);
         self.database.close().await?;
         result?;

@@ -276,6 +276,25 @@ struct CountRow {
     m: i64,
 }
 
+/// The users the current transaction's changes are about (none if it made
+/// none). A diesel error, so that any transaction's error type takes it.
+pub async fn touched(conn: &mut AsyncPgConnection) -> Result<Vec<Uuid>, diesel::result::Error> {
+    #[derive(QueryableByName)]
+    struct Touched {
+        #[diesel(sql_type = SqlUuid)]
+        user_id: Uuid,
+    }
+    let rows: Vec<Touched> = prepared::<TouchedSql, _>(diesel::sql_query(
+        "SELECT DISTINCT user_id FROM changes \
+         WHERE xid = pg_current_xact_id_if_assigned() AND user_id IS NOT NULL",
+    ))
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.user_id).collect())
+}
+
+struct TouchedSql;
+
 /// Records that this replica's set of signing keys changed.
 pub async fn record_keys_changed(conn: &mut AsyncPgConnection) -> Result<(), Error> {
     diesel::sql_query("SELECT identity_record_change($1, NULL, NULL, NULL)")

@@ -25,6 +25,11 @@ pub struct Fresh {
     pub session_live: bool,
     /// When the password last changed: a token issued before is refused.
     pub password_changed_at: DateTime<Utc>,
+    /// The session is the user's and not ended (its expiry aside): what a
+    /// cache may keep, since an end is a change and an expiry is a time.
+    pub session_open: bool,
+    /// When the session's refresh token expires (none: no such session).
+    pub session_expire_time: Option<DateTime<Utc>>,
     /// The user's groups when asked for (`with_groups`), else `None`.
     pub groups: Option<Vec<Group>>,
 }
@@ -38,6 +43,10 @@ struct FreshRow {
     password_changed_at: DateTime<Utc>,
     #[diesel(sql_type = Bool)]
     session_live: bool,
+    #[diesel(sql_type = Bool)]
+    session_open: bool,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    session_expire_time: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<Array<SqlUuid>>)]
     group_ids: Option<Vec<Uuid>>,
     #[diesel(sql_type = Nullable<Array<Text>>)]
@@ -98,6 +107,8 @@ pub async fn fresh(
             user: r.user.into(),
             session_live: r.session_live,
             password_changed_at: r.password_changed_at,
+            session_open: r.session_open,
+            session_expire_time: r.session_expire_time,
         }
     }))
 }

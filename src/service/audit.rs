@@ -86,12 +86,31 @@ where
     F: AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, E>,
     E: From<diesel::result::Error>,
 {
-    let result = changes::transaction(conn, origin, f).await;
-    if result.is_ok()
-        && origin.announce
-        && let Ok(Some(announcer)) = CALL.try_with(|c| c.announcer.clone())
-    {
+    let announcer = CALL
+        .try_with(|c| c.announcer.clone())
+        .ok()
+        .flatten()
+        .filter(|_| origin.announce);
+    let Some(cache) = announcer.as_ref().and_then(|a| a.cache().cloned()) else {
+        let result = changes::transaction(conn, origin, f).await;
+        if result.is_ok()
+            && let Some(announcer) = &announcer
+        {
+            announcer.announce();
+        }
+        return result;
+    };
+    // The users this transaction changed, asked before it commits, are
+    // evicted once it has: the call's answer follows the eviction.
+    let (value, touched) = changes::transaction(conn, origin, async |conn| {
+        let value = f(conn).await?;
+        let touched = changes::touched(conn).await?;
+        Ok::<_, E>((value, touched))
+    })
+    .await?;
+    cache.evict(touched);
+    if let Some(announcer) = &announcer {
         announcer.announce();
     }
-    result
+    Ok(value)
 }

@@ -63,6 +63,7 @@ pub struct AuthService {
     refresh_ttl: Duration,
     require_verified: bool,
     throttle: Throttle,
+    pub(super) cache: Option<super::fresh::FreshCache>,
 }
 
 impl AuthService {
@@ -82,7 +83,15 @@ impl AuthService {
             tokens,
             refresh_ttl,
             require_verified: false,
+            cache: None,
         }
+    }
+
+    /// Answers token checks from `cache` while it is fresh
+    /// (`VERIFY_CACHE=on`).
+    pub fn with_cache(mut self, cache: super::fresh::FreshCache) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// The token issuer (and its keys).

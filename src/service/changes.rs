@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::fresh::FreshCache;
 use crate::db::{self, Pool, changes::Filter};
 use crate::domain::{Change, ChangeKind, Cursor};
 use crate::error::{Error, Reason};
@@ -103,21 +104,31 @@ impl FeedMetrics {
 /// What the listener tells the watchers: bumped on every announcement
 /// heard, and whether it is connected (when not, watchers poll).
 #[derive(Debug, Clone, Copy, Default)]
-struct Heard {
+pub(crate) struct Heard {
     commits: u64,
-    listening: bool,
+    pub(crate) listening: bool,
 }
 
-/// Announces this replica's commits of changes to every replica: one
-/// NOTIFY at a time, after the commits, each covering all the commits made
-/// while the previous one was under way. Writers never wait for it.
+/// What follows a commit of this replica: the users it touched are
+/// evicted from the verification cache (before the call answers), and the
+/// commit is announced to every replica: one NOTIFY at a time, after the
+/// commits, each covering all the commits made while the previous one was
+/// under way. Writers never wait for the announcement.
 #[derive(Debug, Clone, Default)]
-pub struct Announcer(Arc<tokio::sync::Notify>);
+pub struct Announcer {
+    notify: Arc<tokio::sync::Notify>,
+    cache: Option<FreshCache>,
+}
 
 impl Announcer {
     /// Asks for an announcement (returns at once).
     pub fn announce(&self) {
-        self.0.notify_one();
+        self.notify.notify_one();
+    }
+
+    /// The verification cache that local commits evict from, if on.
+    pub fn cache(&self) -> Option<&FreshCache> {
+        self.cache.as_ref()
     }
 }
 
@@ -172,6 +183,18 @@ impl ChangeService {
     /// This replica's announcer, for the calls that write.
     pub fn announcer(&self) -> Announcer {
         self.announcer.clone()
+    }
+
+    /// Local commits evict from `cache` before their calls answer.
+    pub fn with_cache(mut self, cache: FreshCache) -> Self {
+        self.announcer.cache = Some(cache);
+        self
+    }
+
+    /// News of commits (announcements heard, the listener's state), for
+    /// the verification cache's consumer.
+    pub(crate) fn heard(&self) -> watch::Receiver<Heard> {
+        self.heard.clone()
     }
 
     /// ListChanges: at most `page_size` changes after `after` (none: the
@@ -284,7 +307,7 @@ impl ChangeService {
     pub async fn announce_commits(self, mut stopped: watch::Receiver<bool>) {
         loop {
             tokio::select! {
-                _ = self.announcer.0.notified() => {}
+                _ = self.announcer.notify.notified() => {}
                 _ = stopped.changed() => return,
             }
             self.heard_tx.send_modify(|h| h.commits += 1);

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod changes;
 mod errors;
+pub mod fresh;
 pub mod groups;
 pub mod import;
 mod sessions;

@@ -1,8 +1,8 @@
 //! Token verification: VerifyToken and the bearer check behind every
 //! authenticated call. An access token is checked offline (signature, kid,
 //! exp, nbf, iss, aud), then its user and session as they are now, in one
-//! read (`db::sessions::fresh`). This is the place a verification cache
-//! would plug in, behind the same two functions.
+//! read (`db::sessions::fresh`), or from the verification cache
+//! (`fresh.rs`) while it is fresh, behind the same two functions.
 
 use uuid::Uuid;
 
@@ -62,11 +62,21 @@ impl AuthService {
         let malformed = || Error::InvalidToken(Reason::TokenMalformed);
         let user_id = Uuid::try_parse(&claims.sub).map_err(|_| malformed())?;
         let session_id = Uuid::try_parse(&claims.sid).map_err(|_| malformed())?;
-        let mut conn = db::conn(&self.pool).await?;
-        let fresh = sessions::fresh(&mut conn, user_id, session_id, with_groups)
-            .await?
-            .ok_or(Error::InvalidToken(Reason::UserNotFound))?;
-        drop(conn);
+        let fresh = match self
+            .cache
+            .as_ref()
+            .map(|c| c.get(user_id, session_id, with_groups))
+        {
+            Some(Ok(hit)) => hit,
+            Some(Err(ticket)) => {
+                let fresh = self.read_fresh(user_id, session_id, with_groups).await?;
+                if let Some(cache) = &self.cache {
+                    cache.put(ticket, session_id, &fresh);
+                }
+                fresh
+            }
+            None => self.read_fresh(user_id, session_id, with_groups).await?,
+        };
         if !fresh.user.is_active {
             return Err(Error::InvalidToken(Reason::UserInactive));
         }
@@ -82,6 +92,21 @@ impl AuthService {
             session_id,
         };
         Ok((caller, fresh.groups))
+    }
+}
+
+impl AuthService {
+    /// The user and session as they are in the database now.
+    async fn read_fresh(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        with_groups: bool,
+    ) -> Result<sessions::Fresh, Error> {
+        let mut conn = db::conn(&self.pool).await?;
+        sessions::fresh(&mut conn, user_id, session_id, with_groups)
+            .await?
+            .ok_or(Error::InvalidToken(Reason::UserNotFound))
     }
 }
 

@@ -38,3 +38,4 @@ mod sessions;
 mod statements;
 mod tls;
 mod users;
+mod verify_cache;

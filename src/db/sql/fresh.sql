@@ -3,6 +3,8 @@ SELECT u.id, u.username, u.email, u.first_name, u.last_name, u.is_superuser,
     u.password_changed_at,
     (s.id IS NOT NULL AND s.end_time IS NULL AND s.refresh_expire_time > now())
         AS session_live,
+    (s.id IS NOT NULL AND s.end_time IS NULL) AS session_open,
+    s.refresh_expire_time AS session_expire_time,
     g.group_ids, g.groupnames, g.slugs, g.group_times
 FROM users u
 LEFT JOIN sessions s ON s.id = $2 AND s.user_id = u.id

@@ -1,0 +1,358 @@
+//! The verification cache: what the token check reads (the user, the
+//! session, the groups), kept in memory and kept true by the change feed,
+//! behind VerifyToken, the Envoy check and the bearer check of every call
+//! (`VERIFY_CACHE`).
+//!
+//! Its guarantees:
+//! - a change committed through this replica is evicted before the call
+//!   that made it answers (`audit` asks the transaction which users it
+//!   touched, and evicts them once it has committed);
+//! - a change committed elsewhere (another replica, SQL by hand) is evicted
+//!   by the feed consumer here, which reads the feed after every
+//!   announcement and at least every [`POLL`];
+//! - the cache answers only while it is fresh: its consumer has read,
+//!   within [`STALENESS`], a snapshot in which every committed change had
+//!   been applied. Otherwise (the database away, the feed held back by an
+//!   open transaction) every check reads the database;
+//! - a read that raced an eviction is not kept: each read takes a ticket
+//!   (the eviction count) before it starts, and its result is stored only
+//!   if its user was not evicted since;
+//! - at most `VERIFY_CACHE_SIZE` sessions are kept.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::changes::Heard;
+use crate::db::{self, Pool, changes::Filter, sessions::Fresh};
+use crate::domain::{Cursor, Group, User};
+
+/// The longest the cache answers after its last complete read of the feed.
+pub const STALENESS: Duration = Duration::from_millis(500);
+/// How often the consumer reads the feed when nothing is announced.
+pub const POLL: Duration = Duration::from_millis(100);
+/// How many evictions are remembered for the tickets of reads under way.
+const RECENT: usize = 4096;
+/// The most changes the consumer reads at once.
+const BATCH: i64 = 1000;
+
+/// The cache's counters, registered with the other metrics.
+#[derive(Clone, Debug)]
+pub struct CacheMetrics {
+    /// Checks answered from memory.
+    pub hits: IntCounter,
+    /// Checks that read the database (not cached, or the cache not fresh).
+    pub misses: IntCounter,
+    /// Sessions dropped because their user changed, or for room.
+    pub evictions: IntCounter,
+    /// Sessions kept now.
+    pub entries: IntGauge,
+}
+
+impl CacheMetrics {
+    /// Creates the collectors (unregistered).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            hits: IntCounter::new(
+                "identity_verify_cache_hits_total",
+                "Token checks answered from the verification cache.",
+            )?,
+            misses: IntCounter::new(
+                "identity_verify_cache_misses_total",
+                "Token checks that read the database (not cached, or the cache not fresh).",
+            )?,
+            evictions: IntCounter::new(
+                "identity_verify_cache_evictions_total",
+                "Sessions dropped from the verification cache (a change of their user, or room).",
+            )?,
+            entries: IntGauge::new(
+                "identity_verify_cache_entries",
+                "Sessions kept in the verification cache.",
+            )?,
+        })
+    }
+
+    /// Every collector, for registration.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.hits.clone()),
+            Box::new(self.misses.clone()),
+            Box::new(self.evictions.clone()),
+            Box::new(self.entries.clone()),
+        ]
+    }
+}
+
+/// What is kept of one session's check.
+#[derive(Debug, Clone)]
+struct Entry {
+    user: User,
+    password_changed_at: DateTime<Utc>,
+    /// Not ended (an end is a change, which evicts).
+    open: bool,
+    /// The refresh token's expiry (a time, not a change: checked at use).
+    expire_time: Option<DateTime<Utc>>,
+    groups: Option<Vec<Group>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: HashMap<(Uuid, Uuid), Entry>,
+    by_user: HashMap<Uuid, Vec<Uuid>>,
+    /// Keys in insertion order, for room (a key no longer kept is skipped).
+    order: VecDeque<(Uuid, Uuid)>,
+    /// Evictions so far; a read's ticket.
+    seq: u64,
+    /// The last evictions, oldest first.
+    recent: VecDeque<(u64, Uuid)>,
+    /// The eviction count at the last clearing.
+    cleared_at: u64,
+    /// When the consumer last began a read that left nothing unapplied.
+    fresh_as_of: Option<Instant>,
+}
+
+/// The verification cache (cheap to clone: shared).
+#[derive(Clone)]
+pub struct FreshCache {
+    state: Arc<Mutex<State>>,
+    capacity: usize,
+    metrics: CacheMetrics,
+}
+
+impl std::fmt::Debug for FreshCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FreshCache")
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A read's ticket: the eviction count when it began.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(u64);
+
+impl FreshCache {
+    /// A cache of at most `capacity` sessions.
+    pub fn new(capacity: usize, metrics: CacheMetrics) -> Self {
+        Self {
+            state: Arc::default(),
+            capacity: capacity.max(1),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The check of `session_id` of `user_id`, if kept, fresh, and (with
+    /// `with_groups`) holding the groups; otherwise a ticket for the read.
+    pub fn get(&self, user_id: Uuid, session_id: Uuid, with_groups: bool) -> Result<Fresh, Ticket> {
+        let state = self.lock();
+        let fresh = state.fresh_as_of.is_some_and(|t| t.elapsed() <= STALENESS);
+        let hit = state
+            .entries
+            .get(&(user_id, session_id))
+            .filter(|_| fresh)
+            .filter(|e| !with_groups || e.groups.is_some())
+            // Expired since it was kept: read again (a Refresh may have
+            // moved the expiry, which is no change).
+            .filter(|e| !e.open || e.expire_time.is_some_and(|t| t > Utc::now()));
+        match hit {
+            Some(e) => {
+                self.metrics.hits.inc();
+                Ok(Fresh {
+                    user: e.user.clone(),
+                    session_live: e.open,
+                    password_changed_at: e.password_changed_at,
+                    session_open: e.open,
+                    session_expire_time: e.expire_time,
+                    groups: if with_groups { e.groups.clone() } else { None },
+                })
+            }
+            None => {
+                self.metrics.misses.inc();
+                Err(Ticket(state.seq))
+            }
+        }
+    }
+
+    /// Keeps `fresh`, read with `ticket`, unless its user was evicted since.
+    pub fn put(&self, ticket: Ticket, session_id: Uuid, fresh: &Fresh) {
+        let user_id = fresh.user.id;
+        let mut state = self.lock();
+        let raced = ticket.0 < state.cleared_at
+            || state
+                .recent
+                .front()
+                .is_some_and(|(seq, _)| ticket.0 + 1 < *seq)
+            || state
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(seq, _)| *seq > ticket.0)
+                .any(|(_, u)| *u == user_id);
+        if raced {
+            return;
+        }
+        let key = (user_id, session_id);
+        let entry = Entry {
+            user: fresh.user.clone(),
+            password_changed_at: fresh.password_changed_at,
+            open: fresh.session_open,
+            expire_time: fresh.session_expire_time,
+            groups: fresh.groups.clone(),
+        };
+        if state.entries.insert(key, entry).is_none() {
+            state.by_user.entry(user_id).or_default().push(session_id);
+            state.order.push_back(key);
+        }
+        while state.entries.len() > self.capacity {
+            let Some(old) = state.order.pop_front() else {
+                break;
+            };
+            if state.entries.remove(&old).is_some() {
+                if let Some(sessions) = state.by_user.get_mut(&old.0) {
+                    sessions.retain(|s| *s != old.1);
+                    if sessions.is_empty() {
+                        state.by_user.remove(&old.0);
+                    }
+                }
+                self.metrics.evictions.inc();
+            }
+        }
+        self.metrics.entries.set(state.entries.len() as i64);
+    }
+
+    /// Drops every session of each of `users`.
+    pub fn evict(&self, users: impl IntoIterator<Item = Uuid>) {
+        let mut state = self.lock();
+        for user in users {
+            state.seq += 1;
+            let seq = state.seq;
+            state.recent.push_back((seq, user));
+            if state.recent.len() > RECENT {
+                state.recent.pop_front();
+            }
+            if let Some(sessions) = state.by_user.remove(&user) {
+                for s in sessions {
+                    if state.entries.remove(&(user, s)).is_some() {
+                        self.metrics.evictions.inc();
+                    }
+                }
+            }
+        }
+        self.metrics.entries.set(state.entries.len() as i64);
+    }
+
+    /// Drops everything (the feed's cursor was lost).
+    fn clear(&self) {
+        let mut state = self.lock();
+        state.seq += 1;
+        state.cleared_at = state.seq;
+        let n = state.entries.len() as u64;
+        state.entries.clear();
+        state.by_user.clear();
+        state.order.clear();
+        state.recent.clear();
+        self.metrics.evictions.inc_by(n);
+        self.metrics.entries.set(0);
+    }
+
+    fn fresh_as_of(&self, at: Instant) {
+        self.lock().fresh_as_of = Some(at);
+    }
+
+    fn distrust(&self) {
+        self.lock().fresh_as_of = None;
+    }
+
+    /// Keeps the cache true until `stopped`: reads the feed after every
+    /// announcement `heard` and at least every [`POLL`], evicts the users
+    /// of each change, and marks the cache fresh after each read that left
+    /// nothing unapplied.
+    pub(crate) async fn follow(
+        self,
+        pool: Pool,
+        mut heard: watch::Receiver<Heard>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        let mut cursor: Option<Cursor> = None;
+        let mut wait = Duration::from_millis(2);
+        loop {
+            heard.borrow_and_update();
+            let started = Instant::now();
+            let mut again = false;
+            let read = async {
+                let mut conn = db::conn(&pool).await?;
+                db::changes::read(
+                    &mut conn,
+                    cursor.unwrap_or_default(),
+                    &Filter::default(),
+                    if cursor.is_some() { BATCH } else { 0 },
+                )
+                .await
+            }
+            .await;
+            if let Ok(read) = read {
+                match cursor {
+                    // A start: nothing is kept yet; follow from here.
+                    None => cursor = Some(Cursor::before(read.horizon)),
+                    Some(c) if c < read.purged => {
+                        // Changes after the cursor are gone: trust nothing.
+                        self.clear();
+                        cursor = Some(Cursor::before(read.horizon));
+                    }
+                    Some(c) => {
+                        let full = read.changes.len() as i64 >= BATCH;
+                        if !read.changes.is_empty() {
+                            wait = Duration::from_millis(2);
+                        }
+                        self.evict(read.changes.iter().filter_map(|c| c.user_id));
+                        let last = read.changes.last().map_or(c, |x| x.cursor);
+                        cursor = Some(if full {
+                            last
+                        } else {
+                            last.max(Cursor::before(read.horizon))
+                        });
+                        again = full;
+                    }
+                }
+                let settled = read.newest.is_none_or(|n| n < read.horizon);
+                if !again && settled && cursor.is_some() {
+                    self.fresh_as_of(started);
+                }
+                if !settled {
+                    // Committed changes wait behind an older transaction.
+                    again = true;
+                }
+            }
+            if again {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => return,
+                }
+                wait = (wait * 2).min(POLL);
+                continue;
+            }
+            wait = Duration::from_millis(2);
+            tokio::select! {
+                _ = heard.changed() => {
+                    // The listener lost its connection: the database may
+                    // be going away; trust nothing until a read succeeds.
+                    if !heard.borrow().listening {
+                        self.distrust();
+                    }
+                }
+                _ = tokio::time::sleep(POLL) => {}
+                _ = stopped.changed() => return,
+            }
+        }
+    }
+}

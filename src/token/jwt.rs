@@ -123,6 +123,22 @@ pub struct TokenIssuer {
     issuer: String,
     audience: String,
     ttl: Duration,
+    verified: Arc<std::sync::Mutex<Verified>>,
+}
+
+/// The most tokens whose verification is remembered.
+const VERIFIED_TOKENS: usize = 16_384;
+
+/// Tokens already verified, by the SHA-256 of their text, with the key
+/// set they were verified under: a signature need not be checked twice.
+/// Times (exp, nbf) are checked again at every use.
+#[derive(Debug, Default)]
+struct Verified {
+    claims: std::collections::HashMap<[u8; 32], (u64, AccessClaims)>,
+    order: std::collections::VecDeque<[u8; 32]>,
+    /// Bumped whenever the key set changes: what was verified under
+    /// another set is verified again.
+    generation: u64,
 }
 
 impl TokenIssuer {
@@ -133,6 +149,7 @@ impl TokenIssuer {
             issuer,
             audience,
             ttl,
+            verified: Arc::default(),
         }
     }
 
@@ -146,7 +163,11 @@ impl TokenIssuer {
         let kids = |k: &KeyStore| k.keys().iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
         let changed = kids(&self.keys.load()) != kids(&keys);
         if changed {
+            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
             self.keys.store(Arc::new(keys));
+            verified.generation += 1;
+            verified.claims.clear();
+            verified.order.clear();
         }
         changed
     }
@@ -186,6 +207,38 @@ impl TokenIssuer {
     /// Checks signature, kid, typ, exp and nbf (with a small leeway), iss
     /// and aud. Says nothing of the user or session: see the auth service.
     pub fn verify(&self, token: &str) -> Result<AccessClaims, Error> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let generation = {
+            let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((generation, claims)) = verified.claims.get(&digest)
+                && *generation == verified.generation
+                && in_time(claims)
+            {
+                return Ok(claims.clone());
+            }
+            verified.generation
+        };
+        let claims = self.verify_signed(token)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.generation == generation
+            && verified
+                .claims
+                .insert(digest, (generation, claims.clone()))
+                .is_none()
+        {
+            verified.order.push_back(digest);
+            while verified.order.len() > VERIFIED_TOKENS {
+                if let Some(old) = verified.order.pop_front() {
+                    verified.claims.remove(&old);
+                }
+            }
+        }
+        Ok(claims)
+    }
+
+    /// The full check of [`Self::verify`]: header, key, signature, claims.
+    fn verify_signed(&self, token: &str) -> Result<AccessClaims, Error> {
         let refuse = Error::InvalidToken;
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(refuse(Reason::TokenMalformed));
@@ -232,6 +285,14 @@ impl TokenIssuer {
             })?;
         Ok(data.claims)
     }
+}
+
+/// Whether a verified token's times still hold (with the same leeway as
+/// its verification): otherwise it is verified again, for its error.
+fn in_time(claims: &AccessClaims) -> bool {
+    let now = chrono::Utc::now().timestamp();
+    let leeway = LEEWAY_SECONDS as i64;
+    claims.exp.saturating_add(leeway) > now && claims.nbf.saturating_sub(leeway) <= now
 }
 
 /// Puts the first of `groups` into `claims`, within [`MAX_GROUP_CLAIMS`]

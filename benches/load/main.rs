@@ -48,13 +48,15 @@ pub struct Settings {
     pub smoke: bool,
 }
 
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
     "health",
     "db",
     "hashing",
     "jwt",
     "verify",
+    "envoy",
     "get_user",
+    "get_self",
     "list_users",
     "refresh",
     "login",

@@ -72,7 +72,7 @@ impl SizeResult {
 fn ceiling_of(name: &str) -> Option<&'static str> {
     match name {
         "verify" | "get_user" | "refresh" => Some("db"),
-        "list_users" => Some("health"),
+        "list_users" | "envoy" | "get_self" => Some("health"),
         "login" | "flood_login" => Some("hashing"),
         "flood_verify" => Some("verify"),
         "update_feed" | "update_feed2" => Some("update_nofeed"),
@@ -118,6 +118,24 @@ fn targets(config: &Config, results: &[SizeResult]) -> Vec<Target> {
             what: format!("{n} users: VerifyToken / database ceiling"),
             value: ratio(r.rate("verify"), r.rate("db")),
             limit: 0.5,
+            at_least: true,
+        });
+        out.push(Target {
+            what: format!("{n} users: VerifyToken / Health/Check (verification cache on)"),
+            value: ratio(r.rate("verify"), r.rate("health")),
+            limit: 0.5,
+            at_least: true,
+        });
+        out.push(Target {
+            what: format!("{n} users: Envoy Check / Health/Check"),
+            value: ratio(r.rate("envoy"), r.rate("health")),
+            limit: 0.4,
+            at_least: true,
+        });
+        out.push(Target {
+            what: format!("{n} users: GetUser as the caller / Health/Check"),
+            value: ratio(r.rate("get_self"), r.rate("health")),
+            limit: 0.4,
             at_least: true,
         });
         out.push(Target {

@@ -205,6 +205,17 @@ impl<'a> Bench<'a> {
                     .collect();
                 vec![self.measure("get_user", "GetUser", calls).await]
             }
+            "get_self" => {
+                let calls = (0..s.in_flight).map(|w| self.get_self_call(w)).collect();
+                vec![
+                    self.measure("get_self", "GetUser as the caller", calls)
+                        .await,
+                ]
+            }
+            "envoy" => {
+                let calls = (0..s.in_flight).map(|w| self.envoy_call(w)).collect();
+                vec![self.measure("envoy", "Envoy Check", calls).await]
+            }
             "list_users" => {
                 let calls = (0..s.in_flight)
                     .map(|w| self.list_users_call(w, ids.len()))
@@ -361,6 +372,85 @@ impl<'a> Bench<'a> {
                 match r.user {
                     Some(u) if u.id == id => Ok(()),
                     _ => Err("WRONG_USER".into()),
+                }
+            }
+            .boxed()
+        })
+    }
+
+    /// GetUser of the caller itself, as a random logged-in user.
+    fn get_self_call(&self, w: usize) -> Call {
+        let client = UserServiceClient::new(self.channel(w));
+        let sessions = Arc::new(self.sessions.clone());
+        let mut rng = Rng::new(5000 + w as u64);
+        Box::new(move || {
+            let mut client = client.clone();
+            let s = &sessions[rng.below(sessions.len())];
+            let id = s.user_id.to_string();
+            let mut request = Request::new(pb::GetUserRequest {
+                lookup: Some(pb::get_user_request::Lookup::Id(id.clone())),
+            });
+            let bearer = format!("Bearer {}", s.access_token);
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.parse().expect("an ascii token"));
+            async move {
+                let r = client.get_user(request).await.map_err(code)?.into_inner();
+                match r.user {
+                    Some(u) if u.id == id => Ok(()),
+                    _ => Err("WRONG_USER".into()),
+                }
+            }
+            .boxed()
+        })
+    }
+
+    /// Envoy's Check, as a sidecar sends it, for a random logged-in user.
+    fn envoy_call(&self, w: usize) -> Call {
+        use envoy_types::ext_authz::v3::pb::{CheckRequest, HttpResponse};
+        use envoy_types::pb::envoy::service::auth::v3::{
+            AttributeContext, attribute_context::HttpRequest, attribute_context::Request as Attrs,
+            authorization_client::AuthorizationClient,
+        };
+        let client = AuthorizationClient::new(self.channel(w));
+        let sessions = Arc::new(self.sessions.clone());
+        let mut rng = Rng::new(6000 + w as u64);
+        Box::new(move || {
+            let mut client = client.clone();
+            let s = &sessions[rng.below(sessions.len())];
+            let id = s.user_id.to_string();
+            let request = CheckRequest {
+                attributes: Some(AttributeContext {
+                    request: Some(Attrs {
+                        http: Some(HttpRequest {
+                            method: "GET".into(),
+                            path: "/orders".into(),
+                            headers: [(
+                                "authorization".to_owned(),
+                                format!("Bearer {}", s.access_token),
+                            )]
+                            .into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            };
+            async move {
+                let r = client.check(request).await.map_err(code)?.into_inner();
+                let allowed = match &r.http_response {
+                    Some(HttpResponse::OkResponse(ok)) => ok.headers.iter().any(|h| {
+                        h.header
+                            .as_ref()
+                            .is_some_and(|h| h.key == "x-identity-user-id" && h.value == id)
+                    }),
+                    _ => false,
+                };
+                if allowed {
+                    Ok(())
+                } else {
+                    Err("DENIED".into())
                 }
             }
             .boxed()

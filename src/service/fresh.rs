@@ -115,6 +115,9 @@ struct State {
     cleared_at: u64,
     /// When the consumer last began a read that left nothing unapplied.
     fresh_as_of: Option<Instant>,
+    /// Whether the consumer has a cursor: before, a read's result could
+    /// miss a change committed before the cursor, so nothing is kept.
+    following: bool,
 }
 
 /// The verification cache (cheap to clone: shared).
@@ -187,7 +190,8 @@ impl FreshCache {
     pub fn put(&self, ticket: Ticket, session_id: Uuid, fresh: &Fresh) {
         let user_id = fresh.user.id;
         let mut state = self.lock();
-        let raced = ticket.0 < state.cleared_at
+        let raced = !state.following
+            || ticket.0 < state.cleared_at
             || state
                 .recent
                 .front()
@@ -251,9 +255,12 @@ impl FreshCache {
         self.metrics.entries.set(state.entries.len() as i64);
     }
 
-    /// Drops everything (the feed's cursor was lost).
+    /// Drops everything, and keeps only what is read from now on: the
+    /// consumer (re)starts from the horizon, so a read begun before could
+    /// hold a change it will never see.
     fn clear(&self) {
         let mut state = self.lock();
+        state.following = true;
         state.seq += 1;
         state.cleared_at = state.seq;
         let n = state.entries.len() as u64;
@@ -302,8 +309,12 @@ impl FreshCache {
             .await;
             if let Ok(read) = read {
                 match cursor {
-                    // A start: nothing is kept yet; follow from here.
-                    None => cursor = Some(Cursor::before(read.horizon)),
+                    // A start: follow from here, and keep only what is
+                    // read from now on.
+                    None => {
+                        self.clear();
+                        cursor = Some(Cursor::before(read.horizon));
+                    }
                     Some(c) if c < read.purged => {
                         // Changes after the cursor are gone: trust nothing.
                         self.clear();
@@ -354,5 +365,90 @@ impl FreshCache {
                 _ = stopped.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(user: Uuid) -> Fresh {
+        let now = Utc::now();
+        Fresh {
+            user: User {
+                id: user,
+                username: "u".into(),
+                email: "u@example.com".into(),
+                first_name: String::new(),
+                last_name: String::new(),
+                is_superuser: false,
+                is_active: true,
+                is_verified: false,
+                attributes: serde_json::json!({}),
+                create_time: now,
+                update_time: now,
+            },
+            session_live: true,
+            password_changed_at: now,
+            session_open: true,
+            session_expire_time: Some(now + chrono::Duration::hours(1)),
+            groups: Some(Vec::new()),
+        }
+    }
+
+    fn cache(capacity: usize) -> FreshCache {
+        FreshCache::new(capacity, CacheMetrics::new().unwrap())
+    }
+
+    #[test]
+    fn nothing_is_kept_before_the_consumer_follows_nor_answered_unless_fresh() {
+        let c = cache(10);
+        let (u, s) = (Uuid::now_v7(), Uuid::now_v7());
+        let ticket = c.get(u, s, true).unwrap_err();
+        c.put(ticket, s, &fresh(u));
+        c.clear();
+        c.fresh_as_of(Instant::now());
+        let ticket = c.get(u, s, true).expect_err("kept before following");
+        c.put(ticket, s, &fresh(u));
+        assert!(c.get(u, s, true).is_ok());
+        c.distrust();
+        assert!(c.get(u, s, true).is_err(), "answered while not fresh");
+    }
+
+    #[test]
+    fn a_read_that_raced_an_eviction_of_its_user_is_not_kept() {
+        let c = cache(10);
+        c.clear();
+        c.fresh_as_of(Instant::now());
+        let (u, other, s) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let ticket = c.get(u, s, false).unwrap_err();
+        c.evict([u]);
+        c.put(ticket, s, &fresh(u));
+        assert!(c.get(u, s, false).is_err(), "kept a raced read");
+        // Another user's eviction does not matter.
+        let ticket = c.get(u, s, false).unwrap_err();
+        c.evict([other]);
+        c.put(ticket, s, &fresh(u));
+        assert!(c.get(u, s, false).is_ok());
+        // An eviction drops every session of the user.
+        let s2 = Uuid::now_v7();
+        let ticket = c.get(u, s2, false).unwrap_err();
+        c.put(ticket, s2, &fresh(u));
+        c.evict([u]);
+        assert!(c.get(u, s, false).is_err() && c.get(u, s2, false).is_err());
+    }
+
+    #[test]
+    fn the_cache_keeps_at_most_its_capacity() {
+        let c = cache(2);
+        c.clear();
+        c.fresh_as_of(Instant::now());
+        for _ in 0..5 {
+            let (u, s) = (Uuid::now_v7(), Uuid::now_v7());
+            let ticket = c.get(u, s, false).unwrap_err();
+            c.put(ticket, s, &fresh(u));
+        }
+        assert_eq!(c.lock().entries.len(), 2);
+        assert_eq!(c.metrics.entries.get(), 2);
     }
 }

@@ -210,7 +210,8 @@ impl AuthService {
         };
         // The session starts as the user's own doing: the password proved
         // who the anonymous caller is.
-        let started = audit::transaction_as(conn, &audit::as_user(user.id), async |conn| {
+        let origin = audit::as_user(user.id);
+        let started = audit::transaction_as_touching(conn, &origin, &[user.id], async |conn| {
             sessions::start(conn, &row, password_changed_at).await
         })
         .await?;
@@ -328,13 +329,13 @@ impl AuthService {
         if all_sessions && !owner.current_and_live {
             // Only the current token of a live session speaks for the user:
             // an old one (which may have leaked) ends its own session only.
-            audit::transaction_as(&mut conn, &origin, async |conn| {
+            audit::transaction_as_touching(&mut conn, &origin, &[user_id], async |conn| {
                 sessions::end(conn, session_id, EndReason::Logout).await
             })
             .await?;
             return Err(Error::InvalidToken(Reason::RefreshTokenInvalid));
         }
-        audit::transaction_as(&mut conn, &origin, async |conn| {
+        audit::transaction_as_touching(&mut conn, &origin, &[user_id], async |conn| {
             if all_sessions {
                 sessions::end_all_of_user(conn, user_id, None, EndReason::Logout).await?;
             } else {
@@ -386,7 +387,7 @@ impl AuthService {
         let hash = self.hasher.hash(&new).await?;
         let mut conn = db::conn(&self.pool).await?;
         let (user_id, keep) = (user.id, caller.session_id);
-        let ended = audit::transaction(&mut conn, async |conn| {
+        let ended = audit::transaction_touching(&mut conn, &[user_id], async |conn| {
             // Only over the password just checked: a password set meanwhile
             // (SetPassword) is not silently overwritten.
             if !db::users::replace_password_hash(conn, user_id, changed_at, &hash).await? {

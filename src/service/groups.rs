@@ -112,7 +112,7 @@ impl GroupService {
     #[tracing::instrument(skip(self))]
     pub async fn add_member(&self, group_id: Uuid, user_id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
-        audit::transaction(&mut conn, async |conn| {
+        audit::transaction_touching(&mut conn, &[user_id], async |conn| {
             db::groups::add_member(conn, group_id, user_id).await
         })
         .await?;
@@ -130,7 +130,7 @@ impl GroupService {
             (_, false) => return Err(Error::NotFound(Resource::User)),
             _ => {}
         }
-        audit::transaction(&mut conn, async |conn| {
+        audit::transaction_touching(&mut conn, &[user_id], async |conn| {
             db::groups::remove_member(conn, group_id, user_id).await
         })
         .await?;

@@ -46,7 +46,7 @@ impl AuthService {
         } else {
             EndReason::EndedByAdmin
         };
-        let ended = audit::transaction(&mut conn, async |conn| {
+        let ended = audit::transaction_touching(&mut conn, &[session.user_id], async |conn| {
             sessions::end(conn, id, reason).await
         })
         .await?;

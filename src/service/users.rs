@@ -194,8 +194,10 @@ impl UserService {
             attributes: new.attributes.to_json(),
         };
         let mut conn = db::conn(&self.pool).await?;
-        let user = audit::transaction(&mut conn, async |conn| insert_account(conn, &account).await)
-            .await?;
+        let user = audit::transaction_touching(&mut conn, &[account.id], async |conn| {
+            insert_account(conn, &account).await
+        })
+        .await?;
         tracing::info!(user_id = %user.id, "user created");
         Ok(user)
     }
@@ -229,7 +231,7 @@ impl UserService {
     #[tracing::instrument(skip(self, update))]
     pub async fn update(&self, id: Uuid, update: UserUpdate) -> Result<User, Error> {
         let mut conn = db::conn(&self.pool).await?;
-        let user = audit::transaction(&mut conn, async |conn| {
+        let user = audit::transaction_touching(&mut conn, &[id], async |conn| {
             let demotes = update.is_superuser == Some(false) || update.is_active == Some(false);
             if demotes {
                 keep_a_superuser(conn, id).await?;
@@ -271,7 +273,7 @@ impl UserService {
     #[tracing::instrument(skip(self))]
     pub async fn delete(&self, id: Uuid) -> Result<(), Error> {
         let mut conn = db::conn(&self.pool).await?;
-        audit::transaction(&mut conn, async |conn| {
+        audit::transaction_touching(&mut conn, &[id], async |conn| {
             keep_a_superuser(conn, id).await?;
             if db::users::delete(conn, id).await? {
                 Ok(())
@@ -299,7 +301,7 @@ impl UserService {
             .map_err(|e| Error::invalid("new_password", e))?;
         let hash = self.hasher.hash(&password).await?;
         let mut conn = db::conn(&self.pool).await?;
-        let ended = audit::transaction(&mut conn, async |conn| {
+        let ended = audit::transaction_touching(&mut conn, &[id], async |conn| {
             if !db::users::set_password_hash(conn, id, &hash).await? {
                 return Err(Error::NotFound(Resource::User));
             }

@@ -126,28 +126,7 @@ async fn a_valid_token_passes_with_fresh_identity_headers_and_no_forged_ones() {
 
     // A membership added now is in the very next check (fresh, not the
     // token's claims).
-    let group = app
-        .admin
-        .groups
-        .clone()
-        .create_group(pb::CreateGroupRequest {
-            groupname: "Billing".into(),
-            slug: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group
-        .unwrap();
-    app.admin
-        .groups
-        .clone()
-        .add_group_member(pb::AddGroupMemberRequest {
-            group_id: group.id.clone(),
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap();
+    app.group_with("Billing", &[&user]).await;
     let (set, _) = allowed(&check(&app, forged).await.unwrap());
     assert_eq!(set["x-identity-groups"], "billing");
 }
@@ -248,28 +227,7 @@ async fn route_policies_require_a_group_or_a_superuser_and_may_allow_anonymous_c
         .await
         .unwrap();
     assert_eq!(denied(&response).1, 403);
-    let group = app
-        .admin
-        .groups
-        .clone()
-        .create_group(pb::CreateGroupRequest {
-            groupname: "Ops".into(),
-            slug: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group
-        .unwrap();
-    app.admin
-        .groups
-        .clone()
-        .add_group_member(pb::AddGroupMemberRequest {
-            group_id: group.id,
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap();
+    app.group_with("Ops", &[&user]).await;
     let response = check(&app, as_rita(&[("require_groups", "ops,billing")]))
         .await
         .unwrap();

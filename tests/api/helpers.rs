@@ -651,6 +651,36 @@ impl TestApp {
             .expect("deactivate");
     }
 
+    /// Creates the group `groupname` (slug derived) as root, and adds
+    /// `members` to it; returns it.
+    pub async fn group_with(&self, groupname: &str, members: &[&pb::User]) -> pb::Group {
+        let group = self
+            .admin
+            .groups
+            .clone()
+            .create_group(pb::CreateGroupRequest {
+                groupname: groupname.into(),
+                slug: String::new(),
+            })
+            .await
+            .expect("create group")
+            .into_inner()
+            .group
+            .expect("the group");
+        for user in members {
+            self.admin
+                .groups
+                .clone()
+                .add_group_member(pb::AddGroupMemberRequest {
+                    group_id: group.id.clone(),
+                    user_id: user.id.clone(),
+                })
+                .await
+                .expect("add member");
+        }
+        group
+    }
+
     /// Creates a user with a password and returns it.
     pub async fn create_user(&self, username: &str) -> pb::User {
         self.admin

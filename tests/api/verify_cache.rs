@@ -92,28 +92,7 @@ async fn a_change_through_this_replica_is_seen_by_the_very_next_check() {
     // Groups too: a membership added is in the next answer.
     let (other, tokens) = app.signed_in_user("vito").await;
     warm(&app, &tokens.access_token).await;
-    let group = app
-        .admin
-        .groups
-        .clone()
-        .create_group(pb::CreateGroupRequest {
-            groupname: "Night shift".into(),
-            slug: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group
-        .unwrap();
-    app.admin
-        .groups
-        .clone()
-        .add_group_member(pb::AddGroupMemberRequest {
-            group_id: group.id.clone(),
-            user_id: other.id.clone(),
-        })
-        .await
-        .unwrap();
+    let group = app.group_with("Night shift", &[&other]).await;
     let answer = verify(&app, &tokens.access_token).await.unwrap();
     assert_eq!(answer.groups.len(), 1);
     assert_eq!(answer.groups[0].id, group.id);

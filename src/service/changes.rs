@@ -424,7 +424,7 @@ fn check_cursor(cursor: Cursor, read: &db::changes::Read) -> Result<(), Error> {
 /// the last change, or, when the read came back short (it saw everything
 /// below the horizon), after the horizon, so that a filtered reader does
 /// not scan the same unmatched changes again.
-fn advance(start: Cursor, read: db::changes::Read, limit: i64) -> Batch {
+pub(crate) fn advance(start: Cursor, read: db::changes::Read, limit: i64) -> Batch {
     let full = read.changes.len() as i64 >= limit;
     let mut cursor = read.changes.last().map_or(start, |c| c.cursor);
     if !full {

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::changes::Heard;
+use super::changes::{Heard, advance};
 use crate::db::{self, Pool, changes::Filter, sessions::Fresh};
 use crate::domain::{Cursor, Group, User};
 
@@ -308,6 +308,7 @@ impl FreshCache {
             }
             .await;
             if let Ok(read) = read {
+                let settled = read.newest.is_none_or(|n| n < read.horizon);
                 match cursor {
                     // A start: follow from here, and keep only what is
                     // read from now on.
@@ -321,21 +322,17 @@ impl FreshCache {
                         cursor = Some(Cursor::before(read.horizon));
                     }
                     Some(c) => {
-                        let full = read.changes.len() as i64 >= BATCH;
                         if !read.changes.is_empty() {
                             wait = Duration::from_millis(2);
                         }
                         self.evict(read.changes.iter().filter_map(|c| c.user_id));
-                        let last = read.changes.last().map_or(c, |x| x.cursor);
-                        cursor = Some(if full {
-                            last
-                        } else {
-                            last.max(Cursor::before(read.horizon))
-                        });
-                        again = full;
+                        // The watchers' rule: after the last change, or
+                        // past the horizon when the read came back short.
+                        let batch = advance(c, read, BATCH);
+                        again = batch.changes.len() as i64 >= BATCH;
+                        cursor = Some(batch.cursor);
                     }
                 }
-                let settled = read.newest.is_none_or(|n| n < read.horizon);
                 if !again && settled && cursor.is_some() {
                     self.fresh_as_of(started);
                 }

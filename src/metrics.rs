@@ -370,3 +370,13 @@ impl Body for Observed {
         self.inner.size_hint()
     }
 }
+
+impl Drop for Observed {
+    /// A body dropped before its status was sent: the client went away
+    /// (reset the stream or closed the connection) mid-call.
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done("Cancelled".to_owned());
+        }
+    }
+}

@@ -109,4 +109,11 @@ async fn the_change_feed_counts_its_streams_and_deliveries_with_their_delay() {
     })
     .await;
     assert!(closed.is_ok(), "the closed stream is still counted");
+    // A call the client abandoned is counted, as Cancelled (its status is
+    // recorded before the stream's gauge goes down).
+    let body = tokio::task::spawn_blocking(move || http1_get(addr, "/metrics").2)
+        .await
+        .unwrap();
+    let cancelled = r#"identity_grpc_requests_total{code="Cancelled",method="WatchChanges",service="identity.v1.ChangeService"}"#;
+    assert_eq!(sample(&body, cancelled), Some(1.0), "{body}");
 }

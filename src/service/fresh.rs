@@ -89,24 +89,41 @@ impl CacheMetrics {
     }
 }
 
-/// What is kept of one session's check.
-#[derive(Debug, Clone)]
-struct Entry {
+/// What is kept of one user's checks: the user, its groups, and its
+/// sessions. Kept per user, so that an eviction (always of a user) is one
+/// removal, and the user is kept once however many sessions it has.
+#[derive(Debug)]
+struct Kept {
     user: User,
     password_changed_at: DateTime<Utc>,
+    /// Shared with every other user in the same group (groups are
+    /// immutable: a group id always names the same group).
+    groups: Option<Box<[Arc<Group>]>>,
+    sessions: Vec<KeptSession>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeptSession {
+    id: Uuid,
     /// Not ended (an end is a change, which evicts).
     open: bool,
     /// The refresh token's expiry (a time, not a change: checked at use).
     expire_time: Option<DateTime<Utc>>,
-    groups: Option<Vec<Group>>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    entries: HashMap<(Uuid, Uuid), Entry>,
-    by_user: HashMap<Uuid, Vec<Uuid>>,
-    /// Keys in insertion order, for room (a key no longer kept is skipped).
+    /// Boxed: the table's slots stay small, and growing it moves pointers.
+    users: HashMap<Uuid, Box<Kept>>,
+    /// Sessions kept, in all (what `VERIFY_CACHE_SIZE` bounds).
+    sessions: usize,
+    /// Keys in insertion order, for room (a key no longer kept is skipped,
+    /// and dropped when the queue outgrows what is kept).
     order: VecDeque<(Uuid, Uuid)>,
+    /// One copy of each group the kept users are in.
+    groups: HashMap<Uuid, Arc<Group>>,
+    /// The size of `groups` after its last pruning.
+    groups_pruned_at: usize,
     /// Evictions so far; a read's ticket.
     seq: u64,
     /// The last evictions, oldest first.
@@ -118,6 +135,39 @@ struct State {
     /// Whether the consumer has a cursor: before, a read's result could
     /// miss a change committed before the cursor, so nothing is kept.
     following: bool,
+}
+
+impl State {
+    /// The kept copy of `group`.
+    fn intern(&mut self, group: &Group) -> Arc<Group> {
+        if let Some(kept) = self.groups.get(&group.id) {
+            return kept.clone();
+        }
+        if self.groups.len() >= 2 * self.groups_pruned_at + 64 {
+            // Groups no kept user is in any more.
+            self.groups.retain(|_, g| Arc::strong_count(g) > 1);
+            self.groups_pruned_at = self.groups.len();
+        }
+        let kept = Arc::new(group.clone());
+        self.groups.insert(group.id, kept.clone());
+        kept
+    }
+
+    /// Drops session `session` of `user`; whether it was kept.
+    fn remove_session(&mut self, user: Uuid, session: Uuid) -> bool {
+        let Some(kept) = self.users.get_mut(&user) else {
+            return false;
+        };
+        let Some(i) = kept.sessions.iter().position(|s| s.id == session) else {
+            return false;
+        };
+        kept.sessions.swap_remove(i);
+        if kept.sessions.is_empty() {
+            self.users.remove(&user);
+        }
+        self.sessions -= 1;
+        true
+    }
 }
 
 /// The verification cache (cheap to clone: shared).
@@ -160,23 +210,33 @@ impl FreshCache {
         let state = self.lock();
         let fresh = state.fresh_as_of.is_some_and(|t| t.elapsed() <= STALENESS);
         let hit = state
-            .entries
-            .get(&(user_id, session_id))
+            .users
+            .get(&user_id)
             .filter(|_| fresh)
-            .filter(|e| !with_groups || e.groups.is_some())
+            .filter(|k| !with_groups || k.groups.is_some())
+            .and_then(|k| {
+                let s = k.sessions.iter().find(|s| s.id == session_id)?;
+                Some((k, *s))
+            })
             // Expired since it was kept: read again (a Refresh may have
             // moved the expiry, which is no change).
-            .filter(|e| !e.open || e.expire_time.is_some_and(|t| t > Utc::now()));
+            .filter(|(_, s)| !s.open || s.expire_time.is_some_and(|t| t > Utc::now()));
         match hit {
-            Some(e) => {
+            Some((k, s)) => {
                 self.metrics.hits.inc();
                 Ok(Fresh {
-                    user: e.user.clone(),
-                    session_live: e.open,
-                    password_changed_at: e.password_changed_at,
-                    session_open: e.open,
-                    session_expire_time: e.expire_time,
-                    groups: if with_groups { e.groups.clone() } else { None },
+                    user: k.user.clone(),
+                    session_live: s.open,
+                    password_changed_at: k.password_changed_at,
+                    session_open: s.open,
+                    session_expire_time: s.expire_time,
+                    groups: if with_groups {
+                        k.groups
+                            .as_ref()
+                            .map(|g| g.iter().map(|g| Group::clone(g)).collect())
+                    } else {
+                        None
+                    },
                 })
             }
             None => {
@@ -205,33 +265,57 @@ impl FreshCache {
         if raced {
             return;
         }
-        let key = (user_id, session_id);
-        let entry = Entry {
-            user: fresh.user.clone(),
-            password_changed_at: fresh.password_changed_at,
+        let groups = fresh
+            .groups
+            .as_ref()
+            .map(|groups| groups.iter().map(|g| state.intern(g)).collect::<Box<[_]>>());
+        let session = KeptSession {
+            id: session_id,
             open: fresh.session_open,
             expire_time: fresh.session_expire_time,
-            groups: fresh.groups.clone(),
         };
-        if state.entries.insert(key, entry).is_none() {
-            state.by_user.entry(user_id).or_default().push(session_id);
-            state.order.push_back(key);
+        let state = &mut *state;
+        let kept = state.users.entry(user_id).or_insert_with(|| {
+            Box::new(Kept {
+                user: fresh.user.clone(),
+                password_changed_at: fresh.password_changed_at,
+                groups: None,
+                sessions: Vec::with_capacity(1),
+            })
+        });
+        // The user as read now (a read this ticket allows is as new as
+        // any kept), and the groups if this read has them.
+        kept.user.clone_from(&fresh.user);
+        kept.password_changed_at = fresh.password_changed_at;
+        if groups.is_some() {
+            kept.groups = groups;
         }
-        while state.entries.len() > self.capacity {
-            let Some(old) = state.order.pop_front() else {
+        match kept.sessions.iter_mut().find(|s| s.id == session_id) {
+            Some(s) => *s = session,
+            None => {
+                kept.sessions.push(session);
+                state.sessions += 1;
+                state.order.push_back((user_id, session_id));
+            }
+        }
+        while state.sessions > self.capacity {
+            let Some((user, session)) = state.order.pop_front() else {
                 break;
             };
-            if state.entries.remove(&old).is_some() {
-                if let Some(sessions) = state.by_user.get_mut(&old.0) {
-                    sessions.retain(|s| *s != old.1);
-                    if sessions.is_empty() {
-                        state.by_user.remove(&old.0);
-                    }
-                }
+            if state.remove_session(user, session) {
                 self.metrics.evictions.inc();
             }
         }
-        self.metrics.entries.set(state.entries.len() as i64);
+        if state.order.len() > 2 * state.sessions + 1024 {
+            // Keys of sessions evicted with their user since.
+            let users = &state.users;
+            state.order.retain(|(u, s)| {
+                users
+                    .get(u)
+                    .is_some_and(|k| k.sessions.iter().any(|x| x.id == *s))
+            });
+        }
+        self.metrics.entries.set(state.sessions as i64);
     }
 
     /// Drops every session of each of `users`.
@@ -244,15 +328,12 @@ impl FreshCache {
             if state.recent.len() > RECENT {
                 state.recent.pop_front();
             }
-            if let Some(sessions) = state.by_user.remove(&user) {
-                for s in sessions {
-                    if state.entries.remove(&(user, s)).is_some() {
-                        self.metrics.evictions.inc();
-                    }
-                }
+            if let Some(kept) = state.users.remove(&user) {
+                state.sessions -= kept.sessions.len();
+                self.metrics.evictions.inc_by(kept.sessions.len() as u64);
             }
         }
-        self.metrics.entries.set(state.entries.len() as i64);
+        self.metrics.entries.set(state.sessions as i64);
     }
 
     /// Drops everything, and keeps only what is read from now on: the
@@ -263,10 +344,12 @@ impl FreshCache {
         state.following = true;
         state.seq += 1;
         state.cleared_at = state.seq;
-        let n = state.entries.len() as u64;
-        state.entries.clear();
-        state.by_user.clear();
+        let n = state.sessions as u64;
+        state.users.clear();
+        state.sessions = 0;
         state.order.clear();
+        state.groups.clear();
+        state.groups_pruned_at = 0;
         state.recent.clear();
         self.metrics.evictions.inc_by(n);
         self.metrics.entries.set(0);
@@ -445,7 +528,54 @@ mod tests {
             let ticket = c.get(u, s, false).unwrap_err();
             c.put(ticket, s, &fresh(u));
         }
-        assert_eq!(c.lock().entries.len(), 2);
+        assert_eq!(c.lock().sessions, 2);
         assert_eq!(c.metrics.entries.get(), 2);
+    }
+
+    /// The memory 100,000 sessions of distinct users take (each in two of
+    /// sixteen groups, with names of realistic length), as the process's
+    /// resident set grows: `cargo test --lib memory_per_session -- --ignored
+    /// --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn memory_per_session() {
+        fn rss_kib() -> u64 {
+            std::fs::read_to_string("/proc/self/status")
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap()
+        }
+        let n = 100_000;
+        let now = Utc::now();
+        let groups: Vec<Group> = (0..16)
+            .map(|i| Group {
+                id: Uuid::now_v7(),
+                groupname: format!("Team {i}"),
+                slug: format!("team-{i}"),
+                create_time: now,
+            })
+            .collect();
+        let c = cache(n);
+        c.clear();
+        let before = rss_kib();
+        for i in 0..n {
+            let (u, s) = (Uuid::now_v7(), Uuid::now_v7());
+            let mut f = fresh(u);
+            f.user.username = format!("margaret.hamilton{i}");
+            f.user.email = format!("margaret.hamilton{i}@bench.example");
+            f.user.first_name = "margaret".into();
+            f.user.last_name = "hamilton".into();
+            f.groups = Some(vec![groups[i % 16].clone(), groups[(i + 5) % 16].clone()]);
+            let ticket = c.get(u, s, true).unwrap_err();
+            c.put(ticket, s, &f);
+        }
+        let after = rss_kib();
+        println!(
+            "{n} sessions: {:.1} MiB, {} bytes each",
+            (after - before) as f64 / 1024.0,
+            (after - before) * 1024 / n as u64
+        );
     }
 }

@@ -110,6 +110,37 @@ async fn a_change_through_this_replica_is_seen_by_the_very_next_check() {
     assert_eq!(reason(&refused), "SESSION_ENDED");
 }
 
+/// The feed's consumer would evict within milliseconds anyway: only the
+/// writing call's own eviction makes the very next check fresh every time.
+/// Fifty changes, each checked at once after a check from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_through_this_replica_is_in_the_next_check_not_only_eventually() {
+    let app = spawn_app().await;
+    let (user, tokens) = app.signed_in_user("rhea").await;
+    warm(&app, &tokens.access_token).await;
+    let hits = metric(&app, "identity_verify_cache_hits_total").await;
+    for round in 0..50 {
+        // Cached again after the last change's eviction (the second
+        // check is answered from memory).
+        verify(&app, &tokens.access_token).await.unwrap();
+        verify(&app, &tokens.access_token).await.unwrap();
+        let name = format!("Round {round}");
+        app.update_user(&user.id, &["first_name"], |u| u.first_name = name.clone())
+            .await
+            .unwrap();
+        let answer = verify(&app, &tokens.access_token).await.unwrap();
+        assert_eq!(
+            answer.user.unwrap().first_name,
+            name,
+            "round {round}: the check right after the change answered from before it"
+        );
+    }
+    // The checks before each change came from memory: the rounds tested the
+    // cache, not the database.
+    let hits = metric(&app, "identity_verify_cache_hits_total").await - hits;
+    assert!(hits >= 40.0, "only {hits} hits in 50 rounds");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_on_another_replica_or_in_sql_is_seen_within_a_second() {
     let db = Arc::new(TestDb::migrated().await);

@@ -13,6 +13,7 @@
 
 mod drive;
 mod feed;
+mod mesh;
 mod report;
 mod scenarios;
 mod seed;
@@ -46,15 +47,21 @@ pub struct Settings {
     pub scenarios: Vec<String>,
     /// A smoke run: tiny settings, any failed call fails the run.
     pub smoke: bool,
+    /// Distinct live sessions `mesh_rss` verifies.
+    pub rss_sessions: usize,
+    /// Changes a second the writer of `mesh_writes` makes.
+    pub writes_per_second: f64,
 }
 
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 17] = [
     "health",
     "db",
     "hashing",
     "jwt",
     "verify",
     "envoy",
+    "mesh",
+    "mesh_writes",
     "get_user",
     "get_self",
     "list_users",
@@ -63,6 +70,7 @@ pub const ALL: [&str; 14] = [
     "flood",
     "feed",
     "feed_cost",
+    "mesh_rss",
 ];
 
 impl Settings {
@@ -125,6 +133,9 @@ impl Settings {
             sessions,
             scenarios,
             smoke,
+            rss_sessions: num("BENCH_RSS_SESSIONS", if smoke { 300.0 } else { 100_000.0 }).max(1.0)
+                as usize,
+            writes_per_second: num("BENCH_WRITES", 100.0).max(1.0),
         }
     }
 

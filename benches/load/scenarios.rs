@@ -66,6 +66,8 @@ pub struct Bench<'a> {
     sessions: Vec<Session>,
     /// VerifyToken alone, for the mixed scenario's comparison.
     pub verify_alone: Option<Outcome>,
+    /// The service's settings, as the server reads them.
+    pub config: Config,
 }
 
 /// Fails unless the database holds no users: the bench adds its own.
@@ -123,7 +125,13 @@ impl<'a> Bench<'a> {
             admin: MetadataValue::from_static("Bearer none"),
             sessions: Vec::new(),
             verify_alone: None,
+            config: config.clone(),
         }
+    }
+
+    /// The users logged in through Login.
+    pub fn sessions(&self) -> &[Session] {
+        &self.sessions
     }
 
     async fn login_as(&self, username: &str) -> Session {
@@ -216,6 +224,9 @@ impl<'a> Bench<'a> {
                 let calls = (0..s.in_flight).map(|w| self.envoy_call(w)).collect();
                 vec![self.measure("envoy", "Envoy Check", calls).await]
             }
+            "mesh" => self.mesh().await,
+            "mesh_writes" => self.mesh_writes(seeded).await,
+            "mesh_rss" => self.mesh_rss(seeded).await,
             "list_users" => {
                 let calls = (0..s.in_flight)
                     .map(|w| self.list_users_call(w, ids.len()))
@@ -668,15 +679,21 @@ fn claims_of(token: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("JSON claims")
 }
 
-/// `GET /.well-known/jwks.json`, over plain HTTP/1.1 on the gRPC port.
+/// `GET /.well-known/jwks.json`.
 async fn fetch_jwks(server: &Server) -> jsonwebtoken::jwk::JwkSet {
+    serde_json::from_str(&http_get(server, "/.well-known/jwks.json").await).expect("a JWKS")
+}
+
+/// `GET path` over plain HTTP/1.1 on the gRPC port: the body of a 200.
+pub async fn http_get(server: &Server, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(server.addr)
         .await
-        .expect("connect for the JWKS");
+        .expect("connect for an HTTP GET");
     stream
         .write_all(
-            b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: identity\r\nConnection: close\r\n\r\n",
+            format!("GET {path} HTTP/1.1\r\nHost: identity\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
         )
         .await
         .expect("send");
@@ -684,6 +701,6 @@ async fn fetch_jwks(server: &Server) -> jsonwebtoken::jwk::JwkSet {
     stream.read_to_end(&mut response).await.expect("receive");
     let text = String::from_utf8(response).expect("UTF-8");
     let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "JWKS: {head}");
-    serde_json::from_str(body).expect("a JWKS")
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_owned()
 }

@@ -25,6 +25,16 @@ impl Server {
     /// (an event, not a sleep). Its later output is drained and dropped;
     /// warnings and errors are echoed.
     pub fn start(data_dir: &Path, keys_dir: &Path, database_url: Option<&str>) -> Self {
+        Self::start_with(data_dir, keys_dir, database_url, &[])
+    }
+
+    /// As [`Self::start`], with more settings in its environment.
+    pub fn start_with(
+        data_dir: &Path,
+        keys_dir: &Path,
+        database_url: Option<&str>,
+        envs: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_identity"));
         cmd.arg("serve")
             .env("DATA_DIR", data_dir)
@@ -36,6 +46,7 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        cmd.envs(envs.iter().copied());
         match database_url {
             Some(url) => cmd.env("DATABASE_URL", url),
             None => cmd.env_remove("DATABASE_URL"),

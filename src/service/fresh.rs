@@ -307,13 +307,25 @@ impl FreshCache {
             }
         }
         if state.order.len() > 2 * state.sessions + 1024 {
-            // Keys of sessions evicted with their user since.
+            // Keys of sessions evicted with their user since, and earlier
+            // places of sessions kept again: each kept session once, at its
+            // latest place.
             let users = &state.users;
-            state.order.retain(|(u, s)| {
-                users
-                    .get(u)
-                    .is_some_and(|k| k.sessions.iter().any(|x| x.id == *s))
-            });
+            let mut seen = std::collections::HashSet::with_capacity(state.sessions);
+            let mut order: VecDeque<_> = state
+                .order
+                .iter()
+                .rev()
+                .filter(|(u, s)| {
+                    users
+                        .get(u)
+                        .is_some_and(|k| k.sessions.iter().any(|x| x.id == *s))
+                        && seen.insert((*u, *s))
+                })
+                .copied()
+                .collect();
+            order.make_contiguous().reverse();
+            state.order = order;
         }
         self.metrics.entries.set(state.sessions as i64);
     }
@@ -530,6 +542,46 @@ mod tests {
         }
         assert_eq!(c.lock().sessions, 2);
         assert_eq!(c.metrics.entries.get(), 2);
+    }
+
+    #[test]
+    fn churn_does_not_grow_the_cache_and_groups_are_kept_once() {
+        let c = cache(10);
+        c.clear();
+        c.fresh_as_of(Instant::now());
+        let group = Group {
+            id: Uuid::now_v7(),
+            groupname: "Ops".into(),
+            slug: "ops".into(),
+            create_time: Utc::now(),
+        };
+        let (u, s) = (Uuid::now_v7(), Uuid::now_v7());
+        for round in 0..10_000 {
+            // As the consumer does after each read.
+            c.fresh_as_of(Instant::now());
+            let ticket = c.get(u, s, true).unwrap_err();
+            let mut f = fresh(u);
+            f.groups = Some(vec![group.clone()]);
+            c.put(ticket, s, &f);
+            assert!(c.get(u, s, true).is_ok(), "round {round}");
+            c.evict([u]);
+        }
+        let state = c.lock();
+        assert_eq!(state.sessions, 0);
+        assert!(state.order.len() <= 1024 + 1, "{}", state.order.len());
+        drop(state);
+        // Two users of one group share its one copy.
+        for _ in 0..2 {
+            let (u, s) = (Uuid::now_v7(), Uuid::now_v7());
+            let ticket = c.get(u, s, true).unwrap_err();
+            let mut f = fresh(u);
+            f.groups = Some(vec![group.clone()]);
+            c.put(ticket, s, &f);
+            assert_eq!(c.get(u, s, true).unwrap().groups.unwrap()[0].slug, "ops");
+        }
+        let state = c.lock();
+        assert_eq!(state.groups.len(), 1);
+        assert_eq!(Arc::strong_count(&state.groups[&group.id]), 3);
     }
 
     /// The memory 100,000 sessions of distinct users take (each in two of

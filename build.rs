@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "identity/v1/auth.proto",
     "identity/v1/account.proto",
     "identity/v1/change.proto",
+    "identity/v1/api_key.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -93,6 +93,8 @@ pub enum Resource {
     Group,
     /// A login session.
     Session,
+    /// An API key.
+    ApiKey,
 }
 
 impl Resource {
@@ -102,6 +104,7 @@ impl Resource {
             Resource::User => "user",
             Resource::Group => "group",
             Resource::Session => "session",
+            Resource::ApiKey => "API key",
         }
     }
 }
@@ -177,6 +180,18 @@ pub enum Reason {
     FieldTaken,
     /// A change feed cursor older than `CHANGES_RETENTION`.
     CursorExpired,
+    /// A service account asked for what only a person with a password can
+    /// do (Login, password and email RPCs).
+    ServiceAccount,
+    /// Not a key identity made, or no such key.
+    ApiKeyInvalid,
+    /// A key past its expire_time.
+    ApiKeyExpired,
+    /// A revoked key.
+    ApiKeyRevoked,
+    /// A key limited to some methods cannot be exchanged for a token that
+    /// would not be.
+    ApiKeyRestricted,
 }
 
 impl Reason {
@@ -201,6 +216,11 @@ impl Reason {
             Reason::EmailNotVerified => "EMAIL_NOT_VERIFIED",
             Reason::FieldTaken => "FIELD_TAKEN",
             Reason::CursorExpired => "CURSOR_EXPIRED",
+            Reason::ServiceAccount => "SERVICE_ACCOUNT",
+            Reason::ApiKeyInvalid => "API_KEY_INVALID",
+            Reason::ApiKeyExpired => "API_KEY_EXPIRED",
+            Reason::ApiKeyRevoked => "API_KEY_REVOKED",
+            Reason::ApiKeyRestricted => "API_KEY_RESTRICTED",
         }
     }
 }
@@ -212,6 +232,15 @@ impl Error {
     /// INVALID_ARGUMENT with a single field violation.
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Error::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+
+    /// FAILED_PRECONDITION, reason SERVICE_ACCOUNT: what a service account
+    /// (no password, never logs in) cannot do.
+    pub fn service_account() -> Self {
+        Error::Refused {
+            reason: Reason::ServiceAccount,
+            message: "a service account has no password and cannot log in: use an API key",
+        }
     }
 
     /// INTERNAL from anything that went wrong inside the service.
@@ -296,6 +325,9 @@ impl From<Error> for Status {
                     Reason::TokenMissing => {
                         "authentication required: send authorization: Bearer <access token>"
                     }
+                    Reason::ApiKeyInvalid => "invalid API key",
+                    Reason::ApiKeyExpired => "expired API key",
+                    Reason::ApiKeyRevoked => "revoked API key",
                     _ => "invalid or expired token",
                 },
                 ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, []),

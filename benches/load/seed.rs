@@ -203,6 +203,7 @@ async fn insert_batch(pool: &Pool, first: usize, ids: &[Uuid], hash: &str, group
             attributes: serde_json::json!({}),
             search: &o.search,
             password_changed_at: now,
+            is_service: false,
         })
         .collect();
     let names: Vec<_> = owned

@@ -10,15 +10,18 @@ use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::error::Error;
-use crate::grpc::{AccountsGrpc, AuthGrpc, ChangesGrpc, EnvoyGrpc, GroupsGrpc, UsersGrpc};
+use crate::grpc::{
+    AccountsGrpc, ApiKeysGrpc, AuthGrpc, ChangesGrpc, EnvoyGrpc, GroupsGrpc, UsersGrpc,
+};
 use crate::proto::identity::v1 as pb;
 
 /// How often the health service looks at the database.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The names the health service answers for, beside "" (the whole server).
-pub(super) fn service_names() -> [&'static str; 6] {
+pub(super) fn service_names() -> [&'static str; 7] {
     [
+        <pb::api_key_service_server::ApiKeyServiceServer<ApiKeysGrpc> as NamedService>::NAME,
         <pb::change_service_server::ChangeServiceServer<ChangesGrpc> as NamedService>::NAME,
         <envoy_types::ext_authz::v3::pb::AuthorizationServer<EnvoyGrpc> as NamedService>::NAME,
         <pb::account_service_server::AccountServiceServer<AccountsGrpc> as NamedService>::NAME,

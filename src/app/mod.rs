@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::db::{self, Pool, embedded::EmbeddedError};
 use crate::error::Error;
 use crate::grpc::{
-    AccountsGrpc, AuthGrpc, ChangesGrpc, EnvoyGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer,
+    AccountsGrpc, ApiKeysGrpc, AuthGrpc, ChangesGrpc, EnvoyGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer,
 };
 use crate::hashing::Hasher;
 use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};
@@ -334,6 +334,9 @@ impl Application {
             ))
             .add_service(pb::account_service_server::AccountServiceServer::new(
                 AccountsGrpc::new(self.accounts),
+            ))
+            .add_service(pb::api_key_service_server::ApiKeyServiceServer::new(
+                ApiKeysGrpc::new(self.auth.clone()),
             ))
             .add_service(pb::change_service_server::ChangeServiceServer::new(
                 ChangesGrpc::new(self.changes),

@@ -160,13 +160,14 @@ pub(super) async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), St
             users.create(NewUser {
                 username,
                 email,
-                password,
+                password: Some(password),
                 first_name: String::new(),
                 last_name: String::new(),
                 is_superuser: true,
                 is_active: true,
                 is_verified: true,
                 attributes: Attributes::default(),
+                is_service: false,
             }),
         )
         .await;

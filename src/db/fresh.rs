@@ -85,7 +85,12 @@ pub async fn fresh(
         .await
         .optional()?
     };
-    Ok(row.map(|r| {
+    Ok(row.map(|r| r.into_fresh(with_groups)))
+}
+
+impl FreshRow {
+    fn into_fresh(self, with_groups: bool) -> Fresh {
+        let r = self;
         // Without groups, or with none (array_agg of no rows is NULL).
         let groups = match (r.group_ids, r.groupnames, r.slugs, r.group_times) {
             (Some(ids), Some(names), Some(slugs), Some(times)) => ids
@@ -110,9 +115,56 @@ pub async fn fresh(
             session_open: r.session_open,
             session_expire_time: r.session_expire_time,
         }
+    }
+}
+
+/// An API key found by its prefix, with its user and groups now, in the
+/// shape of a session's fresh read: "live" is not revoked and not expired,
+/// "open" is not revoked, the "expire time" is the key's (none: never).
+#[derive(Debug)]
+pub struct FreshKey {
+    /// The key's id.
+    pub key_id: Uuid,
+    /// SHA-256 of its secret, to compare in constant time.
+    pub secret_hash: Vec<u8>,
+    /// The methods it is limited to (empty: none).
+    pub allowed_methods: Vec<String>,
+    /// Its user, groups and state.
+    pub fresh: Fresh,
+}
+
+#[derive(Debug, QueryableByName)]
+struct FreshKeyRow {
+    #[diesel(embed)]
+    fresh: FreshRow,
+    #[diesel(sql_type = SqlUuid)]
+    key_id: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Bytea)]
+    secret_hash: Vec<u8>,
+    #[diesel(sql_type = Array<Text>)]
+    allowed_methods: Vec<String>,
+}
+
+/// The key with `prefix`, fresh, with its user's groups (`sql/fresh_key.sql`).
+pub async fn fresh_key(
+    conn: &mut AsyncPgConnection,
+    prefix: &str,
+) -> Result<Option<FreshKey>, Error> {
+    let row: Option<FreshKeyRow> = prepared::<FreshKeySql, _>(
+        diesel::sql_query(include_str!("sql/fresh_key.sql")).bind::<Text, _>(prefix),
+    )
+    .get_result(conn)
+    .await
+    .optional()?;
+    Ok(row.map(|r| FreshKey {
+        key_id: r.key_id,
+        secret_hash: r.secret_hash,
+        allowed_methods: r.allowed_methods,
+        fresh: r.fresh.into_fresh(true),
     }))
 }
 
 /// Names of the hand-written statements in the statement cache.
 struct FreshSql;
+struct FreshKeySql;
 struct FreshWithoutGroupsSql;

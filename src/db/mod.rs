@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod api_keys;
 pub mod changes;
 pub mod embedded;
 mod error;

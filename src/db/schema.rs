@@ -19,6 +19,7 @@ diesel::table! {
         password_changed_at -> Timestamptz,
         create_time -> Timestamptz,
         update_time -> Timestamptz,
+        is_service -> Bool,
     }
 }
 
@@ -61,8 +62,26 @@ diesel::table! {
         refresh_time -> Timestamptz,
         end_time -> Nullable<Timestamptz>,
         end_reason -> Nullable<Text>,
+        api_key_id -> Nullable<Uuid>,
     }
 }
+
+diesel::table! {
+    api_keys (id) {
+        id -> Uuid,
+        user_id -> Uuid,
+        display_name -> Text,
+        prefix -> Text,
+        secret_hash -> Bytea,
+        allowed_methods -> Array<Text>,
+        create_time -> Timestamptz,
+        expire_time -> Nullable<Timestamptz>,
+        last_use_time -> Nullable<Timestamptz>,
+        revoke_time -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::joinable!(api_keys -> users (user_id));
 
 diesel::table! {
     retired_refresh_tokens (hash) {
@@ -157,5 +176,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     login_attempts,
     account_tokens,
     change_purge,
-    changes
+    changes,
+    api_keys
 );

@@ -296,6 +296,7 @@ struct SessionRow {
     refresh_expire_time: DateTime<Utc>,
     end_time: Option<DateTime<Utc>>,
     end_reason: Option<String>,
+    api_key_id: Option<Uuid>,
 }
 
 impl From<SessionRow> for Session {
@@ -308,6 +309,7 @@ impl From<SessionRow> for Session {
             refresh_expire_time: r.refresh_expire_time,
             end_time: r.end_time,
             end_reason: r.end_reason,
+            api_key_id: r.api_key_id,
         }
     }
 }
@@ -353,4 +355,29 @@ pub async fn by_id(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<Sess
         .await
         .optional()?
         .map(Into::into))
+}
+
+/// Starts the session of an ExchangeApiKey token, named after its key and
+/// only while the key is not revoked (the key's row is share-locked, so a
+/// revocation either comes first and nothing starts, or waits and then
+/// ends this session). Its refresh token is never given out; the session
+/// lasts as long as its access token. Whether it started.
+pub async fn start_for_key(
+    conn: &mut AsyncPgConnection,
+    row: &NewSessionRow<'_>,
+    api_key_id: Uuid,
+) -> Result<bool, Error> {
+    let n = diesel::sql_query(
+        "WITH k AS (SELECT id FROM api_keys WHERE id = $5 AND revoke_time IS NULL FOR SHARE) \
+         INSERT INTO sessions (id, user_id, refresh_hash, refresh_expire_time, api_key_id) \
+         SELECT $1, $2, $3, $4, k.id FROM k",
+    )
+    .bind::<SqlUuid, _>(row.id)
+    .bind::<SqlUuid, _>(row.user_id)
+    .bind::<Bytea, _>(row.refresh_hash)
+    .bind::<Timestamptz, _>(row.refresh_expire_time)
+    .bind::<SqlUuid, _>(api_key_id)
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
 }

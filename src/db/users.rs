@@ -26,6 +26,7 @@ pub(crate) struct UserRow {
     pub attributes: serde_json::Value,
     pub create_time: DateTime<Utc>,
     pub update_time: DateTime<Utc>,
+    pub is_service: bool,
 }
 
 /// A user about to be inserted.
@@ -61,6 +62,8 @@ pub struct NewUserRow<'a> {
     pub search: &'a str,
     /// From the service's clock, like the `jti` of tokens it is compared with.
     pub password_changed_at: DateTime<Utc>,
+    /// A service account: no password (its hash is "!"), never logs in.
+    pub is_service: bool,
 }
 
 impl std::fmt::Debug for NewUserRow<'_> {
@@ -87,6 +90,7 @@ impl From<UserRow> for User {
             attributes: r.attributes,
             create_time: r.create_time,
             update_time: r.update_time,
+            is_service: r.is_service,
         }
     }
 }
@@ -213,10 +217,14 @@ pub async fn by_email(
 pub async fn canonical_names(
     conn: &mut AsyncPgConnection,
     id: Uuid,
-) -> Result<Option<(String, String)>, Error> {
+) -> Result<Option<(String, String, bool)>, Error> {
     Ok(users::table
         .find(id)
-        .select((users::username_canonical, users::email_canonical))
+        .select((
+            users::username_canonical,
+            users::email_canonical,
+            users::is_service,
+        ))
         .first(conn)
         .await
         .optional()?)

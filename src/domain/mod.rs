@@ -2,6 +2,7 @@
 //! a value of a type here has passed its rules, so later layers need not
 //! check again.
 
+pub mod api_key;
 pub mod change;
 pub mod group;
 pub mod page;
@@ -10,6 +11,7 @@ pub mod text;
 pub mod user;
 pub mod violation;
 
+pub use api_key::ApiKey;
 pub use change::{Change, ChangeKind, Cursor};
 pub use group::{Group, Groupname, Slug};
 pub use page::{PageRequest, Pager};

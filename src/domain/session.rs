@@ -20,6 +20,8 @@ pub struct Session {
     pub end_time: Option<DateTime<Utc>>,
     /// Why it ended, as stored ([`EndReason::as_str`]).
     pub end_reason: Option<String>,
+    /// The API key it was made from (ExchangeApiKey), if any.
+    pub api_key_id: Option<Uuid>,
 }
 
 /// Why a session ended, as stored (`sessions.end_reason`).
@@ -37,6 +39,8 @@ pub enum EndReason {
     RefreshReused,
     /// EndSession by a superuser (its own user ending it is a Logout).
     EndedByAdmin,
+    /// The API key an ExchangeApiKey session came from was revoked.
+    ApiKeyRevoked,
 }
 
 impl EndReason {
@@ -49,12 +53,14 @@ impl EndReason {
             EndReason::PasswordReset => "password_reset",
             EndReason::RefreshReused => "refresh_token_reused",
             EndReason::EndedByAdmin => "ended_by_admin",
+            EndReason::ApiKeyRevoked => "api_key_revoked",
         }
     }
 
     /// The name clients see (`Session.end_reason`, `Change.end_reason`) for
     /// a stored reason: LOGOUT, PASSWORD_CHANGED, PASSWORD_SET,
-    /// PASSWORD_RESET, REUSE_DETECTED, ENDED_BY_ADMIN, USER_DELETED (a live
+    /// PASSWORD_RESET, REUSE_DETECTED, ENDED_BY_ADMIN, API_KEY_REVOKED,
+    /// USER_DELETED (a live
     /// session deleted with its user), or the stored text in capitals (a
     /// reason written by hand in SQL).
     pub fn wire_name(stored: &str) -> String {

@@ -35,6 +35,9 @@ pub struct User {
     pub create_time: chrono::DateTime<chrono::Utc>,
     /// When the user last changed, a new password included.
     pub update_time: chrono::DateTime<chrono::Utc>,
+    /// A service account: created without a password, never logs in; its
+    /// credentials are API keys. Set at creation, never changed.
+    pub is_service: bool,
 }
 
 /// A valid username, as shown and in its canonical (unique) form.

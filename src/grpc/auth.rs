@@ -7,7 +7,7 @@ use super::convert::{parse_id, parse_optional_id, timestamp};
 use crate::domain::{EndReason, Login, NewPassword, OpaqueToken, Pager, Session, Violation};
 use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
-use crate::service::{AuthService, auth::IssuedTokens};
+use crate::service::{AuthService, auth::IssuedTokens, verify::Credential};
 
 /// The gRPC face of [`AuthService`].
 #[derive(Debug, Clone)]
@@ -85,11 +85,8 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
         let verified = self.auth.verify(&request.into_inner().access_token).await?;
-        let claims = verified.caller.claims;
-        Ok(Response::new(pb::VerifyTokenResponse {
-            user: Some(verified.caller.user.into()),
-            groups: verified.groups.into_iter().map(Into::into).collect(),
-            claims: Some(pb::TokenClaims {
+        let claims = match verified.caller.credential {
+            Credential::Token { claims, .. } => pb::TokenClaims {
                 subject: claims.sub,
                 token_id: claims.jti,
                 session_id: claims.sid,
@@ -97,7 +94,18 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
                 expire_time: seconds(claims.exp),
                 issuer: claims.iss,
                 audience: claims.aud.to_vec(),
-            }),
+            },
+            // An API key: its id, no session, nothing signed.
+            Credential::ApiKey { id, .. } => pb::TokenClaims {
+                subject: verified.caller.user.id.to_string(),
+                token_id: id.to_string(),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(pb::VerifyTokenResponse {
+            user: Some(verified.caller.user.into()),
+            groups: verified.groups.into_iter().map(Into::into).collect(),
+            claims: Some(claims),
         }))
     }
 
@@ -171,6 +179,26 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         }))
     }
 
+    async fn exchange_api_key(
+        &self,
+        request: Request<pb::ExchangeApiKeyRequest>,
+    ) -> Result<Response<pb::ExchangeApiKeyResponse>, Status> {
+        let (tokens, user) = self
+            .auth
+            .exchange_api_key(&request.into_inner().api_key)
+            .await?;
+        Ok(Response::new(pb::ExchangeApiKeyResponse {
+            tokens: Some(pb::Tokens {
+                access_token: tokens.access_token,
+                refresh_token: String::new(),
+                token_type: "Bearer".to_owned(),
+                access_token_expire_time: Some(timestamp(tokens.access_expire)),
+                refresh_token_expire_time: None,
+            }),
+            user: Some(user.into()),
+        }))
+    }
+
     async fn end_session(
         &self,
         request: Request<pb::EndSessionRequest>,
@@ -197,7 +225,7 @@ impl From<Session> for pb::Session {
                 .as_deref()
                 .map(EndReason::wire_name)
                 .unwrap_or_default(),
-            api_key_id: String::new(),
+            api_key_id: s.api_key_id.map(|id| id.to_string()).unwrap_or_default(),
         }
     }
 }

@@ -101,6 +101,8 @@ fn table(path: &str) -> Option<Access> {
         | "/identity.v1.AuthService/GetPublicKeys"
         | "/identity.v1.AccountService/ConfirmEmail"
         | "/identity.v1.AccountService/ResetPassword"
+        // The key is in the message.
+        | "/identity.v1.AuthService/ExchangeApiKey"
         // The sidecar's question carries the proxied request's credential
         // in its message, none of its own.
         | "/envoy.service.auth.v3.Authorization/Check" => Public,
@@ -112,7 +114,11 @@ fn table(path: &str) -> Option<Access> {
         | "/identity.v1.GroupService/ListGroups"
         | "/identity.v1.GroupService/ListUserGroups"
         | "/identity.v1.AuthService/ListSessions"
-        | "/identity.v1.AuthService/EndSession" => SignedIn,
+        | "/identity.v1.AuthService/EndSession"
+        // Self, or a superuser for anyone: narrowed by the handlers.
+        | "/identity.v1.ApiKeyService/CreateApiKey"
+        | "/identity.v1.ApiKeyService/ListApiKeys"
+        | "/identity.v1.ApiKeyService/RevokeApiKey" => SignedIn,
         "/identity.v1.UserService/ListUsers"
         | "/identity.v1.UserService/DeleteUser"
         | "/identity.v1.UserService/SetPassword"
@@ -272,6 +278,12 @@ where
             };
             if !allowed {
                 return Ok(refuse(caller.refusal()));
+            }
+            // An API key limited to some methods calls only those.
+            if let Caller::User(user) = &caller
+                && !user.allows(request.uri().path())
+            {
+                return Ok(refuse(Error::PermissionDenied));
             }
             // Every change the call makes is recorded as made by the
             // caller, through this RPC, under this request id.

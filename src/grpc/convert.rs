@@ -74,6 +74,7 @@ impl From<User> for pb::User {
             create_time: Some(timestamp(row.create_time)),
             update_time: Some(timestamp(row.update_time)),
             attributes,
+            is_service: row.is_service,
         }
     }
 }

@@ -173,7 +173,12 @@ fn allowed(incoming: &HashMap<String, String>, verified: Option<&Verified>) -> C
         ("x-identity-username", user.username.clone()),
         (
             "x-identity-session-id",
-            verified.caller.session_id.to_string(),
+            // None for an API key.
+            verified
+                .caller
+                .session_id()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
         ),
         ("x-identity-groups", groups),
         ("x-identity-superuser", user.is_superuser.to_string()),

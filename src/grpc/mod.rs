@@ -2,6 +2,7 @@
 //! the answer. No SQL and no rules beyond the shape of the messages.
 
 pub mod accounts;
+pub mod api_keys;
 pub mod auth;
 pub mod authz;
 pub mod changes;
@@ -11,6 +12,7 @@ pub mod groups;
 pub mod users;
 
 pub use accounts::AccountsGrpc;
+pub use api_keys::ApiKeysGrpc;
 pub use auth::AuthGrpc;
 pub use changes::ChangesGrpc;
 pub use envoy::EnvoyGrpc;

@@ -51,7 +51,15 @@ fn new_user(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
         .map(Username::canonical)
         .chain(email.iter().map(Email::canonical))
         .collect();
-    let password = v.check("password", Password::parse(&req.password, &forbidden));
+    let password = if req.is_service {
+        if !req.password.is_empty() {
+            v.add("password", "a service account has no password: leave it empty");
+        }
+        Some(None)
+    } else {
+        v.check("password", Password::parse(&req.password, &forbidden))
+            .map(Some)
+    };
     let first_name = v.check("first_name", person_name(&req.first_name));
     let last_name = v.check("last_name", person_name(&req.last_name));
     let attributes = v.check("attributes", Attributes::parse(&req.attributes));
@@ -74,6 +82,7 @@ fn new_user(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
             is_active: req.is_active.unwrap_or(true),
             is_verified: req.is_verified,
             attributes,
+            is_service: req.is_service,
         }),
         _ => Err(Error::internal(
             "a field failed validation without a violation",
@@ -187,7 +196,7 @@ impl pb::user_service_server::UserService for UsersGrpc {
         authz::create_user(
             &caller,
             self.registration_open,
-            req.is_superuser,
+            req.is_superuser || req.is_service,
             req.is_active,
             req.is_verified,
         )?;

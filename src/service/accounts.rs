@@ -75,7 +75,10 @@ impl AccountService {
         let user = db::users::by_id(&mut conn, user_id)
             .await?
             .ok_or(Error::NotFound(Resource::User))?;
-        let (_, email_canonical) = db::users::canonical_names(&mut conn, user_id)
+        if user.is_service {
+            return Err(Error::service_account());
+        }
+        let (_, email_canonical, _) = db::users::canonical_names(&mut conn, user_id)
             .await?
             .ok_or(Error::NotFound(Resource::User))?;
         let issued = self
@@ -108,7 +111,10 @@ impl AccountService {
             // The token speaks for its user: the change is theirs.
             db::changes::act_as(conn, user_id).await?;
             let current = db::users::canonical_names(conn, user_id).await?;
-            if current.as_ref().map(|(_, e)| e) != Some(&email) {
+            if current.as_ref().is_some_and(|(_, _, service)| *service) {
+                return Err(Error::service_account());
+            }
+            if current.as_ref().map(|(_, e, _)| e) != Some(&email) {
                 // Rolled back: the token stays unused.
                 return Err(Error::Refused {
                     reason: Reason::AccountTokenInvalid,
@@ -148,6 +154,9 @@ impl AccountService {
             tracing::info!("password reset asked for an unknown address");
             return Ok(None);
         };
+        if user.is_service {
+            return Err(Error::service_account());
+        }
         if !user.is_active {
             tracing::info!(user_id = %user.id, "password reset asked for an inactive user");
             return Ok(None);
@@ -198,6 +207,9 @@ impl AccountService {
                     reason: Reason::AccountTokenInvalid,
                     message: "invalid reset token",
                 })?;
+            if names.2 {
+                return Err(Error::service_account());
+            }
             (user_id, names)
         };
         let password = new_password
@@ -219,7 +231,8 @@ impl AccountService {
             let active = db::users::by_id_for_update(conn, used_by)
                 .await?
                 .is_some_and(|u| u.is_active);
-            if used_by != user_id || !active || current.as_ref().map(|(_, e)| e) != Some(&email) {
+            if used_by != user_id || !active || current.as_ref().map(|(_, e, _)| e) != Some(&email)
+            {
                 // Rolled back: nothing changes, the token stays unused.
                 return Err(Error::Refused {
                     reason: Reason::AccountTokenInvalid,

@@ -64,6 +64,8 @@ pub struct AuthService {
     require_verified: bool,
     throttle: Throttle,
     pub(super) cache: Option<super::fresh::FreshCache>,
+    /// When each API key's use was last written, on this replica.
+    pub(super) key_uses: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>>,
 }
 
 impl AuthService {
@@ -84,6 +86,7 @@ impl AuthService {
             refresh_ttl,
             require_verified: false,
             cache: None,
+            key_uses: Default::default(),
         }
     }
 
@@ -123,6 +126,10 @@ impl AuthService {
         };
         let mut conn = db::conn(&self.pool).await?;
         let mut found = db::users::for_login(&mut conn, canonical).await?;
+        if found.as_ref().is_some_and(|c| c.user.is_service) {
+            // No password to check: a service account uses API keys.
+            return Err(Error::service_account());
+        }
         let lease = loop {
             let key = key_of(&found);
             let (lease, waited) = self.throttle.claim(conn, key.clone()).await?;
@@ -221,6 +228,16 @@ impl AuthService {
         let groups = db::groups::of_user(conn, user.id).await?;
         self.issue(user, &groups, session_id, refresh.token, refresh_expire)
             .map(Some)
+    }
+
+    /// An access token for a new session `session_id` of `user`.
+    pub(super) fn issue_for(
+        &self,
+        user: &User,
+        groups: &[Group],
+        session_id: Uuid,
+    ) -> Result<IssuedTokens, Error> {
+        self.issue(user, groups, session_id, String::new(), Utc::now())
     }
 
     fn issue(
@@ -359,6 +376,9 @@ impl AuthService {
         new: NewPassword,
     ) -> Result<(), Error> {
         let user = &caller.user;
+        if user.is_service {
+            return Err(Error::service_account());
+        }
         let forbidden = [text::fold(&user.username), text::fold(&user.email)];
         let new = new
             .for_user(&[&forbidden[0], &forbidden[1]])
@@ -386,14 +406,14 @@ impl AuthService {
         drop(conn);
         let hash = self.hasher.hash(&new).await?;
         let mut conn = db::conn(&self.pool).await?;
-        let (user_id, keep) = (user.id, caller.session_id);
+        let (user_id, keep) = (user.id, caller.session_id());
         let ended = audit::transaction_touching(&mut conn, &[user_id], async |conn| {
             // Only over the password just checked: a password set meanwhile
             // (SetPassword) is not silently overwritten.
             if !db::users::replace_password_hash(conn, user_id, changed_at, &hash).await? {
                 return Err(Error::InvalidCredentials);
             }
-            super::password_changed(conn, user_id, Some(keep), EndReason::PasswordChanged).await
+            super::password_changed(conn, user_id, keep, EndReason::PasswordChanged).await
         })
         .await?;
         tracing::info!(other_sessions_ended = ended, "password changed");

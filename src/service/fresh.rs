@@ -135,6 +135,22 @@ struct State {
     /// Whether the consumer has a cursor: before, a read's result could
     /// miss a change committed before the cursor, so nothing is kept.
     following: bool,
+    /// API keys checked, by the SHA-256 of their secret: whose, which key,
+    /// and its methods; never changing (a key is never edited), so kept
+    /// apart from the evictions. Its state (revoked, expired) is a session
+    /// slot of its user's, evicted like any.
+    keys: HashMap<[u8; 32], KnownKey>,
+}
+
+/// An API key the cache has seen: what never changes about it.
+#[derive(Debug, Clone)]
+pub struct KnownKey {
+    /// The key's user.
+    pub user_id: Uuid,
+    /// The key.
+    pub key_id: Uuid,
+    /// The methods it is limited to; empty: not limited.
+    pub allowed_methods: Arc<[String]>,
 }
 
 impl State {
@@ -220,7 +236,7 @@ impl FreshCache {
             })
             // Expired since it was kept: read again (a Refresh may have
             // moved the expiry, which is no change).
-            .filter(|(_, s)| !s.open || s.expire_time.is_some_and(|t| t > Utc::now()));
+            .filter(|(_, s)| !s.open || s.expire_time.is_none_or(|t| t > Utc::now()));
         match hit {
             Some((k, s)) => {
                 self.metrics.hits.inc();
@@ -244,6 +260,39 @@ impl FreshCache {
                 Err(Ticket(state.seq))
             }
         }
+    }
+
+    /// A ticket for a read of something not asked for through [`Self::get`].
+    pub fn ticket(&self) -> Ticket {
+        self.metrics.misses.inc();
+        Ticket(self.lock().seq)
+    }
+
+    /// The key whose secret has this SHA-256, if it was seen.
+    pub fn key(&self, hash: &[u8; 32]) -> Option<KnownKey> {
+        self.lock().keys.get(hash).cloned()
+    }
+
+    /// Remembers what never changes about a key seen now.
+    pub fn remember_key(
+        &self,
+        hash: [u8; 32],
+        user_id: Uuid,
+        key_id: Uuid,
+        allowed_methods: Arc<[String]>,
+    ) {
+        let mut state = self.lock();
+        if state.keys.len() >= self.capacity {
+            state.keys.clear();
+        }
+        state.keys.insert(
+            hash,
+            KnownKey {
+                user_id,
+                key_id,
+                allowed_methods,
+            },
+        );
     }
 
     /// Keeps `fresh`, read with `ticket`, unless its user was evicted since.
@@ -362,6 +411,7 @@ impl FreshCache {
         state.order.clear();
         state.groups.clear();
         state.groups_pruned_at = 0;
+        state.keys.clear();
         state.recent.clear();
         self.metrics.evictions.inc_by(n);
         self.metrics.entries.set(0);
@@ -479,6 +529,7 @@ mod tests {
                 attributes: serde_json::json!({}),
                 create_time: now,
                 update_time: now,
+                is_service: false,
             },
             session_live: true,
             password_changed_at: now,

@@ -179,7 +179,7 @@ async fn import_one(
     user: &ValidUser,
 ) -> Result<ImportOutcome, Error> {
     // Already there (a re-run): the same id with the same names.
-    if let Some((username, email)) = db::users::canonical_names(conn, user.id).await? {
+    if let Some((username, email, _)) = db::users::canonical_names(conn, user.id).await? {
         return Ok(
             if username == user.username.canonical() && email == user.email.canonical() {
                 ImportOutcome::AlreadyImported(user.id)
@@ -191,7 +191,7 @@ async fn import_one(
     // Imported before without an id: the same username and email.
     if !user.id_given
         && let Some(existing) = db::users::by_username(conn, user.username.canonical()).await?
-        && let Some((_, email)) = db::users::canonical_names(conn, existing.id).await?
+        && let Some((_, email, _)) = db::users::canonical_names(conn, existing.id).await?
         && email == user.email.canonical()
     {
         return Ok(ImportOutcome::AlreadyImported(existing.id));
@@ -207,6 +207,7 @@ async fn import_one(
         is_active: user.is_active,
         is_verified: user.is_verified,
         attributes: user.attributes.clone(),
+        is_service: false,
     };
     // A savepoint: a taken name rolls back this user only.
     let inserted = conn

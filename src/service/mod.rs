@@ -2,6 +2,7 @@
 //! transaction; the `db` functions it calls only query.
 
 pub mod accounts;
+pub mod api_keys;
 pub mod audit;
 pub mod auth;
 pub mod changes;

@@ -49,8 +49,9 @@ pub struct NewUser {
     pub username: Username,
     /// Its canonical form must be no other user's username or email.
     pub email: Email,
-    /// The password in clear, hashed (argon2id) before anything is stored.
-    pub password: Password,
+    /// The password in clear, hashed (argon2id) before anything is stored;
+    /// none for a service account.
+    pub password: Option<Password>,
     /// Given name, at most 150 characters; may be empty.
     pub first_name: String,
     /// Family name, at most 150 characters; may be empty.
@@ -63,7 +64,13 @@ pub struct NewUser {
     pub is_verified: bool,
     /// Custom attributes.
     pub attributes: Attributes,
+    /// A service account (no password).
+    pub is_service: bool,
 }
+
+/// The password hash of a service account: no PHC string, so no password
+/// can match it.
+pub(crate) const SERVICE_HASH: &str = "!";
 
 /// How GetUser finds a user.
 #[derive(Debug, Clone)]
@@ -108,6 +115,7 @@ pub(crate) struct Account<'a> {
     pub is_active: bool,
     pub is_verified: bool,
     pub attributes: serde_json::Value,
+    pub is_service: bool,
 }
 
 impl std::fmt::Debug for Account<'_> {
@@ -151,6 +159,7 @@ pub(crate) async fn insert_account(
         attributes: account.attributes.clone(),
         search: &search,
         password_changed_at: chrono::Utc::now(),
+        is_service: account.is_service,
     };
     let user = db::users::insert(conn, &row).await?;
     let taken = |field| Error::AlreadyExists { field, hint: None };
@@ -180,7 +189,11 @@ impl UserService {
     /// a slow hash never holds one.
     #[tracing::instrument(skip_all, fields(username = %new.username.as_str()))]
     pub async fn create(&self, new: NewUser) -> Result<User, Error> {
-        let hash = self.hasher.hash(&new.password).await?;
+        let hash = match &new.password {
+            Some(password) => self.hasher.hash(password).await?,
+            // No password matches it: argon2 cannot even parse it.
+            None => SERVICE_HASH.to_owned(),
+        };
         let account = Account {
             id: Uuid::now_v7(),
             username: &new.username,
@@ -192,6 +205,7 @@ impl UserService {
             is_active: new.is_active,
             is_verified: new.is_verified,
             attributes: new.attributes.to_json(),
+            is_service: new.is_service,
         };
         let mut conn = db::conn(&self.pool).await?;
         let user = audit::transaction_touching(&mut conn, &[account.id], async |conn| {
@@ -292,9 +306,13 @@ impl UserService {
     pub async fn set_password(&self, id: Uuid, new_password: NewPassword) -> Result<(), Error> {
         let (username, email) = {
             let mut conn = db::conn(&self.pool).await?;
-            db::users::canonical_names(&mut conn, id)
+            let (username, email, is_service) = db::users::canonical_names(&mut conn, id)
                 .await?
-                .ok_or(Error::NotFound(Resource::User))?
+                .ok_or(Error::NotFound(Resource::User))?;
+            if is_service {
+                return Err(Error::service_account());
+            }
+            (username, email)
         };
         let password = new_password
             .for_user(&[&username, &email])

@@ -3,6 +3,7 @@
 
 pub mod jwt;
 pub mod keys;
+pub mod apikey;
 pub mod opaque;
 
 pub use jwt::{AccessClaims, TokenIssuer};

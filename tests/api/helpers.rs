@@ -482,13 +482,14 @@ async fn bootstrap_root(config: &Config) {
         .create(NewUser {
             username: Username::parse(ROOT_USERNAME).unwrap(),
             email: Email::parse("root@example.com").unwrap(),
-            password: Password::parse(ROOT_PASSWORD, &[]).unwrap(),
+            password: Some(Password::parse(ROOT_PASSWORD, &[]).unwrap()),
             first_name: String::new(),
             last_name: String::new(),
             is_superuser: true,
             is_active: true,
             is_verified: true,
             attributes: Attributes::default(),
+            is_service: false,
         })
         .await;
     match result {

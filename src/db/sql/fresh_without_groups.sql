@@ -1,5 +1,5 @@
 SELECT u.id, u.username, u.email, u.first_name, u.last_name, u.is_superuser,
-    u.is_active, u.is_verified, u.attributes, u.create_time, u.update_time,
+    u.is_active, u.is_verified, u.attributes, u.create_time, u.update_time, u.is_service,
     u.password_changed_at,
     (s.id IS NOT NULL AND s.end_time IS NULL AND s.refresh_expire_time > now())
         AS session_live,

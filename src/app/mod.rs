@@ -29,7 +29,8 @@ use crate::config::Config;
 use crate::db::{self, Pool, embedded::EmbeddedError};
 use crate::error::Error;
 use crate::grpc::{
-    AccountsGrpc, ApiKeysGrpc, AuthGrpc, ChangesGrpc, EnvoyGrpc, GroupsGrpc, UsersGrpc, authz::AuthLayer,
+    AccountsGrpc, ApiKeysGrpc, AuthGrpc, ChangesGrpc, EnvoyGrpc, GroupsGrpc, UsersGrpc,
+    authz::AuthLayer,
 };
 use crate::hashing::Hasher;
 use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};

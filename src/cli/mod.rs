@@ -7,6 +7,7 @@
 //! `changes.rs` (a gRPC client printing the change feed).
 
 mod admin;
+mod apikeys;
 mod changes;
 mod import;
 mod serve;
@@ -58,6 +59,11 @@ enum Command {
     /// lines show in `ps`). On exit the cursor to resume from (--after) is
     /// printed to standard error. Exits 1 on a refusal, 2 on a bad option.
     Changes(ChangesArgs),
+    /// Makes, lists and revokes API keys on the database directly, as an
+    /// administrator: `apikeys create --user U [--allow METHOD]...
+    /// [--expires 90d]` prints the new secret once.
+    #[command(name = "apikeys")]
+    ApiKeys(apikeys::ApiKeysArgs),
 }
 
 impl Cli {
@@ -101,6 +107,7 @@ impl Cli {
             Command::Keys(args) => Some(&args.config),
             Command::Import(args) => Some(&args.config),
             Command::Changes(_) => None,
+            Command::ApiKeys(args) => Some(&args.config),
         }
     }
 
@@ -129,6 +136,7 @@ impl Cli {
             Command::Keys(args) => admin::keys(args),
             Command::Import(args) => import::import(args).await,
             Command::Changes(args) => return changes::changes(args).await,
+            Command::ApiKeys(args) => apikeys::apikeys(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

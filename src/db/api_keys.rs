@@ -126,10 +126,14 @@ pub async fn list(
 /// the sessions ExchangeApiKey made from it; the key as it is now.
 pub async fn revoke(conn: &mut AsyncPgConnection, id: Uuid) -> Result<Option<ApiKey>, Error> {
     let now = Utc::now();
-    diesel::update(api_keys::table.find(id).filter(api_keys::revoke_time.is_null()))
-        .set(api_keys::revoke_time.eq(now))
-        .execute(conn)
-        .await?;
+    diesel::update(
+        api_keys::table
+            .find(id)
+            .filter(api_keys::revoke_time.is_null()),
+    )
+    .set(api_keys::revoke_time.eq(now))
+    .execute(conn)
+    .await?;
     diesel::update(
         sessions::table
             .filter(sessions::api_key_id.eq(id))

@@ -92,6 +92,10 @@ constraints! {
         ChangePurgePkey = "change_purge_pkey",
         /// `changes (xid, seq)`.
         ChangesPkey = "changes_pkey",
+        /// `api_keys.id`.
+        ApiKeysPkey = "api_keys_pkey",
+        /// `api_keys.prefix` (a new key with a taken prefix gets another).
+        ApiKeysPrefix = "api_keys_prefix_key",
     }
 }
 
@@ -110,6 +114,10 @@ constraints! {
         RetiredRefreshTokensSession = "retired_refresh_tokens_session_id_fkey",
         /// An account token's user.
         AccountTokensUser = "account_tokens_user_id_fkey",
+        /// An API key's user.
+        ApiKeysUser = "api_keys_user_id_fkey",
+        /// The key an ExchangeApiKey session came from.
+        SessionsApiKey = "sessions_api_key_id_fkey",
     }
 }
 

@@ -50,14 +50,16 @@ fn method_shaped(method: &str) -> bool {
         return false;
     };
     let ident = |s: &str| {
-        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     };
     !service.is_empty() && service.split('.').all(ident) && ident(name)
 }
 
 /// The checked fields of a CreateApiKey request, every mistake at once.
-fn new_key(
+pub(crate) fn new_key(
     req: pb::CreateApiKeyRequest,
     user_id: uuid::Uuid,
     now: DateTime<Utc>,
@@ -94,7 +96,9 @@ fn new_key(
         if !method_shaped(method) {
             v.add(
                 "allowed_methods",
-                format!("{method:?} is not a full method name such as /identity.v1.UserService/GetUser"),
+                format!(
+                    "{method:?} is not a full method name such as /identity.v1.UserService/GetUser"
+                ),
             );
         } else if method.starts_with("/identity.") && !known.contains(method) {
             v.add("allowed_methods", format!("{method} is no RPC of identity"));
@@ -174,7 +178,15 @@ mod tests {
     fn method_names_have_their_shape() {
         assert!(method_shaped("/identity.v1.UserService/GetUser"));
         assert!(method_shaped("/orders.v1.Orders/Get_2"));
-        for bad in ["", "/", "identity.v1.X/Y", "/identity.v1.X/", "/a b/C", "/x/y/z", "//Y"] {
+        for bad in [
+            "",
+            "/",
+            "identity.v1.X/Y",
+            "/identity.v1.X/",
+            "/a b/C",
+            "/x/y/z",
+            "//Y",
+        ] {
             assert!(!method_shaped(bad), "{bad:?}");
         }
     }

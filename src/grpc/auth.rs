@@ -134,6 +134,10 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let caller = Caller::of(&request);
         let caller = caller.signed_in()?;
+        if caller.user.is_service {
+            // Whatever was sent: there is no password to change.
+            return Err(Error::service_account().into());
+        }
         let req = request.into_inner();
         let mut v = Violations::new();
         if req.current_password.is_empty() {

@@ -246,6 +246,15 @@ impl Authorization for EnvoyGrpc {
             .as_ref()
             .map(|a| Policy::of(&a.context_extensions))
             .unwrap_or_default();
+        // The proxied request's path without its query: for a gRPC service
+        // behind the mesh, the full method name an API key may be limited to.
+        let path = request
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .map(|h| h.path.split('?').next().unwrap_or_default().to_owned())
+            .unwrap_or_default();
         let credential = incoming
             .get("authorization")
             .map(String::as_str)
@@ -256,6 +265,11 @@ impl Authorization for EnvoyGrpc {
             Some(value) => match bearer(value) {
                 None => unauthenticated(Reason::TokenMalformed),
                 Some(token) => match self.auth.verify(token).await {
+                    Ok(verified) if !verified.caller.allows(&path) => denied(
+                        tonic::Code::PermissionDenied,
+                        HttpStatusCode::Forbidden,
+                        "METHOD_NOT_ALLOWED",
+                    ),
                     Ok(verified) if policy.allows(&verified) => allowed(&incoming, Some(&verified)),
                     Ok(_) => denied(
                         tonic::Code::PermissionDenied,

@@ -53,7 +53,10 @@ fn new_user(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
         .collect();
     let password = if req.is_service {
         if !req.password.is_empty() {
-            v.add("password", "a service account has no password: leave it empty");
+            v.add(
+                "password",
+                "a service account has no password: leave it empty",
+            );
         }
         Some(None)
     } else {

@@ -66,33 +66,7 @@ impl AuthService {
         {
             return Err(Error::PermissionDenied);
         }
-        let mut conn = db::conn(&self.pool).await?;
-        let key = audit::transaction_touching(&mut conn, &[new.user_id], async |conn| {
-            if db::users::by_id(conn, new.user_id).await?.is_none() {
-                return Err(Error::NotFound(Resource::User));
-            }
-            // A taken prefix (47 random bits: rare) takes another secret.
-            for _ in 0..4 {
-                let made = apikey::generate().map_err(|_| Error::internal("no randomness"))?;
-                let row = NewApiKeyRow {
-                    id: Uuid::now_v7(),
-                    user_id: new.user_id,
-                    display_name: &new.display_name,
-                    prefix: &made.prefix,
-                    secret_hash: &made.hash,
-                    allowed_methods: &new.allowed_methods,
-                    expire_time: new.expire_time,
-                };
-                if let Some(key) = db::api_keys::insert(conn, &row).await? {
-                    return Ok(CreatedKey {
-                        key,
-                        secret: made.secret,
-                    });
-                }
-            }
-            Err(Error::internal("four API key prefixes in a row were taken"))
-        })
-        .await?;
+        let key = make_key(&self.pool, &new).await?;
         tracing::info!(api_key_id = %key.key.id, prefix = %key.key.prefix, "API key created");
         Ok(key)
     }
@@ -169,14 +143,47 @@ impl AuthService {
         };
         let origin = audit::as_user(user.id);
         let mut conn = db::conn(&self.pool).await?;
-        let started = audit::transaction_as_touching(&mut conn, &origin, &[user.id], async |conn| {
-            sessions::start_for_key(conn, &row, *key_id).await
-        })
-        .await?;
+        let started =
+            audit::transaction_as_touching(&mut conn, &origin, &[user.id], async |conn| {
+                sessions::start_for_key(conn, &row, *key_id).await
+            })
+            .await?;
         if !started {
             return Err(Error::InvalidToken(Reason::ApiKeyRevoked));
         }
         tracing::info!(user_id = %user.id, api_key_id = %key_id, session_id = %session_id, "API key exchanged");
         Ok((tokens, user))
     }
+}
+
+/// Makes a key for `new.user_id` (NOT_FOUND if there is no such user), in
+/// the caller's audit origin: CreateApiKey's, or `identity apikeys`'.
+pub async fn make_key(pool: &db::Pool, new: &NewApiKey) -> Result<CreatedKey, Error> {
+    let mut conn = db::conn(pool).await?;
+    audit::transaction_touching(&mut conn, &[new.user_id], async |conn| {
+        if db::users::by_id(conn, new.user_id).await?.is_none() {
+            return Err(Error::NotFound(Resource::User));
+        }
+        // A taken prefix (47 random bits: rare) takes another secret.
+        for _ in 0..4 {
+            let made = apikey::generate().map_err(|_| Error::internal("no randomness"))?;
+            let row = NewApiKeyRow {
+                id: Uuid::now_v7(),
+                user_id: new.user_id,
+                display_name: &new.display_name,
+                prefix: &made.prefix,
+                secret_hash: &made.hash,
+                allowed_methods: &new.allowed_methods,
+                expire_time: new.expire_time,
+            };
+            if let Some(key) = db::api_keys::insert(conn, &row).await? {
+                return Ok(CreatedKey {
+                    key,
+                    secret: made.secret,
+                });
+            }
+        }
+        Err(Error::internal("four API key prefixes in a row were taken"))
+    })
+    .await
 }

@@ -65,7 +65,8 @@ pub struct AuthService {
     throttle: Throttle,
     pub(super) cache: Option<super::fresh::FreshCache>,
     /// When each API key's use was last written, on this replica.
-    pub(super) key_uses: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>>,
+    pub(super) key_uses:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Uuid, std::time::Instant>>>,
 }
 
 impl AuthService {

@@ -28,6 +28,8 @@ impl From<db::Error> for Error {
                 | UniqueKey::LoginFailuresPkey
                 | UniqueKey::LoginAttemptsPkey
                 | UniqueKey::AccountTokensPkey
+                | UniqueKey::ApiKeysPkey
+                | UniqueKey::ApiKeysPrefix
                 // The feed's: one purge mark, rows keyed by xid and sequence.
                 | UniqueKey::ChangePurgePkey
                 | UniqueKey::ChangesPkey => Error::internal(db::Error::Unique(key)),
@@ -36,10 +38,14 @@ impl From<db::Error> for Error {
                 // A group or user deleted while a membership was added.
                 Ref::GroupMembersGroup => Error::NotFound(Resource::Group),
                 Ref::GroupMembersUser => Error::NotFound(Resource::User),
+                // A user deleted while a key was made for it.
+                Ref::ApiKeysUser => Error::NotFound(Resource::User),
                 Ref::LoginNamesUser
                 | Ref::SessionsUser
                 | Ref::RetiredRefreshTokensSession
-                | Ref::AccountTokensUser => Error::internal(db::Error::MissingRef(fk)),
+                | Ref::AccountTokensUser
+                // Inserted from the key's share-locked row.
+                | Ref::SessionsApiKey => Error::internal(db::Error::MissingRef(fk)),
             },
             db::Error::Unavailable(source) => Error::Unavailable(source),
             db::Error::Other(source) => Error::Internal(source),

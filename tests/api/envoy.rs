@@ -18,7 +18,7 @@ use crate::helpers::*;
 
 /// A Check as Envoy builds it: lower-case header names, and the route's
 /// `context_extensions`.
-fn request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> CheckRequest {
+pub(crate) fn request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> CheckRequest {
     let map = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
         pairs
             .iter()
@@ -43,7 +43,10 @@ fn request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> CheckReques
     }
 }
 
-async fn check(app: &TestApp, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
+pub(crate) async fn check(
+    app: &TestApp,
+    request: CheckRequest,
+) -> Result<CheckResponse, tonic::Status> {
     // The sidecar sends no credential of its own.
     AuthorizationClient::new(app.channel.clone())
         .check(request)
@@ -52,7 +55,7 @@ async fn check(app: &TestApp, request: CheckRequest) -> Result<CheckResponse, to
 }
 
 /// The allowed answer's headers to set, by name, and headers to remove.
-fn allowed(response: &CheckResponse) -> (HashMap<String, String>, Vec<String>) {
+pub(crate) fn allowed(response: &CheckResponse) -> (HashMap<String, String>, Vec<String>) {
     assert_eq!(
         response.status.as_ref().map(|s| s.code),
         Some(0),
@@ -71,7 +74,7 @@ fn allowed(response: &CheckResponse) -> (HashMap<String, String>, Vec<String>) {
 }
 
 /// The denied answer's HTTP status and its headers.
-fn denied(response: &CheckResponse) -> (i32, i32, HashMap<String, String>) {
+pub(crate) fn denied(response: &CheckResponse) -> (i32, i32, HashMap<String, String>) {
     let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else {
         panic!("not denied: {response:?}");
     };

@@ -19,9 +19,9 @@ use tonic::{Status, transport::Channel};
 use uuid::Uuid;
 
 pub use pb::{
-    account_service_client::AccountServiceClient, auth_service_client::AuthServiceClient,
-    change_service_client::ChangeServiceClient, group_service_client::GroupServiceClient,
-    user_service_client::UserServiceClient,
+    account_service_client::AccountServiceClient, api_key_service_client::ApiKeyServiceClient,
+    auth_service_client::AuthServiceClient, change_service_client::ChangeServiceClient,
+    group_service_client::GroupServiceClient, user_service_client::UserServiceClient,
 };
 
 /// Adds `authorization: Bearer <token>` to every call, when there is one.
@@ -57,6 +57,7 @@ pub struct Clients {
     pub auth: AuthServiceClient<Authed>,
     pub accounts: AccountServiceClient<Authed>,
     pub changes: ChangeServiceClient<Authed>,
+    pub keys: ApiKeyServiceClient<Authed>,
 }
 
 impl Clients {
@@ -68,7 +69,8 @@ impl Clients {
             groups: GroupServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             auth: AuthServiceClient::with_interceptor(channel.clone(), bearer.clone()),
             accounts: AccountServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-            changes: ChangeServiceClient::with_interceptor(channel.clone(), bearer),
+            changes: ChangeServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+            keys: ApiKeyServiceClient::with_interceptor(channel.clone(), bearer),
         }
     }
 

@@ -255,6 +255,62 @@ async fn no_secret_in_the_log_at(rust_log: Option<&str>) {
         })
         .await
         .unwrap();
+    // An API key: made, used as a bearer, verified, exchanged, mistyped,
+    // revoked.
+    let made = identity::proto::identity::v1::api_key_service_client::ApiKeyServiceClient::with_interceptor(
+        channel.clone(),
+        bearer.clone(),
+    )
+    .create_api_key(pb::CreateApiKeyRequest {
+        user_id: user.id.clone(),
+        display_name: "logged key".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    let api_key = made.secret.clone();
+    UserServiceClient::with_interceptor(channel.clone(), Bearer::from_token(&api_key))
+        .get_user(pb::GetUserRequest {
+            lookup: Some(pb::get_user_request::Lookup::Id(user.id.clone())),
+        })
+        .await
+        .unwrap();
+    auth.verify_token(pb::VerifyTokenRequest {
+        access_token: api_key.clone(),
+    })
+    .await
+    .unwrap();
+    let exchanged = auth
+        .exchange_api_key(pb::ExchangeApiKeyRequest {
+            api_key: api_key.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .unwrap();
+    let mut mistyped = api_key.clone();
+    mistyped.replace_range(30..31, if &api_key[30..31] == "a" { "b" } else { "a" });
+    auth.verify_token(pb::VerifyTokenRequest {
+        access_token: mistyped.clone(),
+    })
+    .await
+    .unwrap_err();
+    identity::proto::identity::v1::api_key_service_client::ApiKeyServiceClient::with_interceptor(
+        channel.clone(),
+        bearer.clone(),
+    )
+    .revoke_api_key(pb::RevokeApiKeyRequest {
+        id: made.api_key.unwrap().id,
+    })
+    .await
+    .unwrap();
+    auth.verify_token(pb::VerifyTokenRequest {
+        access_token: api_key.clone(),
+    })
+    .await
+    .unwrap_err();
     let (imported, imported_email) = ("Imported.Crypt", "Imported.Crypt@Example.com");
     let results = as_root
         .import_users(pb::ImportUsersRequest {
@@ -344,6 +400,11 @@ async fn no_secret_in_the_log_at(rust_log: Option<&str>) {
         let signature = tokens.access_token.rsplit_once('.').unwrap().1;
         secrets.push(("an access token's signature", signature.to_owned()));
     }
+    secrets.push(("an API key", api_key.clone()));
+    // Past its prefix (which is shown to people), in case it is cut.
+    secrets.push(("an API key's secret part", api_key[12..].to_owned()));
+    secrets.push(("a mistyped API key", mistyped[12..].to_owned()));
+    secrets.push(("an exchanged access token", exchanged.access_token.clone()));
     secrets.push(("a verification token", verification));
     secrets.push(("a reset token", reset));
     assert_no_secret(&lines, &secrets);

@@ -11,6 +11,7 @@
 mod helpers;
 
 mod accounts;
+mod api_keys;
 mod auth;
 mod authz;
 mod changes;

@@ -542,6 +542,23 @@ impl Bench<'_> {
                     .await,
             );
         }
+        // The same GetUser as the caller, authenticated by an API key of
+        // the same user (issue #16).
+        let key = self.api_key_of(self.sessions()[0].user_id).await;
+        let (_, _, mut by_key) = self.unaries().into_iter().nth(3).expect("GetUser");
+        by_key.bearer = Some(key);
+        rows.push(
+            self.h2(
+                self.server,
+                (
+                    "h2_get_self_key",
+                    "GetUser as the caller, by API key (h2load)",
+                ),
+                by_key,
+                self.window(),
+            )
+            .await,
+        );
         let off = self.replica("cache-off", &[("VERIFY_CACHE", "off")]).await;
         for (name, label, unary) in self.unaries().into_iter().skip(1) {
             let name = format!("{name}_off");
@@ -552,6 +569,24 @@ impl Bench<'_> {
             .await
             .expect("the replica stops");
         rows
+    }
+
+    /// A new API key of `user`, made by the superuser: its secret.
+    async fn api_key_of(&self, user: Uuid) -> String {
+        let mut request = Request::new(pb::CreateApiKeyRequest {
+            user_id: user.to_string(),
+            display_name: "bench".into(),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", self.admin.clone());
+        pb::api_key_service_client::ApiKeyServiceClient::new(self.channel(0))
+            .create_api_key(request)
+            .await
+            .expect("CreateApiKey")
+            .into_inner()
+            .secret
     }
 
     /// A second `identity serve` on the same database and keys.

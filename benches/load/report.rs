@@ -75,6 +75,7 @@ fn ceiling_of(name: &str) -> Option<&'static str> {
         "list_users" | "envoy" | "get_self" => Some("health"),
         "login" | "flood_login" => Some("hashing"),
         "flood_verify" => Some("verify"),
+        "h2_get_self_key" => Some("h2_get_self"),
         "h2_verify" | "h2_envoy" | "h2_get_self" | "h2_verify_off" | "h2_envoy_off"
         | "h2_get_self_off" | "h2_verify_writes" => Some("h2_health"),
         "update_feed" | "update_feed2" => Some("update_nofeed"),
@@ -145,6 +146,12 @@ fn targets(config: &Config, results: &[SizeResult]) -> Vec<Target> {
                 at_least: true,
             });
         }
+        out.push(Target {
+            what: format!("{n} users: GetUser by API key / by access token (h2load)"),
+            value: ratio(r.rate("h2_get_self_key"), r.rate("h2_get_self")),
+            limit: 0.9,
+            at_least: true,
+        });
         out.push(Target {
             what: format!("{n} users: answers staler than the guarantee, under 100 writes/s"),
             value: r.get("stale").map(|row| {

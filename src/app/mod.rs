@@ -33,6 +33,11 @@ use crate::grpc::{
     authz::AuthLayer,
 };
 use crate::hashing::Hasher;
+
+/// The shortest KEYS_ACTIVATION_DELAY that covers the JWKS caches of the
+/// mesh's verifiers (Istio's 20 minutes, Envoy's 10, plus a replica's
+/// reload); a shorter one is warned about at start.
+const RECOMMENDED_ACTIVATION_DELAY: Duration = Duration::from_secs(30 * 60);
 use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};
 use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AccountService, AuthService, ChangeService, GroupService, UserService};
@@ -150,6 +155,15 @@ impl Application {
         let keys_dir = config.keys_dir.clone();
         let alg = config.jwt_algorithm;
         let delay = config.keys_activation_delay;
+        if delay < RECOMMENDED_ACTIVATION_DELAY {
+            tracing::warn!(
+                keys_activation_delay = %humantime::format_duration(delay),
+                recommended = "30m",
+                "KEYS_ACTIVATION_DELAY is shorter than the JWKS caches of Istio's sidecars \
+                 (20 minutes, no refetch on an unknown kid) and Envoy's remote_jwks (10 minutes): \
+                 after a rotation they may refuse new tokens until they refetch (docs/tokens.md)"
+            );
+        }
         let keys =
             tokio::task::spawn_blocking(move || KeyStore::load_or_generate(&keys_dir, alg, delay))
                 .await
@@ -345,7 +359,11 @@ impl Application {
             .add_service(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
                 EnvoyGrpc::new(self.auth.clone()),
             ));
-        let http = crate::http::routes(self.auth.tokens().clone(), self.metrics.clone());
+        let http = crate::http::routes(
+            self.auth.tokens().clone(),
+            self.metrics.clone(),
+            self.tls.is_some(),
+        );
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
 
         let layers = tower::ServiceBuilder::new()

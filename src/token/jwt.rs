@@ -153,6 +153,11 @@ impl TokenIssuer {
         }
     }
 
+    /// The `iss` of every token (`JWT_ISSUER`).
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// The key store as it is now.
     pub fn keys(&self) -> Arc<KeyStore> {
         self.keys.load_full()

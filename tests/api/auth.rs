@@ -1067,3 +1067,51 @@ async fn a_new_key_is_published_at_once_but_signs_only_after_the_activation_dela
     );
     assert!(verify(&app, &during.access_token).await.is_ok());
 }
+
+/// OpenID Connect discovery: the issuer, the JWKS on the host the client
+/// asked for, the algorithms; and the keys found through it verify a token,
+/// as an OIDC library would use them (over HTTP/1.1 and h2c).
+#[tokio::test]
+async fn the_discovery_document_leads_a_verifier_to_the_keys_by_the_issuer_alone() {
+    let app = spawn_app().await;
+    let (_, tokens) = app.signed_in_user("olive").await;
+    let addr = app.addr;
+    let (status, headers, body) =
+        tokio::task::spawn_blocking(move || http1_get(addr, "/.well-known/openid-configuration"))
+            .await
+            .unwrap();
+    assert!(status.contains("200"), "{status}");
+    assert!(headers.contains("application/json"));
+    assert!(headers.contains("cache-control: public, max-age="));
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["issuer"], "identity");
+    // http1_get sends "Host: identity".
+    assert_eq!(doc["jwks_uri"], "http://identity/.well-known/jwks.json");
+    assert_eq!(
+        doc["id_token_signing_alg_values_supported"],
+        json!(["EdDSA"])
+    );
+    assert_eq!(doc["subject_types_supported"], json!(["public"]));
+
+    // Over h2c the host is the request's authority: follow jwks_uri.
+    let (status, _, body) = h2c_get(app.addr, "/.well-known/openid-configuration").await;
+    assert_eq!(status, 200);
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    let jwks_uri = doc["jwks_uri"].as_str().unwrap();
+    let path = jwks_uri
+        .strip_prefix(&format!("http://{}", app.addr))
+        .unwrap_or_else(|| panic!("jwks_uri on another host: {jwks_uri}"));
+    let (_, _, jwks) = h2c_get(app.addr, path).await;
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&jwks).unwrap();
+    let header = jsonwebtoken::decode_header(&tokens.access_token).unwrap();
+    let jwk = jwks.find(header.kid.as_deref().unwrap()).unwrap();
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_issuer(&[doc["issuer"].as_str().unwrap()]);
+    validation.set_audience(&["identity"]);
+    jsonwebtoken::decode::<Value>(
+        &tokens.access_token,
+        &jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap(),
+        &validation,
+    )
+    .expect("the token verifies with the discovered keys");
+}

@@ -215,11 +215,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// How old a new key must be before it signs (it verifies at once): at
-    /// least KEYS_RELOAD_INTERVAL plus how long verifiers cache the JWKS
-    /// (5 minutes), so that no replica or verifier meets a token of a key it
-    /// does not know yet.
+    /// least KEYS_RELOAD_INTERVAL plus how long verifiers cache the JWKS, so
+    /// that no replica or verifier meets a token of a key it does not know
+    /// yet. 30 minutes covers Istio's sidecars (a JWKS every 20 minutes, no
+    /// refetch on an unknown kid) and Envoy's remote_jwks (10 minutes).
     #[arg(long, env = "KEYS_ACTIVATION_DELAY", value_name = "KEYS_ACTIVATION_DELAY",
-          default_value = "6m", value_parser = parse_delay)]
+          default_value = "30m", value_parser = parse_delay)]
     pub keys_activation_delay: Duration,
 
     /// How often KEYS_DIR is re-read (SIGHUP re-reads it at once).

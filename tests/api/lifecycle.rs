@@ -397,3 +397,25 @@ fn a_sigterm_during_start_up_stops_the_service_cleanly_once_started() {
         "the cluster was stopped"
     );
 }
+
+/// A KEYS_ACTIVATION_DELAY shorter than the mesh's JWKS caches is warned
+/// about at start; the default (30 minutes) is not.
+#[test]
+fn a_short_key_activation_delay_is_warned_about_and_the_default_is_not() {
+    let warned = |delay: Option<&str>| {
+        let dir = TempDir::new("identity-delay");
+        let mut cmd = command(&dir.0.join("data"));
+        cmd.env_remove("KEYS_ACTIVATION_DELAY");
+        if let Some(d) = delay {
+            cmd.env("KEYS_ACTIVATION_DELAY", d);
+        }
+        let serve = Serve::start_with(cmd);
+        let lines = serve.log.lines();
+        assert_eq!(serve.terminate(), 0);
+        lines
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("KEYS_ACTIVATION_DELAY is shorter"))
+    };
+    assert!(warned(Some("6m")));
+    assert!(!warned(None));
+}

@@ -9,6 +9,7 @@
 mod admin;
 mod apikeys;
 mod changes;
+mod healthcheck;
 mod import;
 mod serve;
 
@@ -64,6 +65,11 @@ enum Command {
     /// [--expires 90d]` prints the new secret once.
     #[command(name = "apikeys")]
     ApiKeys(apikeys::ApiKeysArgs),
+    /// Asks the local service's health service (LISTEN_ADDR, or --addr):
+    /// exits 0 when it answers SERVING, 1 otherwise (a container's
+    /// HEALTHCHECK, an exec probe). With TLS_CERT set it speaks TLS and
+    /// trusts that certificate.
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 impl Cli {
@@ -108,6 +114,7 @@ impl Cli {
             Command::Import(args) => Some(&args.config),
             Command::Changes(_) => None,
             Command::ApiKeys(args) => Some(&args.config),
+            Command::Healthcheck(_) => None,
         }
     }
 
@@ -137,6 +144,7 @@ impl Cli {
             Command::Import(args) => import::import(args).await,
             Command::Changes(args) => return changes::changes(args).await,
             Command::ApiKeys(args) => apikeys::apikeys(args).await,
+            Command::Healthcheck(args) => return healthcheck::healthcheck(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -241,3 +241,56 @@ async fn argon2_settings_refused_together_stop_serve_with_a_hashing_error_not_a_
     );
     assert!(!last.contains("database"), "{stderr}");
 }
+
+/// `identity healthcheck`: 0 while the service answers SERVING; 1 when its
+/// database is away (NOT_SERVING) and when nothing answers at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_exits_0_only_while_the_service_is_serving() {
+    let app = crate::helpers::spawn_app().await;
+    let addr = app.addr.to_string();
+    let run = |addr: String| {
+        tokio::task::spawn_blocking(move || {
+            identity(
+                &["healthcheck", "--addr", &addr, "--timeout", "2s"],
+                &[],
+                None,
+            )
+        })
+    };
+    let out = run(addr.clone()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Unspecified address: the loopback, on the same port.
+    let any = format!("0.0.0.0:{}", app.addr.port());
+    assert!(run(any).await.unwrap().status.success());
+
+    crate::changes_watch::cut_database(&app, true).await;
+    let start = std::time::Instant::now();
+    loop {
+        let out = run(addr.clone()).await.unwrap();
+        if out.status.code() == Some(1) {
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("NOT_SERVING"),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(15),
+            "still serving"
+        );
+    }
+    crate::changes_watch::allow_connections(&app).await;
+
+    // Nothing listening.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = free.local_addr().unwrap().to_string();
+    drop(free);
+    let out = run(closed).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}

@@ -4,7 +4,8 @@
     python client.py 127.0.0.1:50051
 
 It registers a throwaway user, logs in, verifies the access token offline
-(PyJWT + the service's JWKS), asks the service about the token, refreshes,
+(PyJWT + the service's JWKS, found through its OpenID Connect discovery
+document as an OIDC library finds it), asks the service about the token, refreshes,
 replays the retired refresh token, calls an RPC as the user, logs out, and
 shows that the logged-out token is refused. Every step checks what it gets:
 the script exits non-zero as soon as the service does something else.
@@ -15,10 +16,12 @@ Stubs: generated from proto/ by run.py into ./generated (see README.md).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import timezone
 from pathlib import Path
@@ -267,6 +270,21 @@ def run(addr: str, issuer: str, audience: str, jwks_url: str) -> None:
              f"still passes (expires in {left}s): use VerifyToken when revocation matters")
 
 
+def discover(addr: str, issuer: str) -> str:
+    """The JWKS' address, from GET /.well-known/openid-configuration (OpenID
+    Connect Discovery), as OIDC libraries find the keys by the issuer."""
+    url = f"http://{addr}/.well-known/openid-configuration"
+    with urllib.request.urlopen(url, timeout=RPC_TIMEOUT) as response:
+        doc = json.load(response)
+    expect(doc.get("issuer") == issuer, f"discovery names the issuer {issuer!r} (got {doc.get('issuer')!r})")
+    algorithms = doc.get("id_token_signing_alg_values_supported") or []
+    expect(bool(algorithms), "discovery lists the signing algorithms")
+    jwks_uri = doc.get("jwks_uri", "")
+    expect(jwks_uri == f"http://{addr}/.well-known/jwks.json", f"jwks_uri on the host asked (got {jwks_uri!r})")
+    step("0", "discovery", f"issuer {issuer}, keys at {jwks_uri}, algorithms {', '.join(algorithms)}")
+    return jwks_uri
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("addr", nargs="?", default=os.environ.get("IDENTITY_ADDR", "127.0.0.1:50051"),
@@ -276,13 +294,13 @@ def main() -> int:
     parser.add_argument("--audience", default=os.environ.get("JWT_AUDIENCE", "identity"),
                         help="expected aud (env JWT_AUDIENCE; default %(default)s)")
     parser.add_argument("--jwks-url", default=None,
-                        help="JWKS to verify tokens with (default http://ADDR/.well-known/jwks.json)")
+                        help="JWKS to verify tokens with (default: the jwks_uri of the discovery document)")
     args = parser.parse_args()
-    jwks_url = args.jwks_url or f"http://{args.addr}/.well-known/jwks.json"
 
     print(f"identity client example -> {args.addr} (iss={args.issuer} aud={args.audience})", flush=True)
     started = time.monotonic()
     try:
+        jwks_url = args.jwks_url or discover(args.addr, args.issuer)
         run(args.addr, args.issuer, args.audience, jwks_url)
     except Failed as e:
         print(f"FAILED: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ pub mod session;
 pub mod text;
 pub mod user;
 pub mod violation;
+pub mod weak;
 
 pub use api_key::ApiKey;
 pub use change::{Change, ChangeKind, Cursor};

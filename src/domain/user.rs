@@ -182,7 +182,8 @@ impl fmt::Debug for Password {
 }
 
 /// A new password that passed the rules that need no user (no control
-/// characters, 8 to 256 characters, never trimmed): parsed at the edge,
+/// characters, 8 to 256 characters, never trimmed, not too easy to guess:
+/// [`super::weak`]): parsed at the edge,
 /// before the service reads the user for the last rule
 /// ([`NewPassword::for_user`]). Its `Debug` hides it.
 #[derive(Clone)]
@@ -193,6 +194,9 @@ impl NewPassword {
     pub fn parse(raw: &str) -> Result<Self, Violation> {
         no_control(raw)?;
         length(raw, 8, 256)?;
+        if let Some(weak) = super::weak::weakness(raw) {
+            return Err(weak);
+        }
         Ok(Self(raw.to_owned()))
     }
 
@@ -396,17 +400,31 @@ mod tests {
 
     #[test]
     fn passwords_are_bounded_and_kept_as_given() {
-        assert!(Password::parse(&"p".repeat(7), &[]).is_err());
-        assert!(Password::parse(&"p".repeat(8), &[]).is_ok());
-        assert!(Password::parse(&"p".repeat(256), &[]).is_ok());
-        assert!(Password::parse(&"p".repeat(257), &[]).is_err());
+        // Letters in no pattern (a repeated one is refused as such).
+        let letters = |n: usize| -> String {
+            let mut x: u32 = 7;
+            (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    char::from(b'a' + ((x >> 16) % 26) as u8)
+                })
+                .collect()
+        };
+        assert!(Password::parse(&letters(7), &[]).is_err());
+        assert!(Password::parse(&letters(8), &[]).is_ok());
+        assert!(Password::parse(&letters(256), &[]).is_ok());
+        assert!(Password::parse(&letters(257), &[]).is_err());
+        assert_eq!(
+            Password::parse(&"p".repeat(8), &[]).err(),
+            Some(Violation::PasswordPattern)
+        );
         assert_eq!(
             Password::parse(" spaced  ", &[]).unwrap().expose(),
             " spaced  "
         );
         assert!(Password::parse("AliceSmith", &["alicesmith"]).is_err());
         assert_eq!(
-            format!("{:?}", Password::parse("hunter2hunter2", &[]).unwrap()),
+            format!("{:?}", Password::parse("hunter2 and more", &[]).unwrap()),
             "Password(***)"
         );
     }

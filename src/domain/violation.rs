@@ -46,6 +46,10 @@ pub enum Violation {
     NoDottedDomain,
     /// A password equal to the username or email.
     PasswordIsName,
+    /// One of the most common passwords, or a trivial variant of one.
+    PasswordCommon,
+    /// A repeated or sequential pattern (aaaaaaaa, abcdefgh, qwertyuiop).
+    PasswordPattern,
     /// A slug of the wrong length.
     SlugLength {
         /// The most allowed.
@@ -113,6 +117,14 @@ impl fmt::Display for Violation {
                 write!(f, "must have a domain with a dot, such as example.com")
             }
             Violation::PasswordIsName => write!(f, "must not be the username or email"),
+            Violation::PasswordCommon => write!(
+                f,
+                "is one of the most common passwords, or a trivial variant of one: choose another (a few unrelated words make a good one)"
+            ),
+            Violation::PasswordPattern => write!(
+                f,
+                "is a repeated or sequential pattern (like aaaaaaaa, abcdefgh or qwertyuiop): choose another"
+            ),
             Violation::SlugLength { max } => write!(f, "must be 1 to {max} characters"),
             Violation::SlugShape => write!(
                 f,

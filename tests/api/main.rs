@@ -32,6 +32,7 @@ mod logs;
 mod metrics;
 mod migrations;
 mod operations;
+mod passwords;
 mod properties;
 mod sentry;
 mod server;

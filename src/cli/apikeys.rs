@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::db;
 use crate::domain::{PageRequest, text::fold};
 use crate::proto::identity::v1 as pb;
-use crate::service::api_keys::make_key;
+use crate::service::api_keys::{make_key, revoke_key};
 
 #[derive(Debug, Args)]
 pub(super) struct ApiKeysArgs {
@@ -154,30 +154,20 @@ pub(super) async fn apikeys(args: ApiKeysArgs) -> Result<(), StartupError> {
                         }
                     }
                 }
-                ApiKeysAction::Revoke { id } => {
-                    let mut conn = db::conn(&pool)
-                        .await
-                        .map_err(|e| StartupError::Database(e.into()))?;
-                    let key = db::api_keys::by_id(&mut conn, id)
-                        .await
-                        .map_err(|e| StartupError::Database(e.into()))?
-                        .ok_or_else(|| StartupError::Other(format!("no API key {id}")))?;
-                    let revoked = crate::service::audit::transaction_touching(
-                        &mut conn,
-                        &[key.user_id],
-                        async |conn| {
-                            Ok::<_, crate::error::Error>(db::api_keys::revoke(conn, id).await?)
-                        },
-                    )
-                    .await
-                    .map_err(StartupError::Database)?;
-                    println!(
-                        "revoked API key {id} ({}) at {}",
-                        key.prefix,
-                        time(revoked.and_then(|k| k.revoke_time))
-                    );
-                    Ok(())
-                }
+                ApiKeysAction::Revoke { id } => match revoke_key(&pool, id, None).await {
+                    Ok(key) => {
+                        println!(
+                            "revoked API key {id} ({}) at {}",
+                            key.prefix,
+                            time(key.revoke_time)
+                        );
+                        Ok(())
+                    }
+                    Err(crate::error::Error::NotFound(_)) => {
+                        Err(StartupError::Other(format!("no API key {id}")))
+                    }
+                    Err(e) => Err(StartupError::Database(e)),
+                },
             }
         })
         .await

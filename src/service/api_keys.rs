@@ -89,21 +89,7 @@ impl AuthService {
     /// end with it.
     #[tracing::instrument(skip(self, caller), fields(caller = %caller.user.id))]
     pub async fn revoke_api_key(&self, caller: &Authenticated, id: Uuid) -> Result<ApiKey, Error> {
-        let mut conn = db::conn(&self.pool).await?;
-        let key = db::api_keys::by_id(&mut conn, id)
-            .await?
-            .ok_or(Error::NotFound(Resource::ApiKey))?;
-        if key.user_id != caller.user.id && !caller.user.is_superuser {
-            return Err(Error::PermissionDenied);
-        }
-        let key = audit::transaction_touching(&mut conn, &[key.user_id], async |conn| {
-            db::api_keys::revoke(conn, id)
-                .await?
-                .ok_or(Error::NotFound(Resource::ApiKey))
-        })
-        .await?;
-        tracing::info!(api_key_id = %id, user_id = %key.user_id, "API key revoked");
-        Ok(key)
+        revoke_key(&self.pool, id, Some(caller)).await
     }
 
     /// ExchangeApiKey: an access token (no refresh token) of a new session
@@ -186,4 +172,32 @@ pub async fn make_key(pool: &db::Pool, new: &NewApiKey) -> Result<CreatedKey, Er
         Err(Error::internal("four API key prefixes in a row were taken"))
     })
     .await
+}
+
+/// Revokes key `id` as `caller` (its user or a superuser; `None`: an
+/// administrator's `identity apikeys revoke`), in the caller's audit origin;
+/// revoking a revoked key changes nothing. NOT_FOUND for no such key.
+pub async fn revoke_key(
+    pool: &db::Pool,
+    id: Uuid,
+    caller: Option<&Authenticated>,
+) -> Result<ApiKey, Error> {
+    let mut conn = db::conn(pool).await?;
+    let key = db::api_keys::by_id(&mut conn, id)
+        .await?
+        .ok_or(Error::NotFound(Resource::ApiKey))?;
+    if let Some(caller) = caller
+        && key.user_id != caller.user.id
+        && !caller.user.is_superuser
+    {
+        return Err(Error::PermissionDenied);
+    }
+    let key = audit::transaction_touching(&mut conn, &[key.user_id], async |conn| {
+        db::api_keys::revoke(conn, id)
+            .await?
+            .ok_or(Error::NotFound(Resource::ApiKey))
+    })
+    .await?;
+    tracing::info!(api_key_id = %id, user_id = %key.user_id, "API key revoked");
+    Ok(key)
 }

@@ -325,6 +325,18 @@ async fn a_key_is_shown_once_checked_by_its_checksum_and_acts_as_its_user() {
         .await
         .unwrap_err();
     assert_eq!(list.code(), Code::PermissionDenied);
+    // Its user revokes its own key.
+    person
+        .keys
+        .clone()
+        .revoke_api_key(pb::RevokeApiKeyRequest { id: own.id })
+        .await
+        .unwrap();
+    refused(
+        verify(&app, &own_secret).await,
+        Code::Unauthenticated,
+        "API_KEY_REVOKED",
+    );
 }
 
 #[tokio::test]

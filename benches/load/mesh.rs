@@ -389,29 +389,8 @@ impl Bench<'_> {
     /// The request bodies of the unary scenarios, for the first logged-in
     /// user.
     fn unaries(&self) -> [(&'static str, &'static str, Unary); 4] {
-        use envoy_types::pb::envoy::service::auth::v3::{
-            AttributeContext, CheckRequest, attribute_context::HttpRequest,
-            attribute_context::Request as Attrs,
-        };
         let s = &self.sessions()[0];
-        let check = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Attrs {
-                    http: Some(HttpRequest {
-                        method: "GET".into(),
-                        path: "/orders".into(),
-                        headers: [(
-                            "authorization".to_owned(),
-                            format!("Bearer {}", s.access_token),
-                        )]
-                        .into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-        };
+        let check = crate::scenarios::check_request(&s.access_token);
         [
             (
                 "h2_health",

@@ -418,11 +418,8 @@ impl<'a> Bench<'a> {
 
     /// Envoy's Check, as a sidecar sends it, for a random logged-in user.
     fn envoy_call(&self, w: usize) -> Call {
-        use envoy_types::ext_authz::v3::pb::{CheckRequest, HttpResponse};
-        use envoy_types::pb::envoy::service::auth::v3::{
-            AttributeContext, attribute_context::HttpRequest, attribute_context::Request as Attrs,
-            authorization_client::AuthorizationClient,
-        };
+        use envoy_types::ext_authz::v3::pb::HttpResponse;
+        use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
         let client = AuthorizationClient::new(self.channel(w));
         let sessions = Arc::new(self.sessions.clone());
         let mut rng = Rng::new(6000 + w as u64);
@@ -430,24 +427,7 @@ impl<'a> Bench<'a> {
             let mut client = client.clone();
             let s = &sessions[rng.below(sessions.len())];
             let id = s.user_id.to_string();
-            let request = CheckRequest {
-                attributes: Some(AttributeContext {
-                    request: Some(Attrs {
-                        http: Some(HttpRequest {
-                            method: "GET".into(),
-                            path: "/orders".into(),
-                            headers: [(
-                                "authorization".to_owned(),
-                                format!("Bearer {}", s.access_token),
-                            )]
-                            .into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-            };
+            let request = check_request(&s.access_token);
             async move {
                 let r = client.check(request).await.map_err(code)?.into_inner();
                 let allowed = match &r.http_response {
@@ -666,6 +646,32 @@ impl<'a> Bench<'a> {
             .await
             .expect("drop the plan function");
         out
+    }
+}
+
+/// Envoy's Check for `GET /orders` with `access_token`, as a sidecar sends
+/// it.
+pub fn check_request(
+    access_token: &str,
+) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest, attribute_context::HttpRequest,
+        attribute_context::Request as Attrs,
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Attrs {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/orders".into(),
+                    headers: [("authorization".to_owned(), format!("Bearer {access_token}"))]
+                        .into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
     }
 }
 

@@ -53,10 +53,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The `proto` folder of the `envoy-types` crate this build uses, found
 /// with `cargo metadata` (wherever cargo keeps it: registry, vendor folder).
+/// Filtered to the target platform: a first build downloads only that
+/// platform's packages, and offline metadata of every platform would ask
+/// for the others (android_system_properties, ...) and fail.
 fn envoy_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let cargo = env::var("CARGO")?;
+    let target = env::var("TARGET")?;
     let output = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .args(["--filter-platform", &target])
         .current_dir(env::var("CARGO_MANIFEST_DIR")?)
         .output()?;
     if !output.status.success() {

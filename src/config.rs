@@ -248,6 +248,29 @@ pub struct Config {
           default_value = "on", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub verify_cache: bool,
 
+    /// `on`: one line per call at info, target `identity::access` (RPC,
+    /// status code, duration, request id, caller, peer address, and the
+    /// `x-forwarded-for` of a trusted proxy); `off`: none.
+    #[arg(long, env = "ACCESS_LOG", value_name = "ACCESS_LOG",
+          default_value = "on", action = clap::ArgAction::Set, value_parser = parse_bool)]
+    pub access_log: bool,
+
+    /// Proxies (addresses or CIDR ranges, comma-separated) whose
+    /// `x-forwarded-for` the access log records; from any other peer the
+    /// header is ignored. Empty by default: no one's.
+    #[arg(long, env = "TRUSTED_PROXIES", value_name = "TRUSTED_PROXIES",
+          value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Where spans go, over OTLP/gRPC without TLS (`http://host:4317`: a
+    /// collector or agent beside the service); unset: none are exported.
+    /// Incoming W3C `traceparent` is continued, and its trace id logged,
+    /// either way. The SDK reads `OTEL_SERVICE_NAME`,
+    /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "OTEL_EXPORTER_OTLP_ENDPOINT",
+          value_parser = parse_otlp_endpoint)]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+
     /// The most sessions the verification cache keeps.
     #[arg(long, env = "VERIFY_CACHE_SIZE", value_name = "VERIFY_CACHE_SIZE",
           default_value = "100000", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
@@ -411,6 +434,25 @@ fn parse_dsn(s: &str) -> Result<String, String> {
     s.parse::<sentry::types::Dsn>()
         .map(|_| s.to_owned())
         .map_err(|e| format!("not a Sentry DSN ({e})"))
+}
+
+/// `http://host:port`: the exporter speaks gRPC in plaintext (h2c).
+fn parse_otlp_endpoint(s: &str) -> Result<String, String> {
+    match s.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Ok(s.to_owned()),
+        Ok(uri) if uri.scheme_str() == Some("https") => Err(
+            "https is not supported: use http:// to a collector or agent beside the service".into(),
+        ),
+        _ => Err("expected http://host:port".into()),
+    }
+}
+
+/// An address (`10.0.0.7`, `::1`) or a CIDR range (`10.0.0.0/8`).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| "expected IP addresses or CIDR ranges, comma-separated".into())
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {

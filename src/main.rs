@@ -10,7 +10,6 @@ fn main() -> ExitCode {
     // Before the runtime, so that panics on any of its threads are reported;
     // the guard flushes queued events when main returns.
     let _sentry = telemetry::init_sentry(cli.sentry_dsn());
-    telemetry::init(cli.log_format());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.worker_threads())
         .enable_all()
@@ -22,5 +21,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(cli.run())
+    runtime.block_on(async {
+        // In the runtime: the span exporter's channel lives on it.
+        let traces = match cli.otlp_endpoint().map(telemetry::Traces::start) {
+            None => None,
+            Some(Ok(traces)) => Some(traces),
+            Some(Err(e)) => {
+                eprintln!("identity: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        telemetry::init_with(cli.log_format(), traces.as_ref());
+        let code = cli.run().await;
+        if let Some(traces) = traces {
+            traces.shutdown().await;
+        }
+        code
+    })
 }

@@ -18,6 +18,7 @@ use tower::{Layer, Service};
 use crate::db::Pool;
 use crate::hashing::Hasher;
 use crate::limits::StreamLimit;
+use crate::telemetry::AccessLog;
 
 /// The service's metrics and what they are read from.
 #[derive(Clone)]
@@ -230,6 +231,12 @@ fn code_name(value: &[u8]) -> String {
         .to_owned()
 }
 
+/// The number of a status code by its label (`Ok` is 0); none for an HTTP
+/// status.
+pub fn code_number(label: &str) -> Option<i32> {
+    (0..=16).find(|&n| code_label(tonic::Code::from_i32(n)) == label)
+}
+
 /// The `code` label of a status, as docs/operations.md documents it: the
 /// code's name in CamelCase. Written out rather than taken from `Debug`,
 /// which is no contract (dashboards and alerts match these strings).
@@ -256,16 +263,19 @@ pub fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Records every call's status and latency in [`Metrics`].
+/// Records every call's status and latency in [`Metrics`] and, when on,
+/// writes its line of the access log ([`AccessLog`]), both when the call
+/// ends: for a gRPC call, when its status is sent.
 #[derive(Debug, Clone)]
 pub struct MetricsLayer {
     metrics: Metrics,
+    access: Option<AccessLog>,
 }
 
 impl MetricsLayer {
-    /// Records into `metrics`.
-    pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+    /// Records into `metrics`, and logs each call to `access` when given.
+    pub fn new(metrics: Metrics, access: Option<AccessLog>) -> Self {
+        Self { metrics, access }
     }
 }
 
@@ -276,6 +286,7 @@ impl<S> Layer<S> for MetricsLayer {
         Measured {
             inner,
             metrics: self.metrics.clone(),
+            access: self.access.clone(),
         }
     }
 }
@@ -285,6 +296,7 @@ impl<S> Layer<S> for MetricsLayer {
 pub struct Measured<S> {
     inner: S,
     metrics: Metrics,
+    access: Option<AccessLog>,
 }
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for Measured<S>
@@ -301,25 +313,46 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let started = Instant::now();
         let path = request.uri().path().to_owned();
+        let entry = self.access.as_ref().map(|log| log.start(&mut request));
         let metrics = self.metrics.clone();
         let call = self.inner.call(request);
         Box::pin(async move {
+            // The call's span (RequestContextLayer's), kept open until the
+            // status is sent, so that its end and the access log line
+            // belong to it.
+            let span = tracing::Span::current();
             let response = call.await?;
+            let done = move |code: &str| {
+                metrics.record(&path, code, started);
+                span.in_scope(|| {
+                    crate::telemetry::end_span(&span, code);
+                    if let Some(entry) = entry {
+                        entry.finish(code, started);
+                    }
+                });
+            };
             // A refusal before the handler (trailers-only) has its status in
-            // the headers; a handler's answer has it in the trailers.
+            // the headers; a handler's answer has it in the trailers; plain
+            // HTTP (/metrics, the keys) has none: its HTTP status is logged.
             if let Some(code) = response.headers().get("grpc-status") {
-                metrics.record(&path, &code_name(code.as_bytes()), started);
+                done(&code_name(code.as_bytes()));
+                return Ok(response);
+            }
+            let grpc = response
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            if !grpc {
+                done(response.status().as_str());
                 return Ok(response);
             }
             Ok(response.map(|body| {
                 tonic::body::Body::new(Observed {
                     inner: body,
-                    done: Some(Box::new(move |code: String| {
-                        metrics.record(&path, &code, started)
-                    })),
+                    done: Some(Box::new(move |code: String| done(&code))),
                 })
             }))
         })

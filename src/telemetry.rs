@@ -51,14 +51,24 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. Later calls do nothing, so that tests may
 /// call it once per test.
 pub fn init(format: LogFormat) {
+    init_with(format, None);
+}
+
+/// As [`init`], exporting spans through `traces` when given.
+pub fn init_with(format: LogFormat, traces: Option<&Traces>) {
     use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Without a Sentry client bound, this layer sends nothing.
     let sentry = sentry::integrations::tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR);
+    let otel = traces.map(|t| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(t.provider.tracer("identity"))
+    });
     let registry = tracing_subscriber::registry()
         .with(sentry)
         .with(filter)
-        .with(caps());
+        .with(caps())
+        .with(otel);
     let ansi = colours(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
@@ -76,6 +86,91 @@ pub fn init(format: LogFormat) {
             )
             .try_init(),
     };
+}
+
+/// Spans exported over OTLP/gRPC (`OTEL_EXPORTER_OTLP_ENDPOINT`), in
+/// batches from a thread of the SDK's. The SDK reads the other standard
+/// variables itself: `OTEL_SERVICE_NAME` (default here: `identity`),
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` (default: parent-based,
+/// always on) and `OTEL_BSP_*` (batching).
+#[derive(Debug)]
+pub struct Traces {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+}
+
+impl Traces {
+    /// Starts the exporter towards `endpoint` (`http://collector:4317`).
+    /// Inside the runtime: the exporter's channel lives on it.
+    pub fn start(endpoint: &str) -> Result<Self, String> {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: {e}"))?;
+        let mut resource = opentelemetry_sdk::Resource::builder().with_attribute(
+            opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        );
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name("identity");
+        }
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build();
+        Ok(Self { provider })
+    }
+
+    /// Sends what is queued and stops the exporter (at most the SDK's
+    /// export timeout), off the async workers.
+    pub async fn shutdown(self) {
+        let provider = self.provider;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "spans could not all be exported at exit");
+            }
+        })
+        .await;
+    }
+}
+
+/// Reads W3C `traceparent` (and `tracestate`) from a request's headers.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The caller's trace context, from its `traceparent`; empty without one
+/// (or with a malformed one).
+fn remote_context(headers: &http::HeaderMap) -> opentelemetry::Context {
+    use opentelemetry::propagation::TextMapPropagator;
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Headers(headers))
+}
+
+/// What the span of a call records when it ends: its status, as
+/// OpenTelemetry's gRPC conventions say (`rpc.grpc.status_code`; an error
+/// status for the codes that mean the server failed).
+pub fn end_span(span: &tracing::Span, code: &str) {
+    use opentelemetry::trace::Status;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(number) = crate::metrics::code_number(code) else {
+        return;
+    };
+    span.set_attribute("rpc.grpc.status_code", i64::from(number));
+    use tonic::Code::*;
+    if matches!(
+        tonic::Code::from_i32(number),
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    ) {
+        span.set_status(Status::error(code.to_owned()));
+    }
 }
 
 /// Whether text log lines are coloured: only when standard error is a
@@ -136,16 +231,30 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
 pub struct RequestId(pub String);
 
 /// Gives every call a request id (echoed in `x-request-id`), a tracing span
-/// with the RPC and that id, and a Sentry hub of its own tagged with both,
-/// so that whatever the call reports says which call it was.
+/// with the RPC, that id and the trace id, and a Sentry hub of its own
+/// tagged with both, so that whatever the call reports says which call it
+/// was. The span continues the caller's W3C `traceparent`; when spans are
+/// exported ([`Traces`]) it is a server span named after the RPC.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestContextLayer;
+pub struct RequestContextLayer {
+    traced: bool,
+}
+
+impl RequestContextLayer {
+    /// `traced`: spans are exported, so they carry OpenTelemetry's names.
+    pub fn new(traced: bool) -> Self {
+        Self { traced }
+    }
+}
 
 impl<S> tower::Layer<S> for RequestContextLayer {
     type Service = RequestContext<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestContext { inner }
+        RequestContext {
+            inner,
+            traced: self.traced,
+        }
     }
 }
 
@@ -153,6 +262,7 @@ impl<S> tower::Layer<S> for RequestContextLayer {
 #[derive(Debug, Clone)]
 pub struct RequestContext<S> {
     inner: S,
+    traced: bool,
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for RequestContext<S>
@@ -179,7 +289,39 @@ where
         let id = request_id(request.headers());
         request.extensions_mut().insert(RequestId(id.clone()));
         let rpc = request.uri().path().to_owned();
-        let span = tracing::info_span!("rpc", rpc = %rpc, request_id = %id);
+        let span = if self.traced {
+            let name = rpc.trim_start_matches('/');
+            tracing::info_span!("rpc", rpc = %rpc, request_id = %id, trace_id = tracing::field::Empty,
+                otel.name = %name, otel.kind = "server")
+        } else {
+            tracing::info_span!("rpc", rpc = %rpc, request_id = %id, trace_id = tracing::field::Empty)
+        };
+        {
+            use opentelemetry::trace::TraceContextExt;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let remote = remote_context(request.headers());
+            let remote_trace = remote.span().span_context().trace_id();
+            // Without the exporting layer these do nothing.
+            let _ = span.set_parent(remote);
+            if self.traced {
+                span.set_attribute("rpc.system", "grpc");
+                if let Some((service, method)) =
+                    rpc.strip_prefix('/').and_then(|p| p.split_once('/'))
+                {
+                    span.set_attribute("rpc.service", service.to_owned());
+                    span.set_attribute("rpc.method", method.to_owned());
+                }
+            }
+            let own = span.context().span().span_context().trace_id();
+            let trace = if own != opentelemetry::TraceId::INVALID {
+                own
+            } else {
+                remote_trace
+            };
+            if trace != opentelemetry::TraceId::INVALID {
+                span.record("trace_id", tracing::field::display(trace));
+            }
+        }
         let hub = Arc::new(sentry::Hub::new_from_top(sentry::Hub::main()));
         hub.configure_scope(|scope| {
             scope.set_tag("rpc", &rpc);
@@ -198,6 +340,112 @@ where
             .instrument(span)
             .bind_hub(hub),
         )
+    }
+}
+
+/// The access log (`ACCESS_LOG`, on by default): one line per call at info,
+/// target `identity::access`, written when the call ends: the RPC (or HTTP
+/// path), its status code, its duration, the request id, the caller's user
+/// id when a credential proved it, the peer's address, and the
+/// `x-forwarded-for` header only when the peer is one of `TRUSTED_PROXIES`
+/// (anyone else could write anything there). Never a credential: no other
+/// header is read.
+#[derive(Debug, Clone)]
+pub struct AccessLog {
+    trusted: Arc<[ipnet::IpNet]>,
+}
+
+impl AccessLog {
+    /// An access log that believes `x-forwarded-for` from `trusted` peers.
+    pub fn new(trusted: &[ipnet::IpNet]) -> Self {
+        Self {
+            trusted: trusted.into(),
+        }
+    }
+
+    /// What the line of `request` will say, read as the call starts; the
+    /// caller's slot goes into the request for the auth layer to fill.
+    pub fn start<B>(&self, request: &mut http::Request<B>) -> AccessEntry {
+        let peer = peer_addr(request.extensions());
+        let forwarded_for = peer
+            .filter(|p| self.trusted.iter().any(|net| net.contains(&p.ip())))
+            .and_then(|_| request.headers().get("x-forwarded-for"))
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                v.len() <= 512
+                    && v.bytes()
+                        .all(|b| b.is_ascii_hexdigit() || b".:, []".contains(&b))
+            })
+            .map(str::to_owned);
+        let caller = CallerSlot::default();
+        request.extensions_mut().insert(caller.clone());
+        AccessEntry {
+            path: request.uri().path().to_owned(),
+            request_id: request
+                .extensions()
+                .get::<RequestId>()
+                .map(|id| id.0.clone())
+                .unwrap_or_default(),
+            peer,
+            forwarded_for,
+            caller,
+        }
+    }
+}
+
+/// The client's socket address, as tonic's server records it (plaintext or
+/// TLS).
+fn peer_addr(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+}
+
+/// Where the auth layer writes the id of the user a call's credential
+/// proved, for the access log line written when the call ends.
+#[derive(Debug, Clone, Default)]
+pub struct CallerSlot(Arc<std::sync::OnceLock<uuid::Uuid>>);
+
+impl CallerSlot {
+    /// Records the caller (the first record stands).
+    pub fn set(&self, user: uuid::Uuid) {
+        let _ = self.0.set(user);
+    }
+}
+
+/// One call's access log line, written by [`AccessEntry::finish`].
+#[derive(Debug)]
+pub struct AccessEntry {
+    path: String,
+    request_id: String,
+    peer: Option<std::net::SocketAddr>,
+    forwarded_for: Option<String>,
+    caller: CallerSlot,
+}
+
+impl AccessEntry {
+    /// Writes the line: `code` is the gRPC status's name (`Ok`,
+    /// `Unauthenticated`, ...) or, for plain HTTP, the HTTP status.
+    pub fn finish(self, code: &str, started: std::time::Instant) {
+        // Called in the call's span (trace id and all) by the metrics layer.
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        tracing::info!(
+            target: "identity::access",
+            rpc = %self.path,
+            code,
+            duration_ms = micros as f64 / 1000.0,
+            request_id = %self.request_id,
+            caller = self.caller.0.get().map(display),
+            peer = self.peer.map(display),
+            forwarded_for = self.forwarded_for.as_deref(),
+            "call"
+        );
     }
 }
 
@@ -256,6 +504,32 @@ mod tests {
         assert!(!colours(true, Some(OsStr::new("0"))), "any value counts");
         assert!(!colours(false, None));
         assert!(!colours(false, Some(OsStr::new(""))));
+    }
+
+    #[test]
+    fn forwarded_for_is_read_only_from_trusted_peers_and_only_as_addresses() {
+        use tonic::transport::server::TcpConnectInfo;
+        let log = AccessLog::new(&["10.0.0.0/8".parse().unwrap()]);
+        let request = |peer: &str, xff: &str| {
+            let mut r = http::Request::new(());
+            r.headers_mut()
+                .insert("x-forwarded-for", xff.parse().unwrap());
+            r.extensions_mut().insert(TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(peer.parse().unwrap()),
+            });
+            r
+        };
+        let entry = log.start(&mut request("10.1.2.3:5000", "203.0.113.9, 10.0.0.7"));
+        assert_eq!(
+            entry.forwarded_for.as_deref(),
+            Some("203.0.113.9, 10.0.0.7")
+        );
+        assert_eq!(entry.peer, Some("10.1.2.3:5000".parse().unwrap()));
+        let entry = log.start(&mut request("192.0.2.1:5000", "203.0.113.9"));
+        assert_eq!(entry.forwarded_for, None, "an untrusted peer's header");
+        let entry = log.start(&mut request("10.1.2.3:5000", "x\" injected=1"));
+        assert_eq!(entry.forwarded_for, None, "not an address list");
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct Settings {
     pub writes_per_second: f64,
 }
 
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     "health",
     "db",
     "hashing",
@@ -71,6 +71,7 @@ pub const ALL: [&str; 17] = [
     "feed",
     "feed_cost",
     "mesh_rss",
+    "access_log",
 ];
 
 impl Settings {

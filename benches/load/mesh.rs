@@ -84,6 +84,7 @@ fn grpc_frame(message: &impl Message) -> Vec<u8> {
 }
 
 /// One unary RPC for h2load: its path, body and bearer token.
+#[derive(Clone)]
 struct Unary {
     /// `/package.Service/Method`.
     path: &'static str,
@@ -547,6 +548,40 @@ impl Bench<'_> {
         tokio::task::spawn_blocking(move || drop(off))
             .await
             .expect("the replica stops");
+        rows
+    }
+
+    /// `access_log`: VerifyToken through h2load on two replicas alike but
+    /// for `ACCESS_LOG` (on, then off, then on, then off again, so that a
+    /// drift of the machine shows as a difference between the two rounds),
+    /// each writing JSON lines to a pipe that the harness drains, as a
+    /// container runtime would.
+    pub async fn access_log(&self) -> Vec<Row> {
+        if !h2load_found() {
+            assert!(
+                self.settings.smoke,
+                "the access_log scenario needs h2load: apt-get install nghttp2-client"
+            );
+            eprintln!("h2load not found: access_log skipped (apt-get install nghttp2-client)");
+            return Vec::new();
+        }
+        let on = self.replica("access-on", &[("ACCESS_LOG", "on")]).await;
+        let off = self.replica("access-off", &[("ACCESS_LOG", "off")]).await;
+        let (_, _, verify) = self.unaries().into_iter().nth(1).expect("VerifyToken");
+        let mut rows = Vec::new();
+        for round in ["", "2"] {
+            for (server, state) in [(&on, "on"), (&off, "off")] {
+                let name = format!("access_{state}{round}");
+                let label = format!("VerifyToken, ACCESS_LOG={state} (h2load)");
+                rows.push(
+                    self.h2(server, (&name, &label), verify.clone(), self.window())
+                        .await,
+                );
+            }
+        }
+        tokio::task::spawn_blocking(move || drop((on, off)))
+            .await
+            .expect("the replicas stop");
         rows
     }
 

@@ -173,6 +173,19 @@ fn targets(config: &Config, results: &[SizeResult]) -> Vec<Target> {
             limit: 128.0,
             at_least: false,
         });
+        let average = |names: [&str; 2]| match names.map(|name| r.rate(name)) {
+            [Some(a), Some(b)] => Some((a + b) / 2.0),
+            [a, b] => a.or(b),
+        };
+        out.push(Target {
+            what: format!("{n} users: VerifyToken with ACCESS_LOG=on / off (h2load)"),
+            value: ratio(
+                average(["access_on", "access_on2"]),
+                average(["access_off", "access_off2"]),
+            ),
+            limit: 0.9,
+            at_least: true,
+        });
         out.push(Target {
             what: format!("{n} users: GetUser / database ceiling"),
             value: ratio(r.rate("get_user"), r.rate("db")),

@@ -227,6 +227,7 @@ impl<'a> Bench<'a> {
             "mesh" => self.mesh().await,
             "mesh_writes" => self.mesh_writes(seeded).await,
             "mesh_rss" => self.mesh_rss(seeded).await,
+            "access_log" => self.access_log().await,
             "list_users" => {
                 let calls = (0..s.in_flight)
                     .map(|w| self.list_users_call(w, ids.len()))

@@ -57,6 +57,11 @@ impl Server {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // The access log: drained, as a container runtime would,
+                // not parsed.
+                if line.contains(r#""target":"identity::access""#) {
+                    continue;
+                }
                 let parsed = serde_json::from_str::<serde_json::Value>(&line).ok();
                 let level = parsed
                     .as_ref()

@@ -31,9 +31,18 @@ impl std::fmt::Debug for Database {
 
 impl Database {
     /// `DATABASE_URL`, or the embedded cluster under `DATA_DIR` (started, and
-    /// its `identity` database created, when needed).
+    /// its `identity` database created, when needed). A `DATABASE_URL` that
+    /// cannot be read, or whose database refuses a first connection (TLS
+    /// included: a certificate not trusted, not made for the host, a server
+    /// without TLS under `sslmode=require`), fails here with one line
+    /// naming it.
     pub async fn open(config: &Config) -> Result<Self, StartupError> {
         if let Some(url) = &config.database_url {
+            let target = crate::db::connect::Target::parse(url)?;
+            target
+                .connect()
+                .await
+                .map_err(|e| StartupError::DatabaseConnect(mask_password(url), e))?;
             return Ok(Self {
                 url: url.clone(),
                 embedded: None,
@@ -70,6 +79,8 @@ impl Database {
 /// whatever form the URL takes (URL or key=value, password anywhere in it).
 pub fn mask_password(url: &str) -> String {
     use tokio_postgres::config::Host;
+    // Without the TLS options, which tokio-postgres does not read.
+    let url = crate::db::connect::split_ssl_options(url).map_or(url.to_owned(), |(rest, _)| rest);
     let Ok(config) = url.parse::<tokio_postgres::Config>() else {
         return "<unparseable database URL>".to_owned();
     };
@@ -100,6 +111,8 @@ mod tests {
             "postgres://app:s3cr3t@db:5432/identity?sslmode=require",
             "postgres://app@db/identity?password=s3cr3t",
             "host=db user=app password=s3cr3t dbname=identity",
+            "postgres://app:s3cr3t@db/identity?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+            "host=db user=app password=s3cr3t sslrootcert='/etc/ca.pem' dbname=identity",
         ] {
             let shown = mask_password(url);
             assert!(!shown.contains("s3cr3t"), "{shown}");

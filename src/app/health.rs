@@ -61,17 +61,14 @@ impl Prober {
     }
 
     async fn ping(&mut self) -> Result<(), Error> {
-        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+        use diesel_async::SimpleAsyncConnection;
         const PATIENCE: Duration = Duration::from_secs(2);
         let unavailable = |e: Box<dyn std::error::Error + Send + Sync>| Error::Unavailable(e);
         if self.conn.is_none() {
-            let conn = tokio::time::timeout(
-                PATIENCE,
-                diesel_async::AsyncPgConnection::establish(&self.url),
-            )
-            .await
-            .map_err(|e| unavailable(Box::new(e)))?
-            .map_err(|e| unavailable(Box::new(e)))?;
+            let conn = tokio::time::timeout(PATIENCE, crate::db::connect::establish(&self.url))
+                .await
+                .map_err(|e| unavailable(Box::new(e)))?
+                .map_err(|e| unavailable(Box::new(e)))?;
             self.conn = Some(conn);
         }
         let conn = self

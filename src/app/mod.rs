@@ -53,6 +53,13 @@ pub enum StartupError {
     /// The embedded cluster failed.
     #[error("embedded PostgreSQL: {0}")]
     Embedded(#[from] EmbeddedError),
+    /// `DATABASE_URL` cannot be used as it is written.
+    #[error("DATABASE_URL: {0}")]
+    DatabaseUrl(#[from] crate::db::connect::UrlError),
+    /// The database of `DATABASE_URL` (shown without its password) does not
+    /// let this process connect.
+    #[error("DATABASE_URL {0}: cannot connect")]
+    DatabaseConnect(String, #[source] diesel::ConnectionError),
     /// The database could not be prepared.
     #[error("database: {0}")]
     Database(#[source] Error),
@@ -92,6 +99,8 @@ pub struct Application {
     limits: Limits,
     keys: KeysSource,
     metrics: crate::metrics::Metrics,
+    access_log: Option<crate::telemetry::AccessLog>,
+    traced: bool,
     streams: StreamLimit,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
@@ -251,6 +260,10 @@ impl Application {
             cache,
             registration_open: config.allow_registration,
             metrics,
+            access_log: config
+                .access_log
+                .then(|| crate::telemetry::AccessLog::new(&config.trusted_proxies)),
+            traced: config.otel_exporter_otlp_endpoint.is_some(),
             streams,
             tls: tls_config(config)?,
             keys: KeysSource {
@@ -367,8 +380,11 @@ impl Application {
         let routes = tonic::service::Routes::from(routes.routes().into_axum_router().merge(http));
 
         let layers = tower::ServiceBuilder::new()
-            .layer(crate::telemetry::RequestContextLayer)
-            .layer(crate::metrics::MetricsLayer::new(self.metrics.clone()))
+            .layer(crate::telemetry::RequestContextLayer::new(self.traced))
+            .layer(crate::metrics::MetricsLayer::new(
+                self.metrics.clone(),
+                self.access_log.clone(),
+            ))
             // Streams first: they are exempt from the two below.
             .layer(self.streams.layer())
             .layer(ShedLayer::new(self.limits.max_concurrent_requests))

@@ -77,7 +77,17 @@ impl Cli {
     /// program here with one line naming it and exit code 2.
     pub fn parse_or_exit() -> Self {
         match Self::try_parse() {
-            Ok(cli) => cli,
+            Ok(cli) => {
+                // DATABASE_URL's TLS options and CA file: read here, so that
+                // a typo is a bad setting too (the URL is never printed).
+                if let Some(url) = cli.config().and_then(|c| c.database_url.as_deref())
+                    && let Err(e) = crate::db::connect::Target::parse(url)
+                {
+                    eprintln!("identity: invalid value for DATABASE_URL: {e}");
+                    std::process::exit(2);
+                }
+                cli
+            }
             Err(e) => {
                 use clap::error::ErrorKind::*;
                 if matches!(
@@ -121,6 +131,14 @@ impl Cli {
     /// How logs are written.
     pub fn log_format(&self) -> LogFormat {
         self.config().map_or(LogFormat::Text, |c| c.log_format)
+    }
+
+    /// Where spans are exported, if anywhere: only `serve` makes calls.
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        match &self.command {
+            Command::Serve(config) => config.otel_exporter_otlp_endpoint.as_deref(),
+            _ => None,
+        }
     }
 
     /// Where errors are reported, if anywhere.

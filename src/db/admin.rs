@@ -7,10 +7,10 @@ use super::Error;
 /// Creates `name` through the admin URL unless it exists.
 pub async fn create_database(admin_url: &str, name: &str) -> Result<(), Error> {
     use diesel::{ExpressionMethods, QueryDsl};
-    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+    use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 
     diesel::table! { pg_database (datname) { datname -> Text, } }
-    let mut conn = AsyncPgConnection::establish(admin_url)
+    let mut conn = super::connect::establish(admin_url)
         .await
         .map_err(|e| Error::Unavailable(Box::new(e)))?;
     let exists: i64 = pg_database::table

@@ -320,8 +320,8 @@ pub async fn announce(conn: &mut AsyncPgConnection) -> Result<(), Error> {
 
 /// A connection of its own that listens on [`CHANNEL`].
 pub async fn listen(database_url: &str) -> Result<AsyncPgConnection, Error> {
-    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-    let mut conn = AsyncPgConnection::establish(database_url)
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = super::connect::establish(database_url)
         .await
         .map_err(|e| Error::Unavailable(Box::new(e)))?;
     conn.batch_execute(&format!("LISTEN {CHANNEL}")).await?;

@@ -30,10 +30,9 @@ where
     T: Send + 'static,
     F: FnOnce(&mut SyncConn) -> Result<T, Error> + Send + 'static,
 {
-    use diesel::Connection;
-    let url = database_url.to_owned();
+    let conn = super::connect::establish(database_url).await?;
     tokio::task::spawn_blocking(move || {
-        let mut conn = SyncConn::establish(&url)?;
+        let mut conn = SyncConn::from(conn);
         f(&mut conn)
     })
     .await

@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod admin;
 pub mod api_keys;
 pub mod changes;
+pub mod connect;
 pub mod embedded;
 mod error;
 mod fresh;
@@ -61,8 +62,8 @@ pub fn pool(database_url: &str, size: u32) -> Result<Pool, Error> {
     // call's deadline.
     config.custom_setup = Box::new(|url| {
         Box::pin(async move {
-            use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-            let mut conn = AsyncPgConnection::establish(url).await?;
+            use diesel_async::SimpleAsyncConnection;
+            let mut conn = connect::establish(url).await?;
             conn.batch_execute(
                 "SET idle_in_transaction_session_timeout = '10s'; SET statement_timeout = '60s'",
             )

@@ -267,7 +267,15 @@ where
                 None => Caller::Anonymous,
                 Some(Err(())) => return Ok(refuse(Error::InvalidToken(Reason::TokenMalformed))),
                 Some(Ok(token)) => match auth.authenticate(token).await {
-                    Ok(verified) => Caller::User(Arc::new(verified)),
+                    Ok(verified) => {
+                        // For the access log line, whatever the call's fate.
+                        if let Some(slot) =
+                            request.extensions().get::<crate::telemetry::CallerSlot>()
+                        {
+                            slot.set(verified.user.id);
+                        }
+                        Caller::User(Arc::new(verified))
+                    }
                     Err(e) => return Ok(refuse(e)),
                 },
             };

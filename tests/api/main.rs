@@ -10,6 +10,7 @@
 
 mod helpers;
 
+mod access_log;
 mod accounts;
 mod api_keys;
 mod auth;
@@ -33,11 +34,13 @@ mod metrics;
 mod migrations;
 mod operations;
 mod passwords;
+mod postgres_tls;
 mod properties;
 mod sentry;
 mod server;
 mod sessions;
 mod statements;
 mod tls;
+mod traces;
 mod users;
 mod verify_cache;

@@ -6,7 +6,7 @@ use crate::helpers::{TestUser, spawn_app};
 use identity::proto::identity::v1 as pb;
 
 /// The value of the sample `name{labels}` in a Prometheus text exposition.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())

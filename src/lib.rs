@@ -6,7 +6,8 @@
 /// reloader, the hourly purge, shutdown.
 pub mod app;
 /// The `identity` command line, a file per family: serve; migrate,
-/// createsuperuser, keys; import; changes (a client of the feed).
+/// createsuperuser, keys; import; changes (a client of the feed);
+/// passwords (the breached list, offline).
 pub mod cli;
 /// Every setting, from the environment or flags, validated at start.
 pub mod config;

@@ -13,11 +13,13 @@
 //! [`Application::build`]: crate::app::Application::build
 //! [`Application::run_until_stopped`]: crate::app::Application::run_until_stopped
 
+mod breached;
 mod database;
 mod health;
 mod janitor;
 mod keys;
 
+pub use breached::load_breached;
 pub use database::{Database, mask_password};
 
 use std::{future::Future, net::SocketAddr, time::Duration};
@@ -78,6 +80,11 @@ pub enum StartupError {
     /// The server failed.
     #[error("server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// A setting whose value passed its parser but failed at start (a
+    /// file that cannot be used): the program exits with code 2, as for a
+    /// value refused when parsed.
+    #[error("{0}: {1}")]
+    Setting(&'static str, String),
     /// Something else.
     #[error("{0}")]
     Other(String),
@@ -96,6 +103,7 @@ pub struct Application {
     changes: ChangeService,
     cache: Option<crate::service::fresh::FreshCache>,
     registration_open: bool,
+    breached: crate::domain::BreachedList,
     limits: Limits,
     keys: KeysSource,
     metrics: crate::metrics::Metrics,
@@ -152,6 +160,9 @@ impl Application {
             config.hash_concurrency(),
             config.hash_queue as usize,
         )?;
+        // Before the database too: a bad file fails the start at once, and
+        // nothing is started that would have to be stopped.
+        let breached = load_breached(config).await?;
         let database = Database::open(config).await?;
         let applied = db::migrations::run_pending(&database.url)
             .await
@@ -259,6 +270,7 @@ impl Application {
             changes,
             cache,
             registration_open: config.allow_registration,
+            breached,
             metrics,
             access_log: config
                 .access_log
@@ -352,16 +364,16 @@ impl Application {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(pb::user_service_server::UserServiceServer::new(
-                UsersGrpc::new(self.users, self.registration_open),
+                UsersGrpc::new(self.users, self.registration_open, self.breached.clone()),
             ))
             .add_service(pb::group_service_server::GroupServiceServer::new(
                 GroupsGrpc::new(self.groups),
             ))
             .add_service(pb::auth_service_server::AuthServiceServer::new(
-                AuthGrpc::new(self.auth.clone()),
+                AuthGrpc::new(self.auth.clone(), self.breached.clone()),
             ))
             .add_service(pb::account_service_server::AccountServiceServer::new(
-                AccountsGrpc::new(self.accounts),
+                AccountsGrpc::new(self.accounts, self.breached),
             ))
             .add_service(pb::api_key_service_server::ApiKeyServiceServer::new(
                 ApiKeysGrpc::new(self.auth.clone()),

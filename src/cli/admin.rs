@@ -149,7 +149,8 @@ pub(super) async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), St
                 .to_owned()
         }
     };
-    let password = Password::parse(&raw, &[username.canonical(), email.canonical()])
+    let breached = crate::app::load_breached(&args.config).await?;
+    let password = Password::parse(&raw, &[username.canonical(), email.canonical()], &breached)
         .map_err(|e| invalid("password", e))?;
 
     with_admin_db(&args.config, async |pool, hasher| {

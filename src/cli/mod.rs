@@ -3,14 +3,16 @@
 //! command line and its dispatch; each family of subcommands has a file:
 //! `serve.rs` (the service and its stop signals), `admin.rs` (migrate,
 //! createsuperuser, keys, and the admin database they share),
-//! `import.rs` (the JSON Lines reader of `identity import`) and
-//! `changes.rs` (a gRPC client printing the change feed).
+//! `import.rs` (the JSON Lines reader of `identity import`),
+//! `changes.rs` (a gRPC client printing the change feed) and
+//! `passwords.rs` (the breached-password list, built offline).
 
 mod admin;
 mod apikeys;
 mod changes;
 mod healthcheck;
 mod import;
+mod passwords;
 mod serve;
 
 pub use serve::shutdown_signal;
@@ -70,6 +72,11 @@ enum Command {
     /// HEALTHCHECK, an exec probe). With TLS_CERT set it speaks TLS and
     /// trusts that certificate.
     Healthcheck(healthcheck::HealthcheckArgs),
+    /// The breached-password list of BREACHED_PASSWORDS_FILE, offline:
+    /// `passwords build INPUT OUTPUT [--min-count N]` converts Have I Been
+    /// Pwned's SHA-1 list into the compact file the service loads fastest;
+    /// `passwords check FILE` loads either form as the service would.
+    Passwords(passwords::PasswordsArgs),
 }
 
 impl Cli {
@@ -114,7 +121,7 @@ impl Cli {
     }
 
     /// The service settings of the chosen subcommand; none for `changes`,
-    /// a client that needs none of them.
+    /// `healthcheck` and `passwords`, which need none of them.
     pub fn config(&self) -> Option<&Config> {
         match &self.command {
             Command::Serve(config) => Some(config),
@@ -125,6 +132,7 @@ impl Cli {
             Command::Changes(_) => None,
             Command::ApiKeys(args) => Some(&args.config),
             Command::Healthcheck(_) => None,
+            Command::Passwords(_) => None,
         }
     }
 
@@ -163,9 +171,16 @@ impl Cli {
             Command::Changes(args) => return changes::changes(args).await,
             Command::ApiKeys(args) => apikeys::apikeys(args).await,
             Command::Healthcheck(args) => return healthcheck::healthcheck(args).await,
+            Command::Passwords(args) => passwords::passwords(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
+            // A bad setting found at start: one line and exit code 2, as for
+            // one refused when parsed; not an event for the logs or Sentry.
+            Err(e @ crate::app::StartupError::Setting(..)) => {
+                eprintln!("identity: {e}");
+                ExitCode::from(2)
+            }
             Err(e) => {
                 // The whole chain: "database: database unavailable" alone
                 // would hide why (the causes carry no credentials).

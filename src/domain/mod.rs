@@ -3,6 +3,7 @@
 //! check again.
 
 pub mod api_key;
+pub mod breached;
 pub mod change;
 pub mod group;
 pub mod page;
@@ -13,6 +14,7 @@ pub mod violation;
 pub mod weak;
 
 pub use api_key::ApiKey;
+pub use breached::BreachedList;
 pub use change::{Change, ChangeKind, Cursor};
 pub use group::{Group, Groupname, Slug};
 pub use page::{PageRequest, Pager};

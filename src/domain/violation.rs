@@ -50,6 +50,8 @@ pub enum Violation {
     PasswordCommon,
     /// A repeated or sequential pattern (aaaaaaaa, abcdefgh, qwertyuiop).
     PasswordPattern,
+    /// In the list of passwords exposed in breaches (BREACHED_PASSWORDS_FILE).
+    PasswordBreached,
     /// A slug of the wrong length.
     SlugLength {
         /// The most allowed.
@@ -124,6 +126,10 @@ impl fmt::Display for Violation {
             Violation::PasswordPattern => write!(
                 f,
                 "is a repeated or sequential pattern (like aaaaaaaa, abcdefgh or qwertyuiop): choose another"
+            ),
+            Violation::PasswordBreached => write!(
+                f,
+                "appears in a list of passwords exposed in data breaches, which attackers try first: choose another (a few unrelated words make a good one)"
             ),
             Violation::SlugLength { max } => write!(f, "must be 1 to {max} characters"),
             Violation::SlugShape => write!(

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::convert::{parse_id, timestamp};
-use crate::domain::{Email, NewPassword, OpaqueToken};
+use crate::domain::{BreachedList, Email, NewPassword, OpaqueToken};
 use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
 use crate::service::{
@@ -15,12 +15,14 @@ use crate::service::{
 #[derive(Debug, Clone)]
 pub struct AccountsGrpc {
     accounts: AccountService,
+    breached: BreachedList,
 }
 
 impl AccountsGrpc {
-    /// Serves `accounts`.
-    pub fn new(accounts: AccountService) -> Self {
-        Self { accounts }
+    /// Serves `accounts`; new passwords must not be in `breached` (imported
+    /// hashes are not judged).
+    pub fn new(accounts: AccountService, breached: BreachedList) -> Self {
+        Self { accounts, breached }
     }
 }
 
@@ -92,7 +94,10 @@ impl pb::account_service_server::AccountService for AccountsGrpc {
         let req = request.into_inner();
         let mut v = Violations::new();
         let token = v.check("token", OpaqueToken::account(&req.token));
-        let password = v.check("new_password", NewPassword::parse(&req.new_password));
+        let password = v.check(
+            "new_password",
+            NewPassword::parse(&req.new_password, &self.breached),
+        );
         v.finish()?;
         let (Some(token), Some(password)) = (token, password) else {
             return Err(Error::internal("a field failed validation without a violation").into());

@@ -4,7 +4,9 @@ use tonic::{Request, Response, Status};
 
 use super::authz::Caller;
 use super::convert::{parse_id, parse_optional_id, timestamp};
-use crate::domain::{EndReason, Login, NewPassword, OpaqueToken, Pager, Session, Violation};
+use crate::domain::{
+    BreachedList, EndReason, Login, NewPassword, OpaqueToken, Pager, Session, Violation,
+};
 use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
 use crate::service::{AuthService, auth::IssuedTokens, verify::Credential};
@@ -13,12 +15,14 @@ use crate::service::{AuthService, auth::IssuedTokens, verify::Credential};
 #[derive(Debug, Clone)]
 pub struct AuthGrpc {
     auth: AuthService,
+    breached: BreachedList,
 }
 
 impl AuthGrpc {
-    /// Serves `auth`.
-    pub fn new(auth: AuthService) -> Self {
-        Self { auth }
+    /// Serves `auth`; new passwords must not be in `breached` (Login never
+    /// looks at it).
+    pub fn new(auth: AuthService, breached: BreachedList) -> Self {
+        Self { auth, breached }
     }
 }
 
@@ -143,7 +147,10 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         if req.current_password.is_empty() {
             v.add("current_password", Violation::Required);
         }
-        let new = v.check("new_password", NewPassword::parse(&req.new_password));
+        let new = v.check(
+            "new_password",
+            NewPassword::parse(&req.new_password, &self.breached),
+        );
         v.finish()?;
         let Some(new) = new else {
             return Err(Error::internal("a field failed validation without a violation").into());

@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 use super::authz::{self, Caller};
 use super::convert::{parse_id, parse_optional_id};
 use crate::domain::{
-    Attributes, Email, NewPassword, Pager, Password, Username,
+    Attributes, BreachedList, Email, NewPassword, Pager, Password, Username,
     text::{self, fold, nfkc_trimmed, no_control},
     user::person_name,
 };
@@ -19,15 +19,17 @@ use crate::service::verify::Authenticated;
 pub struct UsersGrpc {
     users: UserService,
     registration_open: bool,
+    breached: BreachedList,
 }
 
 impl UsersGrpc {
     /// Serves `users`; anonymous callers may register when
-    /// `registration_open`.
-    pub fn new(users: UserService, registration_open: bool) -> Self {
+    /// `registration_open`; new passwords must not be in `breached`.
+    pub fn new(users: UserService, registration_open: bool, breached: BreachedList) -> Self {
         Self {
             users,
             registration_open,
+            breached,
         }
     }
 }
@@ -42,7 +44,7 @@ const MUTABLE_FIELDS: &[&str] = &[
     "attributes",
 ];
 
-fn new_user(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
+fn new_user(req: pb::CreateUserRequest, breached: &BreachedList) -> Result<NewUser, Error> {
     let mut v = Violations::new();
     let username = v.check("username", Username::parse(&req.username));
     let email = v.check("email", Email::parse(&req.email));
@@ -60,8 +62,11 @@ fn new_user(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
         }
         Some(None)
     } else {
-        v.check("password", Password::parse(&req.password, &forbidden))
-            .map(Some)
+        v.check(
+            "password",
+            Password::parse(&req.password, &forbidden, breached),
+        )
+        .map(Some)
     };
     let first_name = v.check("first_name", person_name(&req.first_name));
     let last_name = v.check("last_name", person_name(&req.last_name));
@@ -203,7 +208,7 @@ impl pb::user_service_server::UserService for UsersGrpc {
             req.is_active,
             req.is_verified,
         )?;
-        let new = new_user(req)?;
+        let new = new_user(req, &self.breached)?;
         let user = self.users.create(new).await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user.into()),
@@ -286,8 +291,8 @@ impl pb::user_service_server::UserService for UsersGrpc {
         let id = parse_id("id", &req.id)?;
         // The rules that need no user here; the service adds "not the
         // username or email" once it has read the user.
-        let password =
-            NewPassword::parse(&req.new_password).map_err(|e| Error::invalid("new_password", e))?;
+        let password = NewPassword::parse(&req.new_password, &self.breached)
+            .map_err(|e| Error::invalid("new_password", e))?;
         self.users.set_password(id, password).await?;
         Ok(Response::new(pb::SetPasswordResponse {}))
     }

@@ -334,7 +334,8 @@ mod tests {
     #[tokio::test]
     async fn a_hash_verifies_its_password_only() {
         let hasher = Hasher::new(CHEAP, 2, 8).unwrap();
-        let pw = Password::parse("correct horse", &[]).unwrap();
+        let pw =
+            Password::parse("correct horse", &[], &crate::domain::BreachedList::empty()).unwrap();
         let hash = hasher.hash(&pw).await.unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"));
         assert!(hasher.verify("correct horse", Some(&hash)).await.unwrap());
@@ -354,7 +355,8 @@ mod tests {
             8,
         )
         .unwrap();
-        let pw = Password::parse("correct horse", &[]).unwrap();
+        let pw =
+            Password::parse("correct horse", &[], &crate::domain::BreachedList::empty()).unwrap();
         let weak_hash = weak.hash(&pw).await.unwrap();
         let strong_hash = strong.hash(&pw).await.unwrap();
         assert!(strong.needs_rehash(&weak_hash));
@@ -372,7 +374,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_refuses_with_resource_exhausted() {
         let hasher = Hasher::new(CHEAP, 1, 0).unwrap();
-        let pw = Password::parse("correct horse", &[]).unwrap();
+        let pw =
+            Password::parse("correct horse", &[], &crate::domain::BreachedList::empty()).unwrap();
         let err = hasher.hash(&pw).await.unwrap_err();
         assert!(matches!(err, Error::Throttled { .. }));
     }
@@ -380,7 +383,8 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_wait_leaves_the_queue() {
         let hasher = Hasher::new(CHEAP, 1, 1).unwrap();
-        let pw = Password::parse("correct horse", &[]).unwrap();
+        let pw =
+            Password::parse("correct horse", &[], &crate::domain::BreachedList::empty()).unwrap();
         // Hold the only slot, so that the next caller waits.
         let held = hasher.inner.slots.clone().acquire_owned().await.unwrap();
         let mut waiter = Box::pin(hasher.hash(&pw));

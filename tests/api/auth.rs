@@ -845,7 +845,10 @@ async fn a_login_upgrades_a_hash_made_with_weaker_parameters() {
         1,
     )
     .unwrap()
-    .hash(&identity::domain::Password::parse(PASSWORD, &[]).unwrap())
+    .hash(
+        &identity::domain::Password::parse(PASSWORD, &[], &identity::domain::BreachedList::empty())
+            .unwrap(),
+    )
     .await
     .unwrap();
     let mut conn = app.db.connect().await;

@@ -469,7 +469,7 @@ impl Drop for TempDir {
 /// `identity createsuperuser` does.
 async fn bootstrap_root(config: &Config) {
     use identity::{
-        domain::{Attributes, Email, Password, Username},
+        domain::{Attributes, BreachedList, Email, Password, Username},
         hashing::{HashParams, Hasher},
         service::users::{NewUser, UserService},
     };
@@ -484,7 +484,7 @@ async fn bootstrap_root(config: &Config) {
         .create(NewUser {
             username: Username::parse(ROOT_USERNAME).unwrap(),
             email: Email::parse("root@example.com").unwrap(),
-            password: Some(Password::parse(ROOT_PASSWORD, &[]).unwrap()),
+            password: Some(Password::parse(ROOT_PASSWORD, &[], &BreachedList::empty()).unwrap()),
             first_name: String::new(),
             last_name: String::new(),
             is_superuser: true,

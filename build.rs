@@ -53,17 +53,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The `proto` folder of the `envoy-types` crate this build uses, found
 /// with `cargo metadata` (wherever cargo keeps it: registry, vendor folder).
-/// Filtered to the target platform: a first build downloads only that
-/// platform's packages, and offline metadata of every platform would ask
-/// for the others (android_system_properties, ...) and fail.
+/// Filtered to the target platform, and offline first: a first build
+/// downloads only the packages it compiles, and metadata also lists those
+/// behind a `cfg` this target does not meet (portable-atomic), so when the
+/// offline try lacks one, cargo is asked again, allowed to fetch it.
 fn envoy_protos() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let cargo = env::var("CARGO")?;
     let target = env::var("TARGET")?;
-    let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline", "--locked"])
-        .args(["--filter-platform", &target])
-        .current_dir(env::var("CARGO_MANIFEST_DIR")?)
-        .output()?;
+    let metadata = |offline: bool| -> Result<std::process::Output, std::io::Error> {
+        let mut cmd = Command::new(&cargo);
+        cmd.args(["metadata", "--format-version", "1", "--locked"])
+            .args(["--filter-platform", &target])
+            .current_dir(env::var("CARGO_MANIFEST_DIR").unwrap_or_default());
+        if offline {
+            cmd.arg("--offline");
+        }
+        cmd.output()
+    };
+    let mut output = metadata(true)?;
+    if !output.status.success() {
+        output = metadata(false)?;
+    }
     if !output.status.success() {
         return Err(format!(
             "cargo metadata: {}",

@@ -104,6 +104,31 @@ pub struct Config {
           default_value = "false", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub require_verified_login: bool,
 
+    /// Whether superuser-only calls (and a superuser's powers in any call)
+    /// need a session that a second factor proved: PERMISSION_DENIED with
+    /// reason MFA_REQUIRED otherwise. API keys are not sessions and keep
+    /// their user's powers.
+    #[arg(long, env = "REQUIRE_MFA_FOR_SUPERUSERS", value_name = "REQUIRE_MFA_FOR_SUPERUSERS",
+          default_value = "false", action = clap::ArgAction::Set, value_parser = parse_bool)]
+    pub require_mfa_for_superusers: bool,
+
+    /// The 32-byte key (raw, mode 0600) that encrypts TOTP secrets at rest
+    /// (AES-256-GCM); made on first start when missing. Default:
+    /// `KEYS_DIR/mfa.key`.
+    #[arg(long, env = "MFA_KEY_FILE", value_name = "MFA_KEY_FILE")]
+    pub mfa_key_file: Option<PathBuf>,
+
+    /// Earlier MFA keys (comma-separated files), still opening the secrets
+    /// they sealed, after a rotation of MFA_KEY_FILE; each secret is
+    /// sealed again with the current key when next used.
+    #[arg(
+        long,
+        env = "MFA_PREVIOUS_KEY_FILES",
+        value_name = "MFA_PREVIOUS_KEY_FILES",
+        value_delimiter = ','
+    )]
+    pub mfa_previous_key_files: Vec<PathBuf>,
+
     /// Lifetime of email verification tokens.
     #[arg(long, env = "EMAIL_VERIFICATION_TTL", value_name = "EMAIL_VERIFICATION_TTL",
           default_value = "24h", value_parser = parse_ttl)]
@@ -295,6 +320,15 @@ pub struct Config {
         value_name = "BREACHED_PASSWORDS_FILE"
     )]
     pub breached_passwords_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// MFA_KEY_FILE, or `KEYS_DIR/mfa.key`.
+    pub fn mfa_key_path(&self) -> PathBuf {
+        self.mfa_key_file
+            .clone()
+            .unwrap_or_else(|| self.keys_dir.join("mfa.key"))
+    }
 }
 
 impl std::fmt::Debug for Config {

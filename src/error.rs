@@ -45,9 +45,21 @@ pub enum Error {
     #[error("invalid token: {}", .0.as_str())]
     InvalidToken(Reason),
 
+    /// UNAUTHENTICATED: a second factor that does not prove the caller: a
+    /// wrong code, a code already used, a spent or expired challenge. The
+    /// reason says which (`MFA_CODE_INVALID`, `MFA_CODE_REUSED`,
+    /// `MFA_CHALLENGE_INVALID`).
+    #[error("second factor refused: {}", .0.as_str())]
+    SecondFactor(Reason),
+
     /// PERMISSION_DENIED: authenticated, but not allowed.
     #[error("permission denied")]
     PermissionDenied,
+
+    /// PERMISSION_DENIED, reason MFA_REQUIRED: allowed only to a session
+    /// that a second factor proved (`REQUIRE_MFA_FOR_SUPERUSERS`).
+    #[error("a second factor is required")]
+    MfaRequired,
 
     /// FAILED_PRECONDITION: the system is not in a state the call needs.
     #[error("{0}")]
@@ -192,6 +204,21 @@ pub enum Reason {
     /// A key limited to some methods cannot be exchanged for a token that
     /// would not be.
     ApiKeyRestricted,
+    /// A TOTP code or recovery code that is not right.
+    MfaCodeInvalid,
+    /// A TOTP code already accepted (or older than one accepted).
+    MfaCodeReused,
+    /// A login challenge that is unknown, spent or past its 5 minutes.
+    MfaChallengeInvalid,
+    /// The call needs a session proved by a second factor.
+    MfaRequired,
+    /// BeginTotpEnrollment while TOTP is on: disable it first.
+    MfaAlreadyEnabled,
+    /// ConfirmTotpEnrollment without an enrolment begun in the last 10
+    /// minutes.
+    MfaNotPending,
+    /// DisableTotp while TOTP is off.
+    MfaNotEnabled,
 }
 
 impl Reason {
@@ -221,6 +248,13 @@ impl Reason {
             Reason::ApiKeyExpired => "API_KEY_EXPIRED",
             Reason::ApiKeyRevoked => "API_KEY_REVOKED",
             Reason::ApiKeyRestricted => "API_KEY_RESTRICTED",
+            Reason::MfaCodeInvalid => "MFA_CODE_INVALID",
+            Reason::MfaCodeReused => "MFA_CODE_REUSED",
+            Reason::MfaChallengeInvalid => "MFA_CHALLENGE_INVALID",
+            Reason::MfaRequired => "MFA_REQUIRED",
+            Reason::MfaAlreadyEnabled => "MFA_ALREADY_ENABLED",
+            Reason::MfaNotPending => "MFA_NOT_PENDING",
+            Reason::MfaNotEnabled => "MFA_NOT_ENABLED",
         }
     }
 }
@@ -332,7 +366,23 @@ impl From<Error> for Status {
                 },
                 ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, []),
             ),
+            Error::SecondFactor(reason) => Status::with_error_details(
+                Code::Unauthenticated,
+                match reason {
+                    Reason::MfaCodeReused => "that code was already used: wait for the next one",
+                    Reason::MfaChallengeInvalid => {
+                        "the login challenge is spent or expired: log in again"
+                    }
+                    _ => "invalid code",
+                },
+                ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, []),
+            ),
             Error::PermissionDenied => Status::permission_denied("permission denied"),
+            Error::MfaRequired => Status::with_error_details(
+                Code::PermissionDenied,
+                "a session proved by a second factor is required: log in with TOTP",
+                ErrorDetails::with_error_info(Reason::MfaRequired.as_str(), ERROR_DOMAIN, []),
+            ),
             Error::FailedPrecondition(message) => Status::failed_precondition(message),
             Error::Refused { reason, message } => Status::with_error_details(
                 Code::FailedPrecondition,
@@ -405,6 +455,11 @@ mod tests {
                 Code::Unauthenticated,
             ),
             (Error::PermissionDenied, Code::PermissionDenied),
+            (Error::MfaRequired, Code::PermissionDenied),
+            (
+                Error::SecondFactor(Reason::MfaCodeReused),
+                Code::Unauthenticated,
+            ),
             (
                 Error::FailedPrecondition("last superuser"),
                 Code::FailedPrecondition,

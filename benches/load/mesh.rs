@@ -630,6 +630,7 @@ impl Bench<'_> {
         let users = seeded.ids.len() - 1;
         let mut out = Vec::with_capacity(n);
         let mut conn = self.pool.get().await.expect("a connection");
+        let pwd = ["pwd".to_owned()];
         for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
             let mut ids = Vec::new();
             let mut users_of = Vec::new();
@@ -649,6 +650,7 @@ impl Bench<'_> {
                         is_active: true,
                         is_verified: true,
                         groups: Vec::new(),
+                        amr: &pwd,
                     })
                     .expect("a token");
                 ids.push(session_id);

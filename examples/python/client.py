@@ -6,8 +6,9 @@
 It registers a throwaway user, logs in, verifies the access token offline
 (PyJWT + the service's JWKS, found through its OpenID Connect discovery
 document as an OIDC library finds it), asks the service about the token, refreshes,
-replays the retired refresh token, calls an RPC as the user, logs out, and
-shows that the logged-out token is refused. Every step checks what it gets:
+replays the retired refresh token, calls an RPC as the user, logs out,
+shows that the logged-out token is refused, then turns TOTP on and logs in
+with a code computed by pyotp. Every step checks what it gets:
 the script exits non-zero as soon as the service does something else.
 
 Stubs: generated from proto/ by run.py into ./generated (see README.md).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import grpc
 import jwt  # PyJWT
+import pyotp  # RFC 6238 codes, as an authenticator app computes them
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -268,6 +270,49 @@ def run(addr: str, issuer: str, audience: str, jwks_url: str) -> None:
         left = int(still["exp"] - time.time())
         step("", "offline verify after logout",
              f"still passes (expires in {left}s): use VerifyToken when revocation matters")
+
+        second_factor(auth, offline, username, password)
+
+
+def second_factor(auth, offline: "OfflineVerifier", username: str, password: str) -> None:
+    """Turns TOTP on with codes computed by pyotp (an authenticator app's
+    arithmetic, RFC 6238), then logs in with password and code."""
+    tokens = auth.Login(auth_pb2.LoginRequest(login=username, password=password),
+                        timeout=RPC_TIMEOUT).tokens
+    me = bearer(tokens.access_token)
+
+    # 11. Enrol: the secret comes once, as an otpauth:// URI for a QR code.
+    begun = auth.BeginTotpEnrollment(auth_pb2.BeginTotpEnrollmentRequest(),
+                                     timeout=RPC_TIMEOUT, metadata=me)
+    totp = pyotp.parse_uri(begun.otpauth_uri)
+    expect(isinstance(totp, pyotp.TOTP) and totp.secret == begun.secret_base32,
+           "the otpauth URI holds the secret")
+    expect(totp.digits == 6 and totp.interval == 30, "6 digits, 30 s")
+    confirmed = auth.ConfirmTotpEnrollment(auth_pb2.ConfirmTotpEnrollmentRequest(code=totp.now()),
+                                           timeout=RPC_TIMEOUT, metadata=me)
+    expect(len(confirmed.recovery_codes) == 10, "ten recovery codes")
+    step("11", "TOTP on (pyotp)", f"{begun.otpauth_uri.split('?')[0]}, "
+                                   f"{len(confirmed.recovery_codes)} recovery codes")
+
+    # 12. A password is no longer enough: a challenge, then a code. The
+    #     confirmation used this 30 s step's code, and a code is accepted
+    #     once: the next step's code (one step of clock skew is allowed).
+    login = auth.Login(auth_pb2.LoginRequest(login=username, password=password), timeout=RPC_TIMEOUT)
+    expect(login.mfa_required and not login.HasField("tokens"), "Login asks for the second factor")
+    code = totp.at(time.time() + 30)
+    done = auth.CompleteLogin(auth_pb2.CompleteLoginRequest(mfa_challenge=login.mfa_challenge, code=code),
+                              timeout=RPC_TIMEOUT)
+    _, claims = offline.verify(done.tokens.access_token)
+    expect(claims.get("amr") == ["pwd", "otp"] and claims.get("acr") == "aal2",
+           f"the token says how the session was proved (amr={claims.get('amr')})")
+    step("12", "Login + CompleteLogin", f"amr={claims['amr']} acr={claims['acr']}")
+
+    # 13. The same code twice: refused.
+    again = auth.Login(auth_pb2.LoginRequest(login=username, password=password), timeout=RPC_TIMEOUT)
+    outcome = expect_refused(auth.CompleteLogin,
+                             auth_pb2.CompleteLoginRequest(mfa_challenge=again.mfa_challenge, code=code),
+                             grpc.StatusCode.UNAUTHENTICATED, "MFA_CODE_REUSED")
+    step("13", "the same code again", outcome)
 
 
 def discover(addr: str, issuer: str) -> str:

@@ -31,9 +31,10 @@ pub(super) async fn purge_old_rows(
             let ttl = chrono::Duration::from_std(refresh_ttl).unwrap_or(chrono::Duration::days(30));
             let retired = db::sessions::purge_retired(&mut conn, ttl).await?;
             let tokens = db::accounts::purge(&mut conn).await?;
+            let mfa = db::totp::delete_expired(&mut conn).await?;
             drop(conn);
             let changes = crate::service::changes::purge(&pool, changes_retention).await?;
-            Ok::<_, Error>((sessions + retired + tokens + changes, failures))
+            Ok::<_, Error>((sessions + retired + tokens + mfa + changes, failures))
         }
         .await;
         match result {

@@ -109,6 +109,7 @@ pub struct Application {
     metrics: crate::metrics::Metrics,
     access_log: Option<crate::telemetry::AccessLog>,
     traced: bool,
+    require_mfa_for_superusers: bool,
     streams: StreamLimit,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
@@ -233,7 +234,8 @@ impl Application {
             config.refresh_token_ttl,
             config.request_timeout,
         )
-        .require_verified_login(config.require_verified_login);
+        .require_verified_login(config.require_verified_login)
+        .with_mfa(std::sync::Arc::new(mfa_keys(config)?));
         let auth = match &cache {
             Some(cache) => auth.with_cache(cache.clone()),
             None => auth,
@@ -276,6 +278,7 @@ impl Application {
                 .access_log
                 .then(|| crate::telemetry::AccessLog::new(&config.trusted_proxies)),
             traced: config.otel_exporter_otlp_endpoint.is_some(),
+            require_mfa_for_superusers: config.require_mfa_for_superusers,
             streams,
             tls: tls_config(config)?,
             keys: KeysSource {
@@ -402,7 +405,10 @@ impl Application {
             .layer(ShedLayer::new(self.limits.max_concurrent_requests))
             .layer(DeadlineLayer::new(self.limits.request_timeout))
             .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
-            .layer(AuthLayer::new(self.auth, announces));
+            .layer(
+                AuthLayer::new(self.auth, announces)
+                    .require_mfa_for_superusers(self.require_mfa_for_superusers),
+            );
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let streams = self.streams.clone();
         let signalled = async move {
@@ -475,6 +481,17 @@ impl Application {
         result?;
         Ok(())
     }
+}
+
+/// The key that seals TOTP secrets (MFA_KEY_FILE, made on first start),
+/// with the earlier ones of MFA_PREVIOUS_KEY_FILES; a bad file is a bad
+/// setting (exit 2, naming the variable).
+fn mfa_keys(config: &Config) -> Result<crate::token::mfa_key::MfaKeys, StartupError> {
+    use crate::token::mfa_key::MfaKeys;
+    let keys = MfaKeys::load_or_generate(&config.mfa_key_path())
+        .map_err(|e| StartupError::Setting("MFA_KEY_FILE", e.to_string()))?;
+    keys.load_previous(&config.mfa_previous_key_files)
+        .map_err(|e| StartupError::Setting("MFA_PREVIOUS_KEY_FILES", e.to_string()))
 }
 
 /// The TLS settings: `TLS_CERT` and `TLS_KEY` (with `TLS_CLIENT_CA`, mutual

@@ -96,6 +96,12 @@ constraints! {
         ApiKeysPkey = "api_keys_pkey",
         /// `api_keys.prefix` (a new key with a taken prefix gets another).
         ApiKeysPrefix = "api_keys_prefix_key",
+        /// `totp_factors.user_id` (one factor a user; `begin` upserts).
+        TotpFactorsPkey = "totp_factors_pkey",
+        /// `recovery_codes (user_id, code_hash)`.
+        RecoveryCodesPkey = "recovery_codes_pkey",
+        /// `mfa_challenges.challenge_hash`.
+        MfaChallengesPkey = "mfa_challenges_pkey",
     }
 }
 
@@ -118,6 +124,12 @@ constraints! {
         ApiKeysUser = "api_keys_user_id_fkey",
         /// The key an ExchangeApiKey session came from.
         SessionsApiKey = "sessions_api_key_id_fkey",
+        /// A TOTP factor's user.
+        TotpFactorsUser = "totp_factors_user_id_fkey",
+        /// A recovery code's user.
+        RecoveryCodesUser = "recovery_codes_user_id_fkey",
+        /// A login challenge's user.
+        MfaChallengesUser = "mfa_challenges_user_id_fkey",
     }
 }
 
@@ -127,6 +139,7 @@ pub const CHECKS: &[&str] = &[
     "users_attributes_is_object",
     "account_tokens_purpose_check",
     "change_purge_one_check",
+    "totp_factors_pending_or_on",
 ];
 
 impl From<diesel::result::Error> for Error {

@@ -22,6 +22,7 @@ mod page;
 pub mod schema;
 pub mod sessions;
 pub mod throttle;
+pub mod totp;
 pub mod users;
 
 pub use error::{BoxError, CHECKS, Error, Ref, UniqueKey};

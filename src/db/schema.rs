@@ -63,8 +63,41 @@ diesel::table! {
         end_time -> Nullable<Timestamptz>,
         end_reason -> Nullable<Text>,
         api_key_id -> Nullable<Uuid>,
+        amr -> Array<Text>,
     }
 }
+
+diesel::table! {
+    totp_factors (user_id) {
+        user_id -> Uuid,
+        secret -> Bytea,
+        pending_expire_time -> Nullable<Timestamptz>,
+        confirm_time -> Nullable<Timestamptz>,
+        last_used_step -> Nullable<Int8>,
+        create_time -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    recovery_codes (user_id, code_hash) {
+        user_id -> Uuid,
+        code_hash -> Bytea,
+        use_time -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    mfa_challenges (challenge_hash) {
+        challenge_hash -> Bytea,
+        user_id -> Uuid,
+        password_changed_at -> Timestamptz,
+        expire_time -> Timestamptz,
+    }
+}
+
+diesel::joinable!(totp_factors -> users (user_id));
+diesel::joinable!(recovery_codes -> users (user_id));
+diesel::joinable!(mfa_challenges -> users (user_id));
 
 diesel::table! {
     api_keys (id) {
@@ -177,5 +210,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     account_tokens,
     change_purge,
     changes,
-    api_keys
+    api_keys,
+    totp_factors,
+    recovery_codes,
+    mfa_challenges
 );

@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Bytea, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{Array, Bytea, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -27,6 +27,9 @@ pub struct NewSessionRow<'a> {
     pub refresh_hash: &'a [u8],
     /// When that refresh token expires (`REFRESH_TOKEN_TTL` after the login).
     pub refresh_expire_time: DateTime<Utc>,
+    /// How the login was proved (RFC 8176 `amr`): `["pwd"]`,
+    /// `["pwd", "otp"]`, `["pwd", "rcode"]`; empty for an API key's session.
+    pub amr: &'a [String],
 }
 
 impl std::fmt::Debug for NewSessionRow<'_> {
@@ -61,7 +64,8 @@ pub async fn start(
             .bind::<SqlUuid, _>(row.user_id)
             .bind::<Bytea, _>(row.refresh_hash)
             .bind::<Timestamptz, _>(row.refresh_expire_time)
-            .bind::<Timestamptz, _>(password_changed_at),
+            .bind::<Timestamptz, _>(password_changed_at)
+            .bind::<Array<Text>, _>(row.amr),
     )
     .execute(conn)
     .await?;
@@ -74,6 +78,8 @@ struct Rotated {
     id: Uuid,
     #[diesel(sql_type = SqlUuid)]
     user_id: Uuid,
+    #[diesel(sql_type = Array<Text>)]
+    amr: Vec<String>,
 }
 
 /// Outcome of presenting a refresh token.
@@ -85,6 +91,8 @@ pub enum Rotation {
         session_id: Uuid,
         /// The session's user.
         user_id: Uuid,
+        /// How the session's login was proved.
+        amr: Vec<String>,
     },
     /// The token was retired already: its session is now ended.
     Reused,
@@ -123,6 +131,7 @@ pub async fn rotate(
         return Ok(Rotation::Rotated {
             session_id: r.id,
             user_id: r.user_id,
+            amr: r.amr,
         });
     }
     let retired: bool = diesel::select(diesel::dsl::exists(
@@ -369,8 +378,8 @@ pub async fn start_for_key(
 ) -> Result<bool, Error> {
     let n = diesel::sql_query(
         "WITH k AS (SELECT id FROM api_keys WHERE id = $5 AND revoke_time IS NULL FOR SHARE) \
-         INSERT INTO sessions (id, user_id, refresh_hash, refresh_expire_time, api_key_id) \
-         SELECT $1, $2, $3, $4, k.id FROM k",
+         INSERT INTO sessions (id, user_id, refresh_hash, refresh_expire_time, api_key_id, amr) \
+         SELECT $1, $2, $3, $4, k.id, '{}' FROM k",
     )
     .bind::<SqlUuid, _>(row.id)
     .bind::<SqlUuid, _>(row.user_id)

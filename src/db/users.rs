@@ -347,6 +347,9 @@ pub struct Credentials {
     /// When the password was last set: [`super::sessions::start`] starts a
     /// session only while it is unchanged.
     pub password_changed_at: DateTime<Utc>,
+    /// Whether TOTP is on: a matching password then gives a challenge, not
+    /// a session.
+    pub has_totp: bool,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -371,14 +374,20 @@ pub async fn for_login(
             UserRow::as_select(),
             users::password_hash,
             users::password_changed_at,
+            diesel::dsl::exists(
+                super::schema::totp_factors::table
+                    .filter(super::schema::totp_factors::user_id.eq(users::id))
+                    .filter(super::schema::totp_factors::confirm_time.is_not_null()),
+            ),
         ))
-        .first::<(UserRow, String, DateTime<Utc>)>(conn)
+        .first::<(UserRow, String, DateTime<Utc>, bool)>(conn)
         .await
         .optional()?
-        .map(|(user, hash, password_changed_at)| Credentials {
+        .map(|(user, hash, password_changed_at, has_totp)| Credentials {
             user: user.into(),
             hash,
             password_changed_at,
+            has_totp,
         }))
 }
 

@@ -34,11 +34,15 @@ pub enum ChangeKind {
     ApiKeyRevoked = 12,
     /// A replica's set of signing keys changed.
     KeysChanged = 13,
+    /// A user's second factor was turned on.
+    MfaEnabled = 14,
+    /// A user's second factor was removed.
+    MfaDisabled = 15,
 }
 
 impl ChangeKind {
     /// Every kind, in number order.
-    pub const ALL: [ChangeKind; 13] = [
+    pub const ALL: [ChangeKind; 15] = [
         ChangeKind::UserCreated,
         ChangeKind::UserUpdated,
         ChangeKind::UserDeleted,
@@ -52,6 +56,8 @@ impl ChangeKind {
         ChangeKind::ApiKeyCreated,
         ChangeKind::ApiKeyRevoked,
         ChangeKind::KeysChanged,
+        ChangeKind::MfaEnabled,
+        ChangeKind::MfaDisabled,
     ];
 
     /// The kind numbered `n`, if any.
@@ -75,6 +81,8 @@ impl ChangeKind {
             ChangeKind::ApiKeyCreated => "api_key_created",
             ChangeKind::ApiKeyRevoked => "api_key_revoked",
             ChangeKind::KeysChanged => "keys_changed",
+            ChangeKind::MfaEnabled => "mfa_enabled",
+            ChangeKind::MfaDisabled => "mfa_disabled",
         }
     }
 }
@@ -177,6 +185,12 @@ mod tests {
             assert_eq!(ChangeKind::from_number(k as i32), Some(k));
         }
         assert_eq!(ChangeKind::from_number(0), None);
-        assert_eq!(ChangeKind::from_number(14), None);
+        assert_eq!(ChangeKind::from_number(16), None);
+        // The proto's enum, by the same numbers.
+        use crate::proto::identity::v1::ChangeKind as Wire;
+        for k in ChangeKind::ALL {
+            assert!(Wire::try_from(k as i32).is_ok(), "{k:?}");
+        }
+        assert!(Wire::try_from(16).is_err(), "a kind the proto has and the domain lacks");
     }
 }

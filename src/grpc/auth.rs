@@ -9,7 +9,12 @@ use crate::domain::{
 };
 use crate::error::{Error, Violations};
 use crate::proto::identity::v1 as pb;
-use crate::service::{AuthService, auth::IssuedTokens, verify::Credential};
+use crate::service::{
+    AuthService,
+    auth::{IssuedTokens, LoginOutcome},
+    totp::Proof,
+    verify::Credential,
+};
 
 /// The gRPC face of [`AuthService`].
 #[derive(Debug, Clone)]
@@ -53,11 +58,23 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let req = request.into_inner();
         let login = Login::parse(&req.login).map_err(|e| Error::invalid("login", e))?;
-        let (tokens, user) = self.auth.login(&login, &req.password).await?;
-        Ok(Response::new(pb::LoginResponse {
-            tokens: Some(tokens.into()),
-            user: Some(user.into()),
-        }))
+        Ok(Response::new(
+            match self.auth.login(&login, &req.password).await? {
+                LoginOutcome::Session(session) => {
+                    let (tokens, user) = *session;
+                    pb::LoginResponse {
+                        tokens: Some(tokens.into()),
+                        user: Some(user.into()),
+                        ..Default::default()
+                    }
+                }
+                LoginOutcome::SecondFactor(challenge) => pb::LoginResponse {
+                    mfa_required: true,
+                    mfa_challenge: challenge.0,
+                    ..Default::default()
+                },
+            },
+        ))
     }
 
     async fn refresh(
@@ -98,6 +115,8 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
                 expire_time: seconds(claims.exp),
                 issuer: claims.iss,
                 audience: claims.aud.to_vec(),
+                amr: claims.amr,
+                acr: claims.acr.unwrap_or_default(),
             },
             // An API key: its id, no session, nothing signed.
             Credential::ApiKey { id, .. } => pb::TokenClaims {
@@ -210,6 +229,120 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         }))
     }
 
+    async fn begin_totp_enrollment(
+        &self,
+        request: Request<pb::BeginTotpEnrollmentRequest>,
+    ) -> Result<Response<pb::BeginTotpEnrollmentResponse>, Status> {
+        let caller = Caller::of(&request);
+        let caller = caller.signed_in()?;
+        require_session(caller)?;
+        let enrollment = self.auth.begin_totp(&caller.user).await?;
+        Ok(Response::new(pb::BeginTotpEnrollmentResponse {
+            otpauth_uri: enrollment.otpauth_uri,
+            secret_base32: enrollment.secret_base32,
+            expire_time: Some(timestamp(enrollment.expire)),
+        }))
+    }
+
+    async fn confirm_totp_enrollment(
+        &self,
+        request: Request<pb::ConfirmTotpEnrollmentRequest>,
+    ) -> Result<Response<pb::ConfirmTotpEnrollmentResponse>, Status> {
+        let caller = Caller::of(&request);
+        let caller = caller.signed_in()?;
+        require_session(caller)?;
+        let code = &request.get_ref().code;
+        if code.trim().is_empty() {
+            return Err(Error::invalid("code", Violation::Required).into());
+        }
+        let recovery_codes = self.auth.confirm_totp(&caller.user, code).await?;
+        Ok(Response::new(pb::ConfirmTotpEnrollmentResponse {
+            recovery_codes,
+        }))
+    }
+
+    async fn disable_totp(
+        &self,
+        request: Request<pb::DisableTotpRequest>,
+    ) -> Result<Response<pb::DisableTotpResponse>, Status> {
+        let caller = Caller::of(&request);
+        let caller = caller.signed_in()?;
+        require_session(caller)?;
+        let req = request.get_ref();
+        let (password, code) = match (req.current_password.is_empty(), req.code.trim().is_empty()) {
+            (false, true) => (Some(req.current_password.as_str()), None),
+            (true, false) => (None, Some(req.code.as_str())),
+            (true, true) => {
+                return Err(Error::invalid(
+                    "current_password",
+                    "give the current password or a TOTP code (code)",
+                )
+                .into());
+            }
+            (false, false) => {
+                return Err(Error::invalid(
+                    "code",
+                    "give the current password or a TOTP code, not both",
+                )
+                .into());
+            }
+        };
+        self.auth.disable_totp(&caller.user, password, code).await?;
+        Ok(Response::new(pb::DisableTotpResponse {}))
+    }
+
+    async fn reset_second_factor(
+        &self,
+        request: Request<pb::ResetSecondFactorRequest>,
+    ) -> Result<Response<pb::ResetSecondFactorResponse>, Status> {
+        let id = parse_id("user_id", &request.get_ref().user_id)?;
+        self.auth.reset_second_factor(id).await?;
+        Ok(Response::new(pb::ResetSecondFactorResponse {}))
+    }
+
+    async fn complete_login(
+        &self,
+        request: Request<pb::CompleteLoginRequest>,
+    ) -> Result<Response<pb::CompleteLoginResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        if req.mfa_challenge.is_empty() {
+            v.add("mfa_challenge", Violation::Required);
+        } else if req.mfa_challenge.len() > 128 {
+            v.add("mfa_challenge", "not a login challenge");
+        }
+        let proof = match (
+            req.code.trim().is_empty(),
+            req.recovery_code.trim().is_empty(),
+        ) {
+            (false, true) => Some(Proof::Code(&req.code)),
+            (true, false) => Some(Proof::RecoveryCode(&req.recovery_code)),
+            (true, true) => {
+                v.add(
+                    "code",
+                    "give a TOTP code (code) or a recovery code (recovery_code)",
+                );
+                None
+            }
+            (false, false) => {
+                v.add(
+                    "recovery_code",
+                    "give a TOTP code or a recovery code, not both",
+                );
+                None
+            }
+        };
+        v.finish()?;
+        let Some(proof) = proof else {
+            return Err(Error::internal("a field failed validation without a violation").into());
+        };
+        let (tokens, user) = self.auth.complete_login(&req.mfa_challenge, proof).await?;
+        Ok(Response::new(pb::CompleteLoginResponse {
+            tokens: Some(tokens.into()),
+            user: Some(user.into()),
+        }))
+    }
+
     async fn end_session(
         &self,
         request: Request<pb::EndSessionRequest>,
@@ -219,6 +352,18 @@ impl pb::auth_service_server::AuthService for AuthGrpc {
         let id = parse_id("session_id", &request.get_ref().session_id)?;
         self.auth.end_session(caller, id).await?;
         Ok(Response::new(pb::EndSessionResponse {}))
+    }
+}
+
+/// Enrolment and its undoing are a person's acts, in a session: an API
+/// key (a service's credential) cannot turn a second factor on or off.
+fn require_session(caller: &crate::service::verify::Authenticated) -> Result<(), Error> {
+    if caller.user.is_service {
+        return Err(Error::service_account());
+    }
+    match caller.credential {
+        Credential::Token { .. } => Ok(()),
+        Credential::ApiKey { .. } => Err(Error::PermissionDenied),
     }
 }
 

@@ -30,6 +30,10 @@ pub enum Caller {
     Anonymous,
     /// A verified token, and its user as it is now.
     User(Arc<Authenticated>),
+    /// A superuser's session that no second factor proved, while
+    /// `REQUIRE_MFA_FOR_SUPERUSERS` is on: signed in, without a superuser's
+    /// powers; what needs them is refused with reason MFA_REQUIRED.
+    Unproved(Arc<Authenticated>),
 }
 
 impl Caller {
@@ -50,7 +54,7 @@ impl Caller {
     /// The signed-in caller, or UNAUTHENTICATED.
     pub fn signed_in(&self) -> Result<&Arc<Authenticated>, Error> {
         match self {
-            Caller::User(v) => Ok(v),
+            Caller::User(v) | Caller::Unproved(v) => Ok(v),
             Caller::Anonymous => Err(Error::InvalidToken(Reason::TokenMissing)),
         }
     }
@@ -61,6 +65,7 @@ impl Caller {
         match self {
             Caller::Anonymous => Error::InvalidToken(Reason::TokenMissing),
             Caller::User(_) => Error::PermissionDenied,
+            Caller::Unproved(_) => Error::MfaRequired,
         }
     }
 }
@@ -103,6 +108,8 @@ fn table(path: &str) -> Option<Access> {
         | "/identity.v1.AccountService/ResetPassword"
         // The key is in the message.
         | "/identity.v1.AuthService/ExchangeApiKey"
+        // The challenge is in the message.
+        | "/identity.v1.AuthService/CompleteLogin"
         // The sidecar's question carries the proxied request's credential
         // in its message, none of its own.
         | "/envoy.service.auth.v3.Authorization/Check" => Public,
@@ -115,6 +122,10 @@ fn table(path: &str) -> Option<Access> {
         | "/identity.v1.GroupService/ListUserGroups"
         | "/identity.v1.AuthService/ListSessions"
         | "/identity.v1.AuthService/EndSession"
+        // The caller's own second factor.
+        | "/identity.v1.AuthService/BeginTotpEnrollment"
+        | "/identity.v1.AuthService/ConfirmTotpEnrollment"
+        | "/identity.v1.AuthService/DisableTotp"
         // Self, or a superuser for anyone: narrowed by the handlers.
         | "/identity.v1.ApiKeyService/CreateApiKey"
         | "/identity.v1.ApiKeyService/ListApiKeys"
@@ -131,7 +142,8 @@ fn table(path: &str) -> Option<Access> {
         | "/identity.v1.AccountService/RequestPasswordReset"
         | "/identity.v1.AccountService/ImportUsers"
         | "/identity.v1.ChangeService/WatchChanges"
-        | "/identity.v1.ChangeService/ListChanges" => Superuser,
+        | "/identity.v1.ChangeService/ListChanges"
+        | "/identity.v1.AuthService/ResetSecondFactor" => Superuser,
         _ => return None,
     })
 }
@@ -161,9 +173,14 @@ pub fn read_user(
     caller: &Caller,
     is_self: impl FnOnce(&Authenticated) -> bool,
 ) -> Result<(), Error> {
-    match caller {
-        Caller::User(v) if v.user.is_superuser || is_self(v) => Ok(()),
-        _ => Err(caller.refusal()),
+    let v = match caller {
+        Caller::User(v) | Caller::Unproved(v) => v,
+        Caller::Anonymous => return Err(caller.refusal()),
+    };
+    if caller.is_superuser() || is_self(v) {
+        Ok(())
+    } else {
+        Err(caller.refusal())
     }
 }
 
@@ -175,7 +192,7 @@ pub const SELF_UPDATABLE: &[&str] = &["first_name", "last_name", "attributes"];
 pub fn update_user(caller: &Caller, target: Uuid, paths: &[String]) -> Result<(), Error> {
     match caller {
         Caller::User(v) if v.user.is_superuser => Ok(()),
-        Caller::User(v)
+        Caller::User(v) | Caller::Unproved(v)
             if v.user.id == target
                 && paths.iter().all(|p| SELF_UPDATABLE.contains(&p.as_str())) =>
         {
@@ -206,13 +223,26 @@ fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 pub struct AuthLayer {
     auth: AuthService,
     announcer: Announcer,
+    require_mfa: bool,
 }
 
 impl AuthLayer {
     /// Verifies tokens with `auth`; the calls' commits of changes are
     /// announced by `announcer`.
     pub fn new(auth: AuthService, announcer: Announcer) -> Self {
-        Self { auth, announcer }
+        Self {
+            auth,
+            announcer,
+            require_mfa: false,
+        }
+    }
+
+    /// `REQUIRE_MFA_FOR_SUPERUSERS`: a superuser's powers need a session
+    /// that a second factor proved (API keys, a service's credential, are
+    /// not sessions and keep them).
+    pub fn require_mfa_for_superusers(mut self, required: bool) -> Self {
+        self.require_mfa = required;
+        self
     }
 }
 
@@ -224,6 +254,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             auth: self.auth.clone(),
             announcer: self.announcer.clone(),
+            require_mfa: self.require_mfa,
         }
     }
 }
@@ -234,6 +265,7 @@ pub struct AuthMiddleware<S> {
     inner: S,
     auth: AuthService,
     announcer: Announcer,
+    require_mfa: bool,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for AuthMiddleware<S>
@@ -257,6 +289,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let auth = self.auth.clone();
         let announcer = self.announcer.clone();
+        let require_mfa = self.require_mfa;
         Box::pin(async move {
             let access = access(request.uri().path());
             let token = match access {
@@ -274,21 +307,25 @@ where
                         {
                             slot.set(verified.user.id);
                         }
-                        Caller::User(Arc::new(verified))
+                        if require_mfa && verified.user.is_superuser && !verified.mfa_satisfied() {
+                            Caller::Unproved(Arc::new(verified))
+                        } else {
+                            Caller::User(Arc::new(verified))
+                        }
                     }
                     Err(e) => return Ok(refuse(e)),
                 },
             };
             let allowed = match access {
                 Access::Public | Access::Optional => true,
-                Access::SignedIn => matches!(caller, Caller::User(_)),
+                Access::SignedIn => matches!(caller, Caller::User(_) | Caller::Unproved(_)),
                 Access::Superuser => caller.is_superuser(),
             };
             if !allowed {
                 return Ok(refuse(caller.refusal()));
             }
             // An API key limited to some methods calls only those.
-            if let Caller::User(user) = &caller
+            if let Caller::User(user) | Caller::Unproved(user) = &caller
                 && !user.allows(request.uri().path())
             {
                 return Ok(refuse(Error::PermissionDenied));
@@ -297,7 +334,7 @@ where
             // caller, through this RPC, under this request id.
             let origin = crate::db::changes::Origin {
                 actor_id: match &caller {
-                    Caller::User(user) => Some(user.user.id),
+                    Caller::User(user) | Caller::Unproved(user) => Some(user.user.id),
                     Caller::Anonymous => None,
                 },
                 rpc: request.uri().path().to_owned(),

@@ -48,6 +48,9 @@ struct Policy {
     superuser: bool,
     /// A request without a credential passes (a bad one is still refused).
     anonymous: bool,
+    /// Only sessions that a second factor proved (`amr` with `otp` or
+    /// `rcode`); an API key never passes.
+    mfa: bool,
 }
 
 impl Policy {
@@ -68,6 +71,8 @@ impl Policy {
             superuser: flag("require_superuser").is_some_and(|v| v != "false" && !v.is_empty()),
             // Only an explicit "true" opens the route.
             anonymous: flag("allow_anonymous").is_some_and(|v| v == "true"),
+            // As require_superuser: anything but an explicit "false".
+            mfa: flag("require_mfa").is_some_and(|v| v != "false" && !v.is_empty()),
         }
     }
 
@@ -182,6 +187,8 @@ fn allowed(incoming: &HashMap<String, String>, verified: Option<&Verified>) -> C
         ),
         ("x-identity-groups", groups),
         ("x-identity-superuser", user.is_superuser.to_string()),
+        // RFC 8176 methods, comma-separated; empty for an API key.
+        ("x-identity-amr", verified.caller.amr().join(",")),
     ];
     let names: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
     let metadata = Struct {
@@ -270,6 +277,16 @@ impl Authorization for EnvoyGrpc {
                         HttpStatusCode::Forbidden,
                         "METHOD_NOT_ALLOWED",
                     ),
+                    Ok(verified)
+                        if policy.mfa
+                            && !crate::token::jwt::second_factor(verified.caller.amr()) =>
+                    {
+                        denied(
+                            tonic::Code::PermissionDenied,
+                            HttpStatusCode::Forbidden,
+                            "MFA_REQUIRED",
+                        )
+                    }
                     Ok(verified) if policy.allows(&verified) => allowed(&incoming, Some(&verified)),
                     Ok(_) => denied(
                         tonic::Code::PermissionDenied,

@@ -126,6 +126,7 @@ impl AuthService {
             user_id: user.id,
             refresh_hash: &unused.hash,
             refresh_expire_time: tokens.access_expire,
+            amr: &[],
         };
         let origin = audit::as_user(user.id);
         let mut conn = db::conn(&self.pool).await?;

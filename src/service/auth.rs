@@ -19,6 +19,9 @@ use crate::service::throttle::{Throttle, hashed_key, user_key};
 use crate::service::verify::Authenticated;
 use crate::token::{TokenIssuer, jwt::Subject, opaque};
 
+/// The `amr` of a login proved by a password alone (RFC 8176).
+const PWD: &str = "pwd";
+
 /// Retired refresh tokens a session keeps for reuse detection: a client
 /// refreshing in a loop keeps at most this many rows (docs/tokens.md).
 pub const KEEP_RETIRED: i64 = 64;
@@ -29,6 +32,25 @@ fn email_not_verified() -> Error {
     Error::Refused {
         reason: Reason::EmailNotVerified,
         message: "email not verified",
+    }
+}
+
+/// What a login with the right password gives.
+#[derive(Debug)]
+pub enum LoginOutcome {
+    /// A new session: its tokens, and the user.
+    Session(Box<(IssuedTokens, User)>),
+    /// TOTP is on: no session until CompleteLogin with this challenge
+    /// (opaque, single use, 5 minutes) and a code. Its `Debug` hides it.
+    SecondFactor(Challenge),
+}
+
+/// A login's challenge, shown once.
+pub struct Challenge(pub String);
+
+impl std::fmt::Debug for Challenge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Challenge")
     }
 }
 
@@ -58,11 +80,14 @@ impl std::fmt::Debug for IssuedTokens {
 #[derive(Clone)]
 pub struct AuthService {
     pub(super) pool: Pool,
-    hasher: Hasher,
+    pub(super) hasher: Hasher,
     pub(super) tokens: TokenIssuer,
-    refresh_ttl: Duration,
+    pub(super) refresh_ttl: Duration,
     require_verified: bool,
-    throttle: Throttle,
+    pub(super) throttle: Throttle,
+    /// The key that seals TOTP secrets; none: the second factor is not
+    /// offered (tests and commands that do not serve).
+    pub(super) mfa: Option<std::sync::Arc<crate::token::mfa_key::MfaKeys>>,
     pub(super) cache: Option<super::fresh::FreshCache>,
     /// When each API key's use was last written, on this replica.
     pub(super) key_uses:
@@ -86,6 +111,7 @@ impl AuthService {
             tokens,
             refresh_ttl,
             require_verified: false,
+            mfa: None,
             cache: None,
             key_uses: Default::default(),
         }
@@ -95,6 +121,12 @@ impl AuthService {
     /// (`VERIFY_CACHE=on`).
     pub fn with_cache(mut self, cache: super::fresh::FreshCache) -> Self {
         self.cache = Some(cache);
+        self
+    }
+
+    /// Offers TOTP, its secrets sealed with `keys`.
+    pub fn with_mfa(mut self, keys: std::sync::Arc<crate::token::mfa_key::MfaKeys>) -> Self {
+        self.mfa = Some(keys);
         self
     }
 
@@ -115,11 +147,7 @@ impl AuthService {
     /// way, so that neither the answer, its timing nor the throttle tells
     /// whether an account exists.
     #[tracing::instrument(skip_all)]
-    pub async fn login(
-        &self,
-        login: &Login,
-        password: &str,
-    ) -> Result<(IssuedTokens, User), Error> {
+    pub async fn login(&self, login: &Login, password: &str) -> Result<LoginOutcome, Error> {
         let canonical = login.canonical();
         let key_of = |found: &Option<db::users::Credentials>| match found {
             Some(c) => user_key(c.user.id),
@@ -161,14 +189,36 @@ impl AuthService {
                 return Err(Error::InvalidCredentials);
             }
         };
-        lease.matched(&mut conn).await?;
         let user = found.user;
+        if found.has_totp && self.mfa.is_some() {
+            // Half way: the failures on the key stay (a wrong code counts
+            // on it too) until the second factor is right.
+            lease.undecided(&mut conn).await?;
+            if self.require_verified && !user.is_verified {
+                tracing::info!(user_id = %user.id, "login refused: email not verified");
+                return Err(email_not_verified());
+            }
+            let challenge = self
+                .challenge(&mut conn, &user, found.password_changed_at)
+                .await?;
+            drop(conn);
+            self.upgrade_hash_if_needed(user.id, &found.hash, password)
+                .await;
+            tracing::info!(user_id = %user.id, "password matched: second factor asked for");
+            return Ok(LoginOutcome::SecondFactor(Challenge(challenge)));
+        }
+        lease.matched(&mut conn).await?;
         if self.require_verified && !user.is_verified {
             tracing::info!(user_id = %user.id, "login refused: email not verified");
             return Err(email_not_verified());
         }
         let started = self
-            .start_session(&mut conn, &user, found.password_changed_at)
+            .start_session(
+                &mut conn,
+                &user,
+                found.password_changed_at,
+                &[PWD.to_owned()],
+            )
             .await?;
         drop(conn);
         let Some(tokens) = started else {
@@ -177,15 +227,20 @@ impl AuthService {
             tracing::info!(user_id = %user.id, "login lost a race with a password change");
             return Err(Error::InvalidCredentials);
         };
-        if self.hasher.needs_rehash(&found.hash) {
+        self.upgrade_hash_if_needed(user.id, &found.hash, password)
+            .await;
+        tracing::info!(user_id = %user.id, "logged in");
+        Ok(LoginOutcome::Session(Box::new((tokens, user))))
+    }
+
+    async fn upgrade_hash_if_needed(&self, user_id: Uuid, hash: &str, password: &str) {
+        if self.hasher.needs_rehash(hash) {
             // Best effort: the login stands even if the upgrade must wait for
             // another day (hashing queue full, a database blip).
-            if let Err(e) = self.upgrade_hash(user.id, &found.hash, password).await {
-                tracing::warn!(user_id = %user.id, error = %e, "password hash not upgraded");
+            if let Err(e) = self.upgrade_hash(user_id, hash, password).await {
+                tracing::warn!(user_id = %user_id, error = %e, "password hash not upgraded");
             }
         }
-        tracing::info!(user_id = %user.id, "logged in");
-        Ok((tokens, user))
     }
 
     async fn upgrade_hash(&self, user_id: Uuid, old: &str, password: &str) -> Result<(), Error> {
@@ -206,6 +261,7 @@ impl AuthService {
         conn: &mut db::Conn,
         user: &User,
         password_changed_at: chrono::DateTime<Utc>,
+        amr: &[String],
     ) -> Result<Option<IssuedTokens>, Error> {
         let session_id = Uuid::now_v7();
         let refresh = opaque::generate().map_err(|_| Error::internal("no randomness"))?;
@@ -215,6 +271,7 @@ impl AuthService {
             user_id: user.id,
             refresh_hash: &refresh.hash,
             refresh_expire_time: refresh_expire,
+            amr,
         };
         // The session starts as the user's own doing: the password proved
         // who the anonymous caller is.
@@ -227,25 +284,34 @@ impl AuthService {
             return Ok(None);
         }
         let groups = db::groups::of_user(conn, user.id).await?;
-        self.issue(user, &groups, session_id, refresh.token, refresh_expire)
-            .map(Some)
+        self.issue(
+            user,
+            &groups,
+            session_id,
+            amr,
+            refresh.token,
+            refresh_expire,
+        )
+        .map(Some)
     }
 
-    /// An access token for a new session `session_id` of `user`.
+    /// An access token for a new session `session_id` of `user`, which an
+    /// API key proved (no `amr`).
     pub(super) fn issue_for(
         &self,
         user: &User,
         groups: &[Group],
         session_id: Uuid,
     ) -> Result<IssuedTokens, Error> {
-        self.issue(user, groups, session_id, String::new(), Utc::now())
+        self.issue(user, groups, session_id, &[], String::new(), Utc::now())
     }
 
-    fn issue(
+    pub(super) fn issue(
         &self,
         user: &User,
         groups: &[Group],
         session_id: Uuid,
+        amr: &[String],
         refresh_token: String,
         refresh_expire: chrono::DateTime<Utc>,
     ) -> Result<IssuedTokens, Error> {
@@ -258,6 +324,7 @@ impl AuthService {
             is_active: user.is_active,
             is_verified: user.is_verified,
             groups: groups.iter().map(|g| g.slug.clone()).collect(),
+            amr,
         })?;
         Ok(IssuedTokens {
             access_token,
@@ -287,6 +354,7 @@ impl AuthService {
             let Rotation::Rotated {
                 session_id,
                 user_id,
+                amr,
             } = rotation
             else {
                 return Ok(Err(rotation));
@@ -303,6 +371,7 @@ impl AuthService {
                 &fresh.user,
                 fresh.groups.as_deref().unwrap_or_default(),
                 session_id,
+                &amr,
                 new.token.clone(),
                 refresh_expire,
             )?;

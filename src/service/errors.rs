@@ -30,6 +30,10 @@ impl From<db::Error> for Error {
                 | UniqueKey::AccountTokensPkey
                 | UniqueKey::ApiKeysPkey
                 | UniqueKey::ApiKeysPrefix
+                // Upserted; deleted before inserted; random challenges.
+                | UniqueKey::TotpFactorsPkey
+                | UniqueKey::RecoveryCodesPkey
+                | UniqueKey::MfaChallengesPkey
                 // The feed's: one purge mark, rows keyed by xid and sequence.
                 | UniqueKey::ChangePurgePkey
                 | UniqueKey::ChangesPkey => Error::internal(db::Error::Unique(key)),
@@ -40,6 +44,10 @@ impl From<db::Error> for Error {
                 Ref::GroupMembersUser => Error::NotFound(Resource::User),
                 // A user deleted while a key was made for it.
                 Ref::ApiKeysUser => Error::NotFound(Resource::User),
+                // A user deleted during an enrolment or a login: as if the
+                // credential had gone.
+                Ref::TotpFactorsUser | Ref::RecoveryCodesUser => Error::NotFound(Resource::User),
+                Ref::MfaChallengesUser => Error::InvalidCredentials,
                 Ref::LoginNamesUser
                 | Ref::SessionsUser
                 | Ref::RetiredRefreshTokensSession

@@ -12,6 +12,7 @@ pub mod groups;
 pub mod import;
 mod sessions;
 pub mod throttle;
+pub mod totp;
 pub mod users;
 pub mod verify;
 

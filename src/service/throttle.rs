@@ -213,6 +213,16 @@ impl Lease {
         Ok(())
     }
 
+    /// The password matched but a second factor is still to come: the
+    /// lease is given back, and the key's failures are kept (cleared only
+    /// by the login that completes).
+    pub async fn undecided(mut self, conn: &mut AsyncPgConnection) -> Result<(), Error> {
+        db::throttle::release(conn, self.id).await?;
+        self.settled = true;
+        self.throttle.wake();
+        Ok(())
+    }
+
     /// The password did not match: one more failure on the key.
     pub async fn mismatched(mut self, conn: &mut AsyncPgConnection) -> Result<(), Error> {
         db::throttle::fail(conn, &self.key, self.id, FREE_FAILURES, MAX_LOCK_SECONDS).await?;

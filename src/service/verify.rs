@@ -51,6 +51,25 @@ impl Authenticated {
         }
     }
 
+    /// How the session was authenticated (RFC 8176 `amr`); empty for an
+    /// API key.
+    pub fn amr(&self) -> &[String] {
+        match &self.credential {
+            Credential::Token { claims, .. } => &claims.amr,
+            Credential::ApiKey { .. } => &[],
+        }
+    }
+
+    /// Whether the credential meets `REQUIRE_MFA_FOR_SUPERUSERS`: a session
+    /// that a second factor proved, or an API key (a service's credential,
+    /// which no person types in; restrict it with allowed methods).
+    pub fn mfa_satisfied(&self) -> bool {
+        match &self.credential {
+            Credential::Token { claims, .. } => claims.second_factor(),
+            Credential::ApiKey { .. } => true,
+        }
+    }
+
     /// Whether the credential lets its holder call `method`: an API key
     /// limited to some methods only those; anything else, any method (the
     /// authorization table still applies).

@@ -90,6 +90,39 @@ pub struct AccessClaims {
     /// Present (and true) only when `groups` was cut to its bound.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub groups_truncated: bool,
+    /// `amr` (RFC 8176): how the session was authenticated: `pwd`, then
+    /// `otp` or `rcode` when a second factor proved it. Absent for an API
+    /// key's token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
+    /// `acr`: `aal1` for one factor, `aal2` for a password and a second
+    /// factor (NIST SP 800-63B's assurance levels). Absent for an API key's
+    /// token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acr: Option<String>,
+}
+
+impl AccessClaims {
+    /// Whether a second factor proved the session (`otp` or `rcode`).
+    pub fn second_factor(&self) -> bool {
+        second_factor(&self.amr)
+    }
+}
+
+/// Whether `amr` names a second factor (`otp` or `rcode`).
+pub fn second_factor(amr: &[String]) -> bool {
+    amr.iter().any(|m| m == "otp" || m == "rcode")
+}
+
+/// The `acr` of a session authenticated by `amr`.
+pub fn acr_of(amr: &[String]) -> Option<&'static str> {
+    if second_factor(amr) {
+        Some("aal2")
+    } else if amr.iter().any(|m| m == "pwd") {
+        Some("aal1")
+    } else {
+        None
+    }
 }
 
 /// The user facts an access token carries.
@@ -112,6 +145,8 @@ pub struct Subject<'a> {
     /// The slugs of the user's groups, by group id; the token carries the
     /// first that fit its bound.
     pub groups: Vec<String>,
+    /// How the session was authenticated, the `amr` claim.
+    pub amr: &'a [String],
 }
 
 /// Signs and verifies access tokens. The key store can be swapped while
@@ -197,6 +232,8 @@ impl TokenIssuer {
             is_verified: subject.is_verified,
             groups_truncated: false,
             groups: Vec::new(),
+            amr: subject.amr.to_vec(),
+            acr: acr_of(subject.amr).map(str::to_owned),
         };
         let claims = bound_groups(claims, subject.groups);
         let keys = self.keys.load();
@@ -339,6 +376,8 @@ mod tests {
             is_verified: false,
             groups: Vec::new(),
             groups_truncated: false,
+            amr: vec!["pwd".into()],
+            acr: Some("aal1".into()),
         }
     }
 

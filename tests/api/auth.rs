@@ -254,13 +254,14 @@ async fn tokens_verify_offline_with_the_key_from_each_publication_path() {
 async fn private_key_files_are_readable_by_the_owner_only() {
     use std::os::unix::fs::PermissionsExt;
     let app = spawn_app().await;
-    let files: Vec<_> = std::fs::read_dir(&app.keys_dir.0)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut files = crate::helpers::pem_files(&app.keys_dir.0);
     assert_eq!(files.len(), 1);
-    let mode = std::fs::metadata(&files[0]).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600);
+    // The MFA key (sealing TOTP secrets) as well.
+    files.push(app.keys_dir.0.join("mfa.key"));
+    for file in files {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{file:?}");
+    }
 }
 
 #[tokio::test]
@@ -323,12 +324,7 @@ async fn verify_token_answers_from_the_database_not_the_claims() {
 
 /// Signs `claims` with the server's own private key, under `header`.
 fn sign_with_server_key(app: &TestApp, header: &Value, claims: &Value) -> String {
-    let path = std::fs::read_dir(&app.keys_dir.0)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let path = crate::helpers::pem_files(&app.keys_dir.0).remove(0);
     let key = jsonwebtoken::EncodingKey::from_ed_pem(&std::fs::read(path).unwrap()).unwrap();
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
     h.typ = header["typ"].as_str().map(str::to_owned);
@@ -1023,12 +1019,7 @@ async fn set_password_lifts_a_lock() {
 async fn a_new_key_is_published_at_once_but_signs_only_after_the_activation_delay() {
     let app = spawn_app().await;
     // The current key is old: its file name carries its time.
-    let current = std::fs::read_dir(&app.keys_dir.0)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let current = crate::helpers::pem_files(&app.keys_dir.0).remove(0);
     std::fs::rename(
         &current,
         app.keys_dir.0.join("20200101T000000.000000Z-eddsa.pem"),

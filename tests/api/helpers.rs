@@ -854,3 +854,15 @@ pub fn taken_field(status: &Status) -> Option<String> {
     }
     info.metadata.get("field").cloned()
 }
+
+/// The signing key files (`*.pem`) of a keys folder, oldest first; the
+/// folder also holds the MFA key (`mfa.key`).
+pub fn pem_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pem"))
+        .collect();
+    files.sort();
+    files
+}

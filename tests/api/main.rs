@@ -41,6 +41,7 @@ mod server;
 mod sessions;
 mod statements;
 mod tls;
+mod totp;
 mod traces;
 mod users;
 mod verify_cache;

@@ -90,12 +90,7 @@ async fn a_key_rotated_on_a_running_server_signs_while_the_old_one_verifies_unti
         .unwrap();
     let old = login(&serve, "rotated", PASSWORD).await.unwrap();
     let old_kid = kid(&old.access_token);
-    let old_file = std::fs::read_dir(&keys)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let old_file = crate::helpers::pem_files(&keys).remove(0);
 
     keys_cli(&keys, "rotate");
     hangup_and_wait(&serve);

@@ -3,7 +3,7 @@ WITH rotated AS (
     FROM users u
     WHERE s.refresh_hash = $1 AND s.end_time IS NULL AND s.refresh_expire_time > now()
       AND u.id = s.user_id AND u.is_active
-    RETURNING s.id, s.user_id
+    RETURNING s.id, s.user_id, s.amr
 ), retired AS (
     INSERT INTO retired_refresh_tokens (hash, session_id) SELECT $1, id FROM rotated
 ), forgotten AS (
@@ -13,4 +13,4 @@ WITH rotated AS (
         WHERE o.session_id = rotated.id
         ORDER BY o.retire_time DESC, o.hash OFFSET $4 - 1)
 )
-SELECT id, user_id FROM rotated
+SELECT id, user_id, amr FROM rotated

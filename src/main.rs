@@ -36,6 +36,8 @@ fn main() -> ExitCode {
         if let Some(traces) = traces {
             traces.shutdown().await;
         }
+        // The last lines are written before exit.
+        telemetry::finish_logs();
         code
     })
 }

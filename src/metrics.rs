@@ -29,6 +29,7 @@ pub struct Metrics {
     pool: IntGaugeVec,
     hash_queue: IntGauge,
     open_streams: IntGauge,
+    log_dropped: prometheus::IntCounter,
     sources: Arc<Sources>,
     /// "/package.Service/Method" of every RPC served: only these become
     /// labels, so random paths cannot grow the registry.
@@ -128,6 +129,10 @@ impl Metrics {
             ),
             &["state"],
         )?;
+        let log_dropped = prometheus::IntCounter::new(
+            "identity_log_lines_dropped_total",
+            "Log lines dropped because standard error's reader fell 128,000 lines behind.",
+        )?;
         let hash_queue = IntGauge::new(
             "identity_hash_queue_depth",
             "Callers waiting for a password hashing slot.",
@@ -141,6 +146,7 @@ impl Metrics {
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(hash_queue.clone()))?;
+        registry.register(Box::new(log_dropped.clone()))?;
         for collector in feed.collectors() {
             registry.register(collector)?;
         }
@@ -154,6 +160,7 @@ impl Metrics {
             pool,
             hash_queue,
             open_streams,
+            log_dropped,
             known: Arc::new(known_methods()),
             sources: Arc::new(Sources {
                 pool: db_pool,
@@ -173,6 +180,9 @@ impl Metrics {
 
     /// The text exposition of every metric, read now.
     pub fn render(&self) -> String {
+        let dropped = crate::telemetry::dropped_log_lines();
+        self.log_dropped
+            .inc_by(dropped.saturating_sub(self.log_dropped.get()));
         let status = self.sources.pool.status();
         let size = i64::try_from(status.size).unwrap_or(i64::MAX);
         let idle = i64::try_from(status.available).unwrap_or(i64::MAX);
@@ -321,18 +331,15 @@ where
         let call = self.inner.call(request);
         Box::pin(async move {
             // The call's span (RequestContextLayer's), kept open until the
-            // status is sent, so that its end and the access log line
-            // belong to it.
+            // status is sent, so that its end is the call's.
             let span = tracing::Span::current();
             let response = call.await?;
             let done = move |code: &str| {
                 metrics.record(&path, code, started);
-                span.in_scope(|| {
-                    crate::telemetry::end_span(&span, code);
-                    if let Some(entry) = entry {
-                        entry.finish(code, started);
-                    }
-                });
+                crate::telemetry::end_span(&span, code);
+                if let Some(entry) = entry {
+                    entry.finish(code, started);
+                }
             };
             // A refusal before the handler (trailers-only) has its status in
             // the headers; a handler's answer has it in the trailers; plain

@@ -48,14 +48,62 @@ pub fn caps() -> Targets {
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. Later calls do nothing, so that tests may
-/// call it once per test.
+/// Installs the global subscriber, writing to stderr from the calling
+/// thread. Later calls do nothing, so that tests may call it once per test.
 pub fn init(format: LogFormat) {
-    init_with(format, None);
+    install(format, None, std::io::stderr);
 }
 
-/// As [`init`], exporting spans through `traces` when given.
+/// Log lines dropped because the writer's queue was full.
+static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// How many log lines were dropped so far because stderr's reader fell
+/// 128,000 lines behind (`identity_log_lines_dropped_total`).
+pub fn dropped_log_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// The service's subscriber: as [`init`], exporting spans through
+/// `traces` when given, and writing lines from a thread of its own, so
+/// that a slow reader of stderr (a full pipe, a stuck log collector) never
+/// blocks a call: lines queue, up to 128,000, and beyond that are dropped
+/// and counted (`identity_log_lines_dropped_total`) rather than stalling
+/// the service. Call [`finish_logs`] before exit: it writes what is
+/// queued.
 pub fn init_with(format: LogFormat, traces: Option<&Traces>) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("identity-log")
+        // The thread drains what is queued into this buffer and flushes it
+        // once the queue is empty: one write for a burst of lines.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
+    let _ = DROPPED.set(writer.error_counter());
+    install(format, traces, writer);
+    if let Ok(mut held) = GUARD.lock() {
+        *held = Some(guard);
+    }
+}
+
+/// The log writer's thread, held until [`finish_logs`].
+static GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Writes every queued log line and stops the writer: the last thing
+/// before a command's final line on standard error, so that this line is
+/// the last. Lines logged after it are lost.
+pub fn finish_logs() {
+    let guard = GUARD.lock().ok().and_then(|mut held| held.take());
+    drop(guard);
+}
+
+fn install<W>(format: LogFormat, traces: Option<&Traces>, writer: W)
+where
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Without a Sentry client bound, this layer sends nothing.
@@ -75,15 +123,10 @@ pub fn init_with(format: LogFormat, traces: Option<&Traces>) {
     );
     let _ = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(writer))
             .try_init(),
         LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .with_ansi(false)
-                    .with_writer(std::io::stderr),
-            )
+            .with(fmt::layer().json().with_ansi(false).with_writer(writer))
             .try_init(),
     };
 }
@@ -225,6 +268,10 @@ pub fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// A call's W3C trace id, in its request's extensions when it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceId(pub String);
+
 /// A call's request id, in its request's extensions for the layers and
 /// handlers inside (the change feed records it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +367,7 @@ where
             };
             if trace != opentelemetry::TraceId::INVALID {
                 span.record("trace_id", tracing::field::display(trace));
+                request.extensions_mut().insert(TraceId(trace.to_string()));
             }
         }
         let hub = Arc::new(sentry::Hub::new_from_top(sentry::Hub::main()));
@@ -388,6 +436,7 @@ impl AccessLog {
                 .unwrap_or_default(),
             peer,
             forwarded_for,
+            trace_id: request.extensions().get::<TraceId>().map(|t| t.0.clone()),
             caller,
         }
     }
@@ -426,6 +475,7 @@ pub struct AccessEntry {
     request_id: String,
     peer: Option<std::net::SocketAddr>,
     forwarded_for: Option<String>,
+    trace_id: Option<String>,
     caller: CallerSlot,
 }
 
@@ -435,8 +485,12 @@ impl AccessEntry {
     pub fn finish(self, code: &str, started: std::time::Instant) {
         // Called in the call's span (trace id and all) by the metrics layer.
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // A line of its own, not in the call's span: its fields say all
+        // (the trace id among them), and a span's fields written again on
+        // every line would double its cost.
         tracing::info!(
             target: "identity::access",
+            parent: None,
             rpc = %self.path,
             code,
             duration_ms = micros as f64 / 1000.0,
@@ -444,6 +498,7 @@ impl AccessEntry {
             caller = self.caller.0.get().map(display),
             peer = self.peer.map(display),
             forwarded_for = self.forwarded_for.as_deref(),
+            trace_id = self.trace_id.as_deref(),
             "call"
         );
     }

@@ -164,6 +164,8 @@ impl Application {
         // Before the database too: a bad file fails the start at once, and
         // nothing is started that would have to be stopped.
         let breached = load_breached(config).await?;
+        // A bad MFA key file is a bad setting: refused before the database.
+        let mfa = mfa_keys(config)?;
         let database = Database::open(config).await?;
         let applied = db::migrations::run_pending(&database.url)
             .await
@@ -235,7 +237,7 @@ impl Application {
             config.request_timeout,
         )
         .require_verified_login(config.require_verified_login)
-        .with_mfa(std::sync::Arc::new(mfa_keys(config)?));
+        .with_mfa(std::sync::Arc::new(mfa));
         let auth = match &cache {
             Some(cache) => auth.with_cache(cache.clone()),
             None => auth,
@@ -347,7 +349,7 @@ impl Application {
         let announces = self.changes.announcer();
         let follower = self.cache.clone().map(|cache| {
             tokio::spawn(cache.follow(
-                self.pool.clone(),
+                self.database.url.clone(),
                 self.changes.heard(),
                 health_stopped.clone(),
             ))

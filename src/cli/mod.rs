@@ -178,6 +178,7 @@ impl Cli {
             // A bad setting found at start: one line and exit code 2, as for
             // one refused when parsed; not an event for the logs or Sentry.
             Err(e @ crate::app::StartupError::Setting(..)) => {
+                crate::telemetry::finish_logs();
                 eprintln!("identity: {e}");
                 ExitCode::from(2)
             }
@@ -195,6 +196,8 @@ impl Cli {
                     source = cause.source();
                 }
                 tracing::error!(error = %message, "identity failed");
+                // The log first, so that this line is the last.
+                crate::telemetry::finish_logs();
                 eprintln!("identity: {message}");
                 ExitCode::FAILURE
             }

@@ -144,6 +144,25 @@ pub async fn use_step(
     Ok(n == 1)
 }
 
+/// Replaces a sealed secret by the same secret sealed with the current
+/// MFA key, if it is still `old`.
+pub async fn reseal(
+    conn: &mut AsyncPgConnection,
+    user_id: Uuid,
+    old: &[u8],
+    new: &[u8],
+) -> Result<(), Error> {
+    diesel::update(
+        totp_factors::table
+            .find(user_id)
+            .filter(totp_factors::secret.eq(old)),
+    )
+    .set(totp_factors::secret.eq(new))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Spends a recovery code of `user_id` by its hash: `false` when it is not
 /// one of the user's, or was spent.
 pub async fn use_recovery_code(

@@ -191,6 +191,9 @@ mod tests {
         for k in ChangeKind::ALL {
             assert!(Wire::try_from(k as i32).is_ok(), "{k:?}");
         }
-        assert!(Wire::try_from(16).is_err(), "a kind the proto has and the domain lacks");
+        assert!(
+            Wire::try_from(16).is_err(),
+            "a kind the proto has and the domain lacks"
+        );
     }
 }

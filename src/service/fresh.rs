@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::changes::{Heard, advance};
-use crate::db::{self, Pool, changes::Filter, sessions::Fresh};
+use crate::db::{self, changes::Filter, sessions::Fresh};
 use crate::domain::{Cursor, Group, User};
 
 /// The longest the cache answers after its last complete read of the feed.
@@ -429,22 +429,38 @@ impl FreshCache {
     /// announcement `heard` and at least every [`POLL`], evicts the users
     /// of each change, and marks the cache fresh after each read that left
     /// nothing unapplied.
+    ///
+    /// The reads go through a connection of the consumer's own, never the
+    /// pool's: under load the pool's connections are all busy, and a cache
+    /// that had lost its freshness (a slow read) would send every check to
+    /// the database, keep the pool busy, and so never read the feed in
+    /// time to be fresh again.
     pub(crate) async fn follow(
         self,
-        pool: Pool,
+        database_url: String,
         mut heard: watch::Receiver<Heard>,
         mut stopped: watch::Receiver<bool>,
     ) {
         let mut cursor: Option<Cursor> = None;
         let mut wait = Duration::from_millis(2);
+        let mut own: Option<diesel_async::AsyncPgConnection> = None;
         loop {
             heard.borrow_and_update();
             let started = Instant::now();
             let mut again = false;
             let read = async {
-                let mut conn = db::conn(&pool).await?;
+                if own.is_none() {
+                    own = Some(
+                        db::connect::establish(&database_url)
+                            .await
+                            .map_err(|e| db::Error::Unavailable(Box::new(e)))?,
+                    );
+                }
+                let conn = own.as_mut().ok_or_else(|| {
+                    db::Error::Other("the consumer's connection went missing".into())
+                })?;
                 db::changes::read(
-                    &mut conn,
+                    conn,
                     cursor.unwrap_or_default(),
                     &Filter::default(),
                     if cursor.is_some() { BATCH } else { 0 },
@@ -452,6 +468,10 @@ impl FreshCache {
                 .await
             }
             .await;
+            if read.is_err() {
+                // Made again on the next round.
+                own = None;
+            }
             if let Ok(read) = read {
                 let settled = read.newest.is_none_or(|n| n < read.horizon);
                 match cursor {

@@ -301,9 +301,19 @@ impl AuthService {
         };
         let (lease, _) = self.throttle.claim(conn, user_key(user_id)).await?;
         let mut conn = db::conn(&self.pool).await?;
+        // A secret sealed with a previous MFA key is sealed again with the
+        // current one, in the transaction below (a key rotation's tail).
+        let mut resealed = None;
         let (amr, step, recovery_hash) = match proof {
             Proof::Code(code) => {
                 let secret = self.open_secret(user_id, &factor.secret)?;
+                let keys = self.mfa_keys()?;
+                if keys.needs_reseal(&factor.secret) {
+                    resealed = Some(
+                        keys.seal(secret.as_bytes(), user_id.as_bytes())
+                            .map_err(Error::internal)?,
+                    );
+                }
                 match totp::check_code(&secret, code, Utc::now().timestamp(), factor.last_used_step)
                 {
                     Ok(step) => (["pwd", "otp"], Some(step), None),
@@ -347,6 +357,9 @@ impl AuthService {
                     (None, Some(hash)) => db::totp::use_recovery_code(conn, user_id, hash).await?,
                     (None, None) => false,
                 };
+                if let Some(new) = &resealed {
+                    db::totp::reseal(conn, user_id, &factor.secret, new).await?;
+                }
                 if !accepted {
                     return Ok(Err(match step {
                         Some(_) => Error::SecondFactor(Reason::MfaCodeReused),

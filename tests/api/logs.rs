@@ -338,6 +338,60 @@ async fn no_secret_in_the_log_at(rust_log: Option<&str>) {
         .tokens
         .unwrap();
 
+    // A second factor: enrolment, a login with a code, one with a recovery
+    // code (the imported user's).
+    use crate::totp::{base32_decode, now, totp};
+    let mut as_t4 =
+        AuthServiceClient::with_interceptor(channel.clone(), Bearer::from_token(&t4.access_token));
+    let begun = as_t4
+        .begin_totp_enrollment(pb::BeginTotpEnrollmentRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let recovery = as_t4
+        .confirm_totp_enrollment(pb::ConfirmTotpEnrollmentRequest {
+            code: totp(&begun.secret_base32, now()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .recovery_codes;
+    let mut challenges = Vec::new();
+    let mut second_factor_tokens = Vec::new();
+    for (code, recovery_code) in [
+        (totp(&begun.secret_base32, now() + 30), String::new()),
+        (String::new(), recovery[0].clone()),
+    ] {
+        let challenge = auth
+            .login(pb::LoginRequest {
+                login: imported.into(),
+                password: BCRYPT_PASSWORD.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .mfa_challenge;
+        // A wrong code first: its refusal is logged too.
+        auth.complete_login(pb::CompleteLoginRequest {
+            mfa_challenge: challenge.clone(),
+            code: "000000".into(),
+            recovery_code: String::new(),
+        })
+        .await
+        .unwrap_err();
+        let done = auth
+            .complete_login(pb::CompleteLoginRequest {
+                mfa_challenge: challenge.clone(),
+                code,
+                recovery_code,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        challenges.push(challenge);
+        second_factor_tokens.push(done.tokens.unwrap());
+    }
+
     // The hashes as stored now, read from the cluster beside the log.
     let stored: Vec<String> = {
         use diesel::prelude::*;
@@ -405,6 +459,30 @@ async fn no_secret_in_the_log_at(rust_log: Option<&str>) {
     secrets.push(("an API key's secret part", api_key[12..].to_owned()));
     secrets.push(("a mistyped API key", mistyped[12..].to_owned()));
     secrets.push(("an exchanged access token", exchanged.access_token.clone()));
+    secrets.push(("a TOTP secret (base32)", begun.secret_base32.clone()));
+    let raw: String = base32_decode(&begun.secret_base32)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    secrets.push(("a TOTP secret (hex)", raw));
+    secrets.push((
+        "an otpauth URI's secret",
+        format!("secret={}", begun.secret_base32),
+    ));
+    for code in &recovery {
+        secrets.push(("a recovery code", code.clone()));
+        secrets.push(("a recovery code without its dash", code.replace('-', "")));
+    }
+    for challenge in challenges {
+        secrets.push(("a login challenge", challenge));
+    }
+    for tokens in &second_factor_tokens {
+        secrets.push(("a second-factor access token", tokens.access_token.clone()));
+        secrets.push((
+            "a second-factor refresh token",
+            tokens.refresh_token.clone(),
+        ));
+    }
     secrets.push(("a verification token", verification));
     secrets.push(("a reset token", reset));
     assert_no_secret(&lines, &secrets);

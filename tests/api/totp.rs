@@ -13,7 +13,7 @@ use crate::helpers::{TestApp, TestDb, TestUser, reason, spawn_app, spawn_app_on}
 use identity::proto::identity::v1 as pb;
 
 /// RFC 4648 base32 (no padding), as the otpauth URI carries the secret.
-fn base32_decode(s: &str) -> Vec<u8> {
+pub(crate) fn base32_decode(s: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut bits = 0u64;
     let mut count = 0;
@@ -36,7 +36,7 @@ fn base32_decode(s: &str) -> Vec<u8> {
 
 /// RFC 6238: HMAC-SHA-1 of the 30-second step, dynamic truncation, 6
 /// digits.
-fn totp(secret_base32: &str, unix: i64) -> String {
+pub(crate) fn totp(secret_base32: &str, unix: i64) -> String {
     use hmac::{Hmac, Mac};
     let key = base32_decode(secret_base32);
     let step = (unix / 30) as u64;
@@ -69,7 +69,7 @@ fn the_tests_own_totp_meets_rfc_6238s_vectors() {
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -653,5 +653,156 @@ async fn api_keys_and_service_accounts_cannot_enrol() {
         .claims
         .unwrap();
     assert!(verified.amr.is_empty() && verified.acr.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_mfa_key_rotates_and_secrets_are_sealed_again_when_used() {
+    let app = spawn_app().await;
+    let used = enrolled(&app, "rotating-user").await;
+    let idle = enrolled(&app, "idle-user").await;
+    let old_key = app.keys_dir.0.join("mfa.key");
+    let new_key = app.keys_dir.0.join("mfa-2.key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let bytes: Vec<u8> = (0..32).map(|_| rand_byte()).collect();
+        std::fs::write(&new_key, bytes).unwrap();
+        std::fs::set_permissions(&new_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // The new key seals; the old one still opens.
+    let (new, old) = (new_key.clone(), old_key.clone());
+    let app = app
+        .restart(move |c| {
+            c.mfa_key_file = Some(new);
+            c.mfa_previous_key_files = vec![old];
+        })
+        .await;
+    let done = complete(
+        &app,
+        &challenge(&app, &used).await,
+        &totp(&used.secret, now() + 30),
+        "",
+    )
+    .await;
+    assert!(done.is_ok(), "{done:?}");
+    // The old key gone: the secret used since opens (a wrong code is just
+    // wrong), the idle one's does not (an error of the operator's: its
+    // user needs ResetSecondFactor).
+    let new = new_key.clone();
+    let app = app.restart(move |c| c.mfa_key_file = Some(new)).await;
+    let wrong = complete(&app, &challenge(&app, &used).await, "000000", "")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&wrong), "MFA_CODE_INVALID", "{wrong:?}");
+    let lost = complete(&app, &challenge(&app, &idle).await, "000000", "")
+        .await
+        .unwrap_err();
+    assert_eq!(lost.code(), Code::Internal, "{lost:?}");
+    app.stop().await;
+}
+
+fn rand_byte() -> u8 {
+    use std::hash::{BuildHasher, RandomState};
+    (RandomState::new().hash_one(std::time::Instant::now()) & 0xff) as u8
+}
+
+#[test]
+fn a_bad_mfa_key_file_is_a_bad_setting() {
+    let dir = crate::helpers::TempDir::new("identity-mfa-key");
+    let short = dir.0.join("short.key");
+    std::fs::write(&short, [7u8; 31]).unwrap();
+    let out = crate::cli::identity(
+        &["serve"],
+        &[
+            ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"),
+            ("KEYS_DIR", dir.0.to_str().unwrap()),
+            ("MFA_KEY_FILE", short.to_str().unwrap()),
+        ],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let said: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("identity: "))
+        .collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    assert!(
+        said[0].contains("MFA_KEY_FILE") && said[0].contains("32"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_envoy_check_says_how_the_session_was_proved_and_may_require_a_second_factor() {
+    use crate::envoy::{allowed, check, denied, request};
+    let app = spawn_app().await;
+    let e = enrolled(&app, "mesh-user").await;
+    let strong = complete(
+        &app,
+        &challenge(&app, &e).await,
+        &totp(&e.secret, now() + 30),
+        "",
+    )
+    .await
+    .unwrap()
+    .tokens
+    .unwrap();
+    let (_, weak) = app.signed_in_user("password-only").await;
+    let as_token = |token: &str, extensions: &[(&str, &str)]| {
+        request(&[("authorization", &format!("Bearer {token}"))], extensions)
+    };
+
+    // x-identity-amr, comma-separated; a forged one is overwritten.
+    let mut forged = as_token(&weak.access_token, &[]);
+    if let Some(http) = forged
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+    {
+        http.headers
+            .insert("x-identity-amr".into(), "pwd,otp".into());
+    }
+    let (set, _) = allowed(&check(&app, forged).await.unwrap());
+    assert_eq!(set["x-identity-amr"], "pwd");
+    let (set, _) = allowed(
+        &check(&app, as_token(&strong.access_token, &[]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(set["x-identity-amr"], "pwd,otp");
+
+    // require_mfa: 403 MFA_REQUIRED without a second factor, through with.
+    let mfa = [("require_mfa", "true")];
+    let (grpc, http, headers) = denied(
+        &check(&app, as_token(&weak.access_token, &mfa))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((grpc, http), (Code::PermissionDenied as i32, 403));
+    assert_eq!(headers["x-identity-deny-reason"], "MFA_REQUIRED");
+    allowed(
+        &check(&app, as_token(&strong.access_token, &mfa))
+            .await
+            .unwrap(),
+    );
+    // Read strictly: anything but "false" requires it.
+    denied(
+        &check(
+            &app,
+            as_token(&weak.access_token, &[("require_mfa", "yes")]),
+        )
+        .await
+        .unwrap(),
+    );
+    allowed(
+        &check(
+            &app,
+            as_token(&weak.access_token, &[("require_mfa", "false")]),
+        )
+        .await
+        .unwrap(),
+    );
     app.stop().await;
 }

@@ -230,7 +230,17 @@ async fn spans_continue_the_callers_trace_and_reach_the_collector() {
                 && l["fields"]["user_id"] == user.id.as_str()),
         "{lines:#?}"
     );
-    assert!(lines.iter().any(|l| l["target"] == "identity::access"));
+    // The access line is one of its own, outside the span: its fields
+    // carry the request id and the trace id.
+    let access: Vec<serde_json::Value> = serve
+        .log
+        .lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "identity::access" && v["fields"]["request_id"] == "traced-call")
+        .collect();
+    assert_eq!(access.len(), 1, "{access:#?}");
+    assert_eq!(access[0]["fields"]["trace_id"], TRACE_ID);
     for line in &lines {
         let rpc = line["spans"]
             .as_array()
@@ -266,10 +276,17 @@ async fn without_an_exporter_the_callers_trace_id_is_still_logged() {
             .wait_for(0, "identity::access", Duration::from_secs(10))
     );
     let lines = lines_of_call(&serve, "logged-call");
-    assert!(lines.len() >= 2, "{lines:#?}");
+    assert!(!lines.is_empty(), "{lines:#?}");
     for line in &lines {
         assert!(line.to_string().contains(TRACE_ID), "{line}");
     }
+    let access = serve
+        .log
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("identity::access") && l.contains("\"logged-call\""))
+        .expect("the call's access line");
+    assert!(access.contains(TRACE_ID), "{access}");
     // A malformed traceparent is ignored: no trace id, the call proceeds.
     let mut request = tonic::Request::new(TestUser::named("bad-trace").request());
     request

@@ -220,3 +220,30 @@ async fn access_log_off_writes_no_line() {
     assert!(access_lines(&serve.log.lines()).is_empty());
     drop(serve);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_can_silence_the_access_log_as_any_target() {
+    // RUST_LOG's directive for the target, as for any line.
+    let db = TestDb::migrated().await;
+    let (quiet, channel, _dir) = serve(&db, &[("RUST_LOG", "info,identity::access=off")]).await;
+    UserServiceClient::new(channel.clone())
+        .create_user(TestUser::named("silenced").request())
+        .await
+        .unwrap();
+    assert!(
+        quiet
+            .log
+            .wait_for(0, "user created", Duration::from_secs(10))
+    );
+    UserServiceClient::new(channel)
+        .create_user(TestUser::named("silenced-2").request())
+        .await
+        .unwrap();
+    assert!(
+        quiet
+            .log
+            .wait_for_count(0, "user created", 2, Duration::from_secs(10))
+    );
+    assert!(access_lines(&quiet.log.lines()).is_empty());
+    drop(quiet);
+}

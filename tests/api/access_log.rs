@@ -14,7 +14,7 @@ use crate::lifecycle::{Serve, command};
 use identity::proto::identity::v1 as pb;
 
 /// The binary on its own database, with `env` added.
-async fn serve(db: &TestDb, env: &[(&str, &str)]) -> (Serve, Channel, TempDir) {
+pub(crate) async fn serve(db: &TestDb, env: &[(&str, &str)]) -> (Serve, Channel, TempDir) {
     let dir = TempDir::new("identity-access");
     let mut cmd = command(&dir.0.join("data"));
     cmd.env("DATABASE_URL", &db.url).envs(env.iter().copied());

@@ -15,8 +15,9 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::helpers::{AuthServiceClient, TempDir, TestDb, TestUser, UserServiceClient};
-use crate::lifecycle::{Serve, command};
+use crate::access_log::serve;
+use crate::helpers::{AuthServiceClient, TestDb, TestUser, UserServiceClient};
+use crate::lifecycle::Serve;
 use identity::proto::identity::v1 as pb;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -75,20 +76,6 @@ fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a Value> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The binary on its own database, with `env` added.
-async fn serve(db: &TestDb, env: &[(&str, &str)]) -> (Serve, Channel, TempDir) {
-    let dir = TempDir::new("identity-traces");
-    let mut cmd = command(&dir.0.join("data"));
-    cmd.env("DATABASE_URL", &db.url).envs(env.iter().copied());
-    let serve = Serve::start_with(cmd);
-    let channel = Channel::from_shared(format!("http://{}", serve.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    (serve, channel, dir)
 }
 
 /// CreateUser with the caller's trace context and a request id.

@@ -112,6 +112,9 @@ where
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Without a Sentry client bound, this layer sends nothing.
     let sentry = sentry::integrations::tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR);
+    if traces.is_some() {
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let otel = traces.map(|t| {
         use opentelemetry::trace::TracerProvider;
         tracing_opentelemetry::layer().with_tracer(t.provider.tracer("identity"))
@@ -181,6 +184,9 @@ impl Traces {
     }
 }
 
+/// Whether spans are exported ([`init_with`] with [`Traces`]).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Reads W3C `traceparent` (and `tracestate`) from a request's headers.
 struct Headers<'a>(&'a http::HeaderMap);
 
@@ -207,6 +213,11 @@ fn remote_context(headers: &http::HeaderMap) -> opentelemetry::Context {
 pub fn end_span(span: &tracing::Span, code: &str) {
     use opentelemetry::trace::Status;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    // Nothing to record where no span is exported (most calls, on the hot
+    // path of VerifyToken).
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let Some(number) = crate::metrics::code_number(code) else {
         return;
     };
@@ -352,9 +363,11 @@ where
             use tracing_opentelemetry::OpenTelemetrySpanExt;
             let remote = remote_context(request.headers());
             let remote_trace = remote.span().span_context().trace_id();
-            // Without the exporting layer these do nothing.
-            let _ = span.set_parent(remote);
-            if self.traced {
+            // Exported: the span continues the caller's and has a trace id
+            // of its own when the caller sent none. Not exported: the
+            // caller's trace id, if any, is all there is to log.
+            let trace = if self.traced {
+                let _ = span.set_parent(remote);
                 span.set_attribute("rpc.system", "grpc");
                 if let Some((service, method)) =
                     rpc.strip_prefix('/').and_then(|p| p.split_once('/'))
@@ -362,10 +375,7 @@ where
                     span.set_attribute("rpc.service", service.to_owned());
                     span.set_attribute("rpc.method", method.to_owned());
                 }
-            }
-            let own = span.context().span().span_context().trace_id();
-            let trace = if own != opentelemetry::TraceId::INVALID {
-                own
+                span.context().span().span_context().trace_id()
             } else {
                 remote_trace
             };

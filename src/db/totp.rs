@@ -181,19 +181,6 @@ pub async fn use_recovery_code(
     Ok(n == 1)
 }
 
-/// The recovery codes of `user_id` not yet spent.
-pub async fn recovery_codes_left(
-    conn: &mut AsyncPgConnection,
-    user_id: Uuid,
-) -> Result<i64, Error> {
-    Ok(recovery_codes::table
-        .filter(recovery_codes::user_id.eq(user_id))
-        .filter(recovery_codes::use_time.is_null())
-        .count()
-        .get_result(conn)
-        .await?)
-}
-
 /// Removes the factor of `user_id` (pending or on), its recovery codes and
 /// its pending login challenges; whether a factor that was on went.
 pub async fn remove(conn: &mut AsyncPgConnection, user_id: Uuid) -> Result<bool, Error> {

@@ -391,22 +391,35 @@ async fn a_recovery_code_works_once_and_an_expired_challenge_never() {
 async fn wrong_codes_count_towards_the_login_throttle() {
     let app = spawn_app().await;
     let e = enrolled(&app, "guessed").await;
-    let challenge = challenge(&app, &e).await;
     let right = totp(&e.secret, now() + 30);
+    // Codes that are not the right one (nor the confirmation's).
+    let wrong = |i: u32| format!("{:06}", (right.parse::<u32>().unwrap() + 1 + i) % 1_000_000);
     let mut refusals = Vec::new();
-    for i in 0..6 {
-        // Codes that are not the right one (nor the confirmation's).
-        let wrong = format!("{:06}", (right.parse::<u32>().unwrap() + 1 + i) % 1_000_000);
-        let status = complete(&app, &challenge, &wrong, "").await.unwrap_err();
-        refusals.push(status.code());
+    let first = challenge(&app, &e).await;
+    for i in 0..3 {
+        refusals.push(
+            complete(&app, &first, &wrong(i), "")
+                .await
+                .unwrap_err()
+                .code(),
+        );
+    }
+    // A right password in between clears nothing: the guesser who knows it
+    // gets no fresh guesses at the code.
+    let second = challenge(&app, &e).await;
+    for i in 3..6 {
+        refusals.push(
+            complete(&app, &second, &wrong(i), "")
+                .await
+                .unwrap_err()
+                .code(),
+        );
     }
     assert_eq!(refusals[..5], [Code::Unauthenticated; 5], "{refusals:?}");
     assert_eq!(refusals[5], Code::ResourceExhausted, "{refusals:?}");
     // The password login is locked as well: the same key.
     let locked = app.login("guessed", &e.password).await.unwrap_err();
     assert_eq!(locked.code(), Code::ResourceExhausted);
-    // And a matching password never cleared the count: checked above, the
-    // lock came after five wrong codes whatever the logins between.
     app.stop().await;
 }
 
@@ -458,6 +471,34 @@ async fn totp_is_turned_off_by_its_user_or_reset_by_a_superuser() {
         .unwrap_err();
     assert_eq!(reason(&off), "MFA_NOT_ENABLED");
 
+    // Or with a current code instead of the password.
+    let coded = enrolled(&app, "leaving-by-code").await;
+    let tokens = complete(&app, &challenge(&app, &coded).await, "", &coded.recovery[0])
+        .await
+        .unwrap()
+        .tokens
+        .unwrap();
+    let mut auth = app.as_token(&tokens.access_token).auth;
+    let wrong = auth
+        .disable_totp(pb::DisableTotpRequest {
+            current_password: String::new(),
+            code: format!(
+                "{:06}",
+                (totp(&coded.secret, now() + 30).parse::<u32>().unwrap() + 1) % 1_000_000
+            ),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&wrong), "MFA_CODE_INVALID");
+    auth.disable_totp(pb::DisableTotpRequest {
+        current_password: String::new(),
+        code: totp(&coded.secret, now() + 30),
+    })
+    .await
+    .unwrap();
+    let login = app.login("leaving-by-code", &coded.password).await.unwrap();
+    assert!(!login.mfa_required && login.tokens.is_some());
+
     // A superuser's reset, for a user who lost the device.
     let lost = enrolled(&app, "lost-device").await;
     let (_, other) = app.signed_in_user("not-an-admin").await;
@@ -505,7 +546,7 @@ async fn totp_is_turned_off_by_its_user_or_reset_by_a_superuser() {
         .iter()
         .filter(|c| c.kind == pb::ChangeKind::MfaDisabled as i32)
         .collect();
-    assert_eq!(disabled.len(), 2, "{changes:?}");
+    assert_eq!(disabled.len(), 3, "{changes:?}");
     assert!(
         disabled
             .iter()
@@ -581,6 +622,22 @@ async fn superusers_need_a_second_factor_when_required() {
     app.stop().await;
 }
 
+/// A new API key of `user_id`, made by root: its secret.
+async fn api_key_of(app: &TestApp, user_id: &str) -> String {
+    app.admin
+        .keys
+        .clone()
+        .create_api_key(pb::CreateApiKeyRequest {
+            user_id: user_id.into(),
+            display_name: "k".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret
+}
+
 #[tokio::test]
 async fn api_keys_and_service_accounts_cannot_enrol() {
     let app = spawn_app().await;
@@ -598,19 +655,7 @@ async fn api_keys_and_service_accounts_cannot_enrol() {
         .into_inner()
         .user
         .unwrap();
-    let key = app
-        .admin
-        .keys
-        .clone()
-        .create_api_key(pb::CreateApiKeyRequest {
-            user_id: service.id.clone(),
-            display_name: "k".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let key = api_key_of(&app, &service.id).await;
     let refused = app
         .as_token(&key)
         .auth
@@ -621,19 +666,7 @@ async fn api_keys_and_service_accounts_cannot_enrol() {
     assert_eq!(reason(&refused), "SERVICE_ACCOUNT");
     // A person's API key is not a session either.
     let (person, _) = app.signed_in_user("keyholder").await;
-    let key = app
-        .admin
-        .keys
-        .clone()
-        .create_api_key(pb::CreateApiKeyRequest {
-            user_id: person.id.clone(),
-            display_name: "k".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let key = api_key_of(&app, &person.id).await;
     let refused = app
         .as_token(&key)
         .auth

@@ -19,6 +19,7 @@ pub struct Config {
     /// stopped by the service itself.
     #[arg(
         long,
+        global = true,
         env = "DATABASE_URL",
         value_name = "DATABASE_URL",
         hide_env_values = true
@@ -28,6 +29,7 @@ pub struct Config {
     /// Where the embedded PostgreSQL cluster lives.
     #[arg(
         long,
+        global = true,
         env = "DATA_DIR",
         value_name = "DATA_DIR",
         default_value = "./data"
@@ -37,6 +39,7 @@ pub struct Config {
     /// Address for gRPC and HTTP (h2c and HTTP/1.1) on one port.
     #[arg(
         long,
+        global = true,
         env = "LISTEN_ADDR",
         value_name = "LISTEN_ADDR",
         default_value = "127.0.0.1:50051"
@@ -46,6 +49,7 @@ pub struct Config {
     /// Folder of the PEM signing keys; generated on first start when empty.
     #[arg(
         long,
+        global = true,
         env = "KEYS_DIR",
         value_name = "KEYS_DIR",
         default_value = "./keys"
@@ -53,21 +57,26 @@ pub struct Config {
     pub keys_dir: PathBuf,
 
     /// Runtime worker threads (default: the number of cores).
-    #[arg(long, env = "WEB_CONCURRENCY", value_name = "WEB_CONCURRENCY")]
+    #[arg(
+        long,
+        global = true,
+        env = "WEB_CONCURRENCY",
+        value_name = "WEB_CONCURRENCY"
+    )]
     pub web_concurrency: Option<NonZeroUsize>,
 
     /// Database connections in the pool (default: 2 x worker threads).
-    #[arg(long, env = "DB_POOL_SIZE", value_name = "DB_POOL_SIZE",
+    #[arg(long, global = true, env = "DB_POOL_SIZE", value_name = "DB_POOL_SIZE",
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub db_pool_size: Option<u32>,
 
     /// Lifetime of access tokens (humantime: `15m`, `1h`, `90s`).
-    #[arg(long, env = "ACCESS_TOKEN_TTL", value_name = "ACCESS_TOKEN_TTL",
+    #[arg(long, global = true, env = "ACCESS_TOKEN_TTL", value_name = "ACCESS_TOKEN_TTL",
           default_value = "15m", value_parser = parse_ttl)]
     pub access_token_ttl: Duration,
 
     /// Lifetime of refresh tokens and so of an idle session.
-    #[arg(long, env = "REFRESH_TOKEN_TTL", value_name = "REFRESH_TOKEN_TTL",
+    #[arg(long, global = true, env = "REFRESH_TOKEN_TTL", value_name = "REFRESH_TOKEN_TTL",
           default_value = "30d", value_parser = parse_ttl)]
     pub refresh_token_ttl: Duration,
 
@@ -75,6 +84,7 @@ pub struct Config {
     /// refused on purpose: every verifier would hold the signing key.
     #[arg(
         long,
+        global = true,
         env = "JWT_ALGORITHM",
         value_name = "JWT_ALGORITHM",
         default_value = "EdDSA",
@@ -84,23 +94,23 @@ pub struct Config {
     pub jwt_algorithm: JwtAlgorithm,
 
     /// The `iss` claim of access tokens.
-    #[arg(long, env = "JWT_ISSUER", value_name = "JWT_ISSUER", default_value = "identity",
+    #[arg(long, global = true, env = "JWT_ISSUER", value_name = "JWT_ISSUER", default_value = "identity",
           value_parser = non_empty)]
     pub jwt_issuer: String,
 
     /// The `aud` claim of access tokens.
-    #[arg(long, env = "JWT_AUDIENCE", value_name = "JWT_AUDIENCE", default_value = "identity",
+    #[arg(long, global = true, env = "JWT_AUDIENCE", value_name = "JWT_AUDIENCE", default_value = "identity",
           value_parser = non_empty)]
     pub jwt_audience: String,
 
     /// Whether anonymous callers may create (register) users.
-    #[arg(long, env = "ALLOW_REGISTRATION", value_name = "ALLOW_REGISTRATION",
+    #[arg(long, global = true, env = "ALLOW_REGISTRATION", value_name = "ALLOW_REGISTRATION",
           default_value = "true", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub allow_registration: bool,
 
     /// Whether Login refuses users whose email is not verified
     /// (FAILED_PRECONDITION, EMAIL_NOT_VERIFIED), after a correct password.
-    #[arg(long, env = "REQUIRE_VERIFIED_LOGIN", value_name = "REQUIRE_VERIFIED_LOGIN",
+    #[arg(long, global = true, env = "REQUIRE_VERIFIED_LOGIN", value_name = "REQUIRE_VERIFIED_LOGIN",
           default_value = "false", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub require_verified_login: bool,
 
@@ -108,14 +118,14 @@ pub struct Config {
     /// need a session that a second factor proved: PERMISSION_DENIED with
     /// reason MFA_REQUIRED otherwise. API keys are not sessions and keep
     /// their user's powers.
-    #[arg(long, env = "REQUIRE_MFA_FOR_SUPERUSERS", value_name = "REQUIRE_MFA_FOR_SUPERUSERS",
+    #[arg(long, global = true, env = "REQUIRE_MFA_FOR_SUPERUSERS", value_name = "REQUIRE_MFA_FOR_SUPERUSERS",
           default_value = "false", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub require_mfa_for_superusers: bool,
 
     /// The 32-byte key (raw, mode 0600) that encrypts TOTP secrets at rest
     /// (AES-256-GCM); made on first start when missing. Default:
     /// `KEYS_DIR/mfa.key`.
-    #[arg(long, env = "MFA_KEY_FILE", value_name = "MFA_KEY_FILE")]
+    #[arg(long, global = true, env = "MFA_KEY_FILE", value_name = "MFA_KEY_FILE")]
     pub mfa_key_file: Option<PathBuf>,
 
     /// Earlier MFA keys (comma-separated files), still opening the secrets
@@ -123,6 +133,7 @@ pub struct Config {
     /// sealed again with the current key when next used.
     #[arg(
         long,
+        global = true,
         env = "MFA_PREVIOUS_KEY_FILES",
         value_name = "MFA_PREVIOUS_KEY_FILES",
         value_delimiter = ','
@@ -130,23 +141,24 @@ pub struct Config {
     pub mfa_previous_key_files: Vec<PathBuf>,
 
     /// Lifetime of email verification tokens.
-    #[arg(long, env = "EMAIL_VERIFICATION_TTL", value_name = "EMAIL_VERIFICATION_TTL",
+    #[arg(long, global = true, env = "EMAIL_VERIFICATION_TTL", value_name = "EMAIL_VERIFICATION_TTL",
           default_value = "24h", value_parser = parse_ttl)]
     pub email_verification_ttl: Duration,
 
     /// Lifetime of password reset tokens.
-    #[arg(long, env = "PASSWORD_RESET_TTL", value_name = "PASSWORD_RESET_TTL",
+    #[arg(long, global = true, env = "PASSWORD_RESET_TTL", value_name = "PASSWORD_RESET_TTL",
           default_value = "1h", value_parser = parse_ttl)]
     pub password_reset_ttl: Duration,
 
     /// Sentry DSN; reporting is off when unset.
-    #[arg(long, env = "SENTRY_DSN", value_name = "SENTRY_DSN", hide_env_values = true,
+    #[arg(long, global = true, env = "SENTRY_DSN", value_name = "SENTRY_DSN", hide_env_values = true,
           value_parser = parse_dsn)]
     pub sentry_dsn: Option<String>,
 
     /// Log format: `text` for people, `json` for machines.
     #[arg(
         long,
+        global = true,
         env = "LOG_FORMAT",
         value_name = "LOG_FORMAT",
         default_value = "text",
@@ -155,30 +167,36 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// argon2id memory cost in KiB (OWASP: 19456).
-    #[arg(long, env = "ARGON2_MEMORY_KIB", value_name = "ARGON2_MEMORY_KIB", default_value = "19456",
+    #[arg(long, global = true, env = "ARGON2_MEMORY_KIB", value_name = "ARGON2_MEMORY_KIB", default_value = "19456",
           value_parser = clap::value_parser!(u32).range(8..=4_194_304))]
     pub argon2_memory_kib: u32,
 
     /// argon2id iterations (OWASP: 2).
-    #[arg(long, env = "ARGON2_ITERATIONS", value_name = "ARGON2_ITERATIONS", default_value = "2",
+    #[arg(long, global = true, env = "ARGON2_ITERATIONS", value_name = "ARGON2_ITERATIONS", default_value = "2",
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub argon2_iterations: u32,
 
     /// argon2id lanes (OWASP: 1).
-    #[arg(long, env = "ARGON2_PARALLELISM", value_name = "ARGON2_PARALLELISM", default_value = "1",
+    #[arg(long, global = true, env = "ARGON2_PARALLELISM", value_name = "ARGON2_PARALLELISM", default_value = "1",
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub argon2_parallelism: u32,
 
     /// Password hashes computed at once (default: half the cores, at least
     /// one, so that a flood of logins leaves cores for everything else). More
     /// requests wait in a queue; see HASH_QUEUE.
-    #[arg(long, env = "HASH_CONCURRENCY", value_name = "HASH_CONCURRENCY")]
+    #[arg(
+        long,
+        global = true,
+        env = "HASH_CONCURRENCY",
+        value_name = "HASH_CONCURRENCY"
+    )]
     pub hash_concurrency: Option<NonZeroUsize>,
 
     /// Requests that may wait for a hashing slot before new ones are refused
     /// with RESOURCE_EXHAUSTED.
     #[arg(
         long,
+        global = true,
         env = "HASH_QUEUE",
         value_name = "HASH_QUEUE",
         default_value = "256",
@@ -188,13 +206,13 @@ pub struct Config {
 
     /// The longest a call may take on the server; a client's shorter
     /// `grpc-timeout` wins. Past it the call is cancelled (DEADLINE_EXCEEDED).
-    #[arg(long, env = "REQUEST_TIMEOUT", value_name = "REQUEST_TIMEOUT",
+    #[arg(long, global = true, env = "REQUEST_TIMEOUT", value_name = "REQUEST_TIMEOUT",
           default_value = "30s", value_parser = parse_ttl)]
     pub request_timeout: Duration,
 
     /// Calls served at once, across all connections; more are refused at once
     /// with RESOURCE_EXHAUSTED rather than queued.
-    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", value_name = "MAX_CONCURRENT_REQUESTS",
+    #[arg(long, global = true, env = "MAX_CONCURRENT_REQUESTS", value_name = "MAX_CONCURRENT_REQUESTS",
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_requests: u32,
 
@@ -203,30 +221,43 @@ pub struct Config {
     /// are refused at once with RESOURCE_EXHAUSTED. Streams do not count
     /// against MAX_CONCURRENT_REQUESTS, do not end at REQUEST_TIMEOUT, and
     /// end with OK when the service shuts down.
-    #[arg(long, env = "MAX_STREAMS", value_name = "MAX_STREAMS",
+    #[arg(long, global = true, env = "MAX_STREAMS", value_name = "MAX_STREAMS",
           default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams: u32,
 
     /// Requests a client may have in flight at once on one HTTP/2
     /// connection: the SETTINGS_MAX_CONCURRENT_STREAMS the server advertises
     /// (RFC 9113, 6.5.2). A client past it waits or opens another connection.
-    #[arg(long, env = "HTTP2_MAX_CONCURRENT_STREAMS", value_name = "HTTP2_MAX_CONCURRENT_STREAMS",
+    #[arg(long, global = true, env = "HTTP2_MAX_CONCURRENT_STREAMS", value_name = "HTTP2_MAX_CONCURRENT_STREAMS",
           default_value = "200", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub http2_max_concurrent_streams: u32,
 
     /// Server certificate chain (PEM) for TLS; plaintext h2c when unset (for
     /// a mesh sidecar to wrap).
-    #[arg(long, env = "TLS_CERT", value_name = "TLS_CERT", requires = "tls_key")]
+    #[arg(
+        long,
+        global = true,
+        env = "TLS_CERT",
+        value_name = "TLS_CERT",
+        requires = "tls_key"
+    )]
     pub tls_cert: Option<PathBuf>,
 
     /// The certificate's private key (PEM).
-    #[arg(long, env = "TLS_KEY", value_name = "TLS_KEY", requires = "tls_cert")]
+    #[arg(
+        long,
+        global = true,
+        env = "TLS_KEY",
+        value_name = "TLS_KEY",
+        requires = "tls_cert"
+    )]
     pub tls_key: Option<PathBuf>,
 
     /// CA certificates (PEM) that client certificates must chain to: mutual
     /// TLS, every client must present one.
     #[arg(
         long,
+        global = true,
         env = "TLS_CLIENT_CA",
         value_name = "TLS_CLIENT_CA",
         requires = "tls_cert"
@@ -235,7 +266,7 @@ pub struct Config {
 
     /// After SIGTERM, how long in-flight calls may take to finish before the
     /// service exits anyway.
-    #[arg(long, env = "SHUTDOWN_GRACE", value_name = "SHUTDOWN_GRACE",
+    #[arg(long, global = true, env = "SHUTDOWN_GRACE", value_name = "SHUTDOWN_GRACE",
           default_value = "30s", value_parser = parse_ttl)]
     pub shutdown_grace: Duration,
 
@@ -244,24 +275,24 @@ pub struct Config {
     /// that no replica or verifier meets a token of a key it does not know
     /// yet. 30 minutes covers Istio's sidecars (a JWKS every 20 minutes, no
     /// refetch on an unknown kid) and Envoy's remote_jwks (10 minutes).
-    #[arg(long, env = "KEYS_ACTIVATION_DELAY", value_name = "KEYS_ACTIVATION_DELAY",
+    #[arg(long, global = true, env = "KEYS_ACTIVATION_DELAY", value_name = "KEYS_ACTIVATION_DELAY",
           default_value = "30m", value_parser = parse_delay)]
     pub keys_activation_delay: Duration,
 
     /// How often KEYS_DIR is re-read (SIGHUP re-reads it at once).
-    #[arg(long, env = "KEYS_RELOAD_INTERVAL", value_name = "KEYS_RELOAD_INTERVAL",
+    #[arg(long, global = true, env = "KEYS_RELOAD_INTERVAL", value_name = "KEYS_RELOAD_INTERVAL",
           default_value = "60s", value_parser = parse_ttl)]
     pub keys_reload_interval: Duration,
 
     /// How long the change feed keeps changes (the audit trail); a cursor
     /// older than this is refused with CURSOR_EXPIRED. Purged hourly.
-    #[arg(long, env = "CHANGES_RETENTION", value_name = "CHANGES_RETENTION",
+    #[arg(long, global = true, env = "CHANGES_RETENTION", value_name = "CHANGES_RETENTION",
           default_value = "7d", value_parser = parse_ttl)]
     pub changes_retention: Duration,
 
     /// The longest a WatchChanges stream goes without a response: when
     /// nothing changes, a heartbeat with the current cursor.
-    #[arg(long, env = "CHANGES_HEARTBEAT", value_name = "CHANGES_HEARTBEAT",
+    #[arg(long, global = true, env = "CHANGES_HEARTBEAT", value_name = "CHANGES_HEARTBEAT",
           default_value = "10s", value_parser = parse_heartbeat)]
     pub changes_heartbeat: Duration,
 
@@ -269,21 +300,21 @@ pub struct Config {
     /// answer from memory kept fresh by the change feed (never staler than
     /// the feed's delivery, and never while the feed is unheard); `off`:
     /// one database read each.
-    #[arg(long, env = "VERIFY_CACHE", value_name = "VERIFY_CACHE",
+    #[arg(long, global = true, env = "VERIFY_CACHE", value_name = "VERIFY_CACHE",
           default_value = "on", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub verify_cache: bool,
 
     /// `on`: one line per call at info, target `identity::access` (RPC,
     /// status code, duration, request id, caller, peer address, and the
     /// `x-forwarded-for` of a trusted proxy); `off`: none.
-    #[arg(long, env = "ACCESS_LOG", value_name = "ACCESS_LOG",
+    #[arg(long, global = true, env = "ACCESS_LOG", value_name = "ACCESS_LOG",
           default_value = "on", action = clap::ArgAction::Set, value_parser = parse_bool)]
     pub access_log: bool,
 
     /// Proxies (addresses or CIDR ranges, comma-separated) whose
     /// `x-forwarded-for` the access log records; from any other peer the
     /// header is ignored. Empty by default: no one's.
-    #[arg(long, env = "TRUSTED_PROXIES", value_name = "TRUSTED_PROXIES",
+    #[arg(long, global = true, env = "TRUSTED_PROXIES", value_name = "TRUSTED_PROXIES",
           value_delimiter = ',', value_parser = parse_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 
@@ -292,18 +323,18 @@ pub struct Config {
     /// Incoming W3C `traceparent` is continued, and its trace id logged,
     /// either way. The SDK reads `OTEL_SERVICE_NAME`,
     /// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*`.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "OTEL_EXPORTER_OTLP_ENDPOINT",
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "OTEL_EXPORTER_OTLP_ENDPOINT",
           value_parser = parse_otlp_endpoint)]
     pub otel_exporter_otlp_endpoint: Option<String>,
 
     /// The most sessions the verification cache keeps.
-    #[arg(long, env = "VERIFY_CACHE_SIZE", value_name = "VERIFY_CACHE_SIZE",
+    #[arg(long, global = true, env = "VERIFY_CACHE_SIZE", value_name = "VERIFY_CACHE_SIZE",
           default_value = "100000", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
     pub verify_cache_size: u32,
 
     /// Folder of the PostgreSQL server binaries for the embedded cluster
     /// (default: found on PATH or under /usr/lib/postgresql/*/bin).
-    #[arg(long, env = "PG_BIN_DIR", value_name = "PG_BIN_DIR")]
+    #[arg(long, global = true, env = "PG_BIN_DIR", value_name = "PG_BIN_DIR")]
     pub pg_bin_dir: Option<PathBuf>,
 
     /// A list of breached passwords to refuse wherever a password is set:
@@ -316,6 +347,7 @@ pub struct Config {
     /// missing or malformed file stops the start (exit code 2).
     #[arg(
         long,
+        global = true,
         env = "BREACHED_PASSWORDS_FILE",
         value_name = "BREACHED_PASSWORDS_FILE"
     )]

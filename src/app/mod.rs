@@ -85,6 +85,11 @@ pub enum StartupError {
     /// value refused when parsed.
     #[error("{0}: {1}")]
     Setting(&'static str, String),
+    /// What the command was given (a username, a password, an option's
+    /// value) broke a rule checked before any work: exit code 2, as for a
+    /// bad setting.
+    #[error("{0}")]
+    Input(String),
     /// Something else.
     #[error("{0}")]
     Other(String),

@@ -131,7 +131,7 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
 
 pub(super) async fn create_superuser(args: CreateSuperuserArgs) -> Result<(), StartupError> {
     let invalid = |field: &str, e: crate::domain::Violation| {
-        StartupError::Other(format!("invalid {field}: {e}"))
+        StartupError::Input(format!("invalid {field}: {e}"))
     };
     let username = Username::parse(&args.username).map_err(|e| invalid("username", e))?;
     let email = Email::parse(&args.email).map_err(|e| invalid("email", e))?;
@@ -202,13 +202,34 @@ pub(super) fn keys(args: KeysArgs) -> Result<(), StartupError> {
         }
         KeysAction::Rotate => {
             let path = keys::generate(dir, alg)?;
-            let store = keys::KeyStore::load(dir, alg, std::time::Duration::ZERO)?;
-            println!(
-                "generated {} ({}); it verifies at once and signs after KEYS_ACTIVATION_DELAY ({})",
-                store.signing().kid,
-                path.display(),
-                humantime::format_duration(delay)
-            );
+            let newest = keys::KeyStore::load(dir, alg, std::time::Duration::ZERO)?;
+            let kid = &newest.signing().kid;
+            let store = keys::KeyStore::load(dir, alg, delay)?;
+            let staged = delay.is_zero() || store.signing().kid != *kid;
+            let delay = humantime::format_duration(delay);
+            if !staged {
+                // No key of `alg` is KEYS_ACTIVATION_DELAY old: the documented
+                // fallback signs with the newest, this one, from the next
+                // reload, before verifiers may have fetched it.
+                tracing::warn!(
+                    kid = %kid,
+                    keys_activation_delay = %delay,
+                    "no other {alg} key in KEYS_DIR is KEYS_ACTIVATION_DELAY old: the new key \
+                     signs at the services' next reload, before verifiers with a cached JWKS may \
+                     know it (their checks can fail until they refetch it)"
+                );
+                println!(
+                    "generated {kid} ({}); it verifies and signs at once (no older {alg} key is \
+                     {delay} old)",
+                    path.display()
+                );
+            } else {
+                println!(
+                    "generated {kid} ({}); it verifies at once and signs after \
+                     KEYS_ACTIVATION_DELAY ({delay})",
+                    path.display()
+                );
+            }
         }
         KeysAction::List => {
             let store = keys::KeyStore::load(dir, alg, delay)?;

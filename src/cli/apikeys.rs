@@ -93,7 +93,7 @@ pub(super) async fn apikeys(args: ApiKeysArgs) -> Result<(), StartupError> {
                     let expire_time = expires
                         .map(|d| chrono::Duration::from_std(d).map(|d| now + d))
                         .transpose()
-                        .map_err(|_| StartupError::Other("--expires: too long".into()))?;
+                        .map_err(|_| StartupError::Input("--expires: too long".into()))?;
                     let request = pb::CreateApiKeyRequest {
                         user_id: user.id.to_string(),
                         display_name: name,
@@ -102,7 +102,7 @@ pub(super) async fn apikeys(args: ApiKeysArgs) -> Result<(), StartupError> {
                     };
                     let new =
                         crate::grpc::api_keys::new_key(request, user.id, now).map_err(|e| {
-                            StartupError::Other(tonic::Status::from(e).message().to_owned())
+                            StartupError::Input(tonic::Status::from(e).message().to_owned())
                         })?;
                     let created = make_key(&pool, &new)
                         .await

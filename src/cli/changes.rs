@@ -157,15 +157,15 @@ pub(super) async fn changes(args: ChangesArgs) -> ExitCode {
     let token = match std::env::var("IDENTITY_TOKEN") {
         Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
         _ => {
-            eprintln!("identity changes: IDENTITY_TOKEN is not set: {TOKEN_HINT}");
-            return ExitCode::FAILURE;
+            eprintln!("identity: IDENTITY_TOKEN is not set: {TOKEN_HINT}");
+            return ExitCode::from(2);
         }
     };
     let bearer: MetadataValue<Ascii> = match format!("Bearer {token}").parse() {
         Ok(v) => v,
         Err(_) => {
-            eprintln!("identity changes: IDENTITY_TOKEN is not a token: {TOKEN_HINT}");
-            return ExitCode::FAILURE;
+            eprintln!("identity: IDENTITY_TOKEN is not a token: {TOKEN_HINT}");
+            return ExitCode::from(2);
         }
     };
     // Installed before anything else, so that a Ctrl-C at any moment ends
@@ -183,7 +183,7 @@ pub(super) async fn changes(args: ChangesArgs) -> ExitCode {
     };
     let resume = |last: &Option<String>| {
         if let Some(cursor) = last {
-            eprintln!("identity changes: resume with --after {cursor}");
+            eprintln!("identity: resume with --after {cursor}");
         }
     };
     match outcome {
@@ -196,7 +196,7 @@ pub(super) async fn changes(args: ChangesArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Ok(Ended::StreamClosed)) => {
-            eprintln!("identity changes: the server ended the stream (it is shutting down)");
+            eprintln!("identity: the server ended the stream (it is shutting down)");
             resume(&reader.last);
             ExitCode::SUCCESS
         }
@@ -205,18 +205,18 @@ pub(super) async fn changes(args: ChangesArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Err(Stop::Output(e))) => {
-            eprintln!("identity changes: writing to standard output: {e}");
+            eprintln!("identity: writing to standard output: {e}");
             resume(&reader.last);
             ExitCode::FAILURE
         }
         Some(Err(Stop::Connect(message))) => {
-            eprintln!("identity changes: UNAVAILABLE: {message}");
+            eprintln!("identity: UNAVAILABLE: {message}");
             resume(&reader.last);
             ExitCode::FAILURE
         }
         Some(Err(Stop::Status(status))) => {
             let expired = reason(&status).as_deref() == Some("CURSOR_EXPIRED");
-            eprintln!("identity changes: {}", status_line(&status));
+            eprintln!("identity: {}", status_line(&status));
             if !expired {
                 resume(&reader.last);
             }

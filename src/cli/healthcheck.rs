@@ -35,11 +35,11 @@ pub(super) async fn healthcheck(args: HealthcheckArgs) -> ExitCode {
     match check(&args).await {
         Ok(ServingStatus::Serving) => ExitCode::SUCCESS,
         Ok(status) => {
-            eprintln!("identity healthcheck: {}", status.as_str_name());
+            eprintln!("identity: {}", status.as_str_name());
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("identity healthcheck: {e}");
+            eprintln!("identity: {e}");
             ExitCode::FAILURE
         }
     }

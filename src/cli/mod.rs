@@ -177,7 +177,9 @@ impl Cli {
             Ok(()) => ExitCode::SUCCESS,
             // A bad setting found at start: one line and exit code 2, as for
             // one refused when parsed; not an event for the logs or Sentry.
-            Err(e @ crate::app::StartupError::Setting(..)) => {
+            Err(
+                e @ (crate::app::StartupError::Setting(..) | crate::app::StartupError::Input(_)),
+            ) => {
                 crate::telemetry::finish_logs();
                 eprintln!("identity: {e}");
                 ExitCode::from(2)

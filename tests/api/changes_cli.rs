@@ -275,20 +275,27 @@ async fn follow_prints_a_change_committed_after_it_started_and_stops_on_sigterm(
 }
 
 #[tokio::test]
-async fn without_a_superuser_token_it_exits_1_with_a_hint_about_identity_token() {
+async fn without_a_superuser_token_it_exits_with_a_hint_about_identity_token() {
     let app = spawn_app().await;
     let (_, tokens) = app.signed_in_user("grace").await;
-    for (token, first) in [
-        (None, "identity changes: IDENTITY_TOKEN is not set"),
-        (Some("not-a-token"), "identity changes: UNAUTHENTICATED: "),
+    // No token is a bad setting (2); a token the server refuses, a refusal (1).
+    for (token, first, code) in [
+        (None, "identity: IDENTITY_TOKEN is not set", 2),
+        (
+            Some("bad\ntoken"),
+            "identity: IDENTITY_TOKEN is not a token",
+            2,
+        ),
+        (Some("not-a-token"), "identity: UNAUTHENTICATED: ", 1),
         (
             Some(tokens.access_token.as_str()),
-            "identity changes: PERMISSION_DENIED: ",
+            "identity: PERMISSION_DENIED: ",
+            1,
         ),
     ] {
         for mode in [&[][..], &["--follow"][..]] {
             let out = run(&app, token, mode).await;
-            assert_eq!(out.status.code(), Some(1), "{first} {mode:?}");
+            assert_eq!(out.status.code(), Some(code), "{first} {mode:?}");
             assert!(out.stdout.is_empty());
             let stderr = String::from_utf8(out.stderr).unwrap();
             assert!(stderr.starts_with(first), "{stderr}");

@@ -134,10 +134,17 @@ async fn createsuperuser_reads_the_password_from_env_or_stdin() {
         ],
         None,
     );
+    // Refused by the database's state: exit 1, the last line names it.
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("username is already taken"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.lines().last(),
+        Some("identity: that username is already taken"),
+        "{stderr}"
+    );
 
-    // A short password is refused before anything is written.
+    // A short password is bad input, refused before anything is written:
+    // exit 2 and one line, as for a bad setting.
     let out = identity(
         &[
             "createsuperuser",
@@ -149,7 +156,13 @@ async fn createsuperuser_reads_the_password_from_env_or_stdin() {
         &[("DATABASE_URL", &url), ("IDENTITY_PASSWORD", "short")],
         None,
     );
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("identity: invalid password: "),
+        "{stderr}"
+    );
 
     let app = spawn_app_on(db, |_| {}).await;
     let list = app
@@ -293,4 +306,178 @@ async fn healthcheck_exits_0_only_while_the_service_is_serving() {
     let out = run(closed).await.unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+/// Settings are global: a flag works before or after the subcommand's own
+/// subcommand (`keys rotate --keys-dir X` as well as `keys --keys-dir X
+/// rotate`), and overrides the environment.
+#[test]
+fn settings_flags_work_anywhere_on_the_command_line() {
+    let dir = crate::helpers::TempDir::new("identity-cli-global");
+    let keys = dir.0.join("keys");
+    let keys = keys.to_str().unwrap();
+    for args in [
+        &["keys", "generate", "--keys-dir", keys][..],
+        &["keys", "--keys-dir", keys, "rotate"][..],
+        &[
+            "keys",
+            "rotate",
+            "--keys-dir",
+            keys,
+            "--jwt-algorithm",
+            "ES256",
+        ][..],
+    ] {
+        let out = identity(args, &[], None);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = identity(&["keys", "list", "--keys-dir", keys], &[], None);
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(list.contains("ES256") && list.contains("EdDSA"), "{list}");
+
+    // A bad value of a global flag is a bad setting wherever it stands.
+    let out = identity(
+        &[
+            "keys",
+            "list",
+            "--keys-dir",
+            keys,
+            "--jwt-algorithm",
+            "HS256",
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("identity: ") && stderr.contains("JWT_ALGORITHM"));
+}
+
+/// `keys rotate` when no other key is KEYS_ACTIVATION_DELAY old: the new
+/// key signs at the next reload (the documented fallback), and the command
+/// says so with a warning; with an old enough key, it does not warn.
+#[test]
+fn keys_rotate_warns_when_the_new_key_signs_at_once() {
+    let dir = crate::helpers::TempDir::new("identity-cli-young");
+    let keys = dir.0.join("keys");
+    let keys = keys.to_str().unwrap();
+    let rotate = |delay: &str| {
+        let out = identity(
+            &["keys", "rotate"],
+            &[("KEYS_DIR", keys), ("KEYS_ACTIVATION_DELAY", delay)],
+            None,
+        );
+        assert!(out.status.success());
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The first key, and a second while the first is minutes young.
+    for _ in 0..2 {
+        let (stdout, stderr) = rotate("30m");
+        assert!(stdout.contains("signs at once"), "{stdout}");
+        assert!(stderr.contains("WARN"), "{stderr}");
+        assert!(stderr.contains("KEYS_ACTIVATION_DELAY old"), "{stderr}");
+    }
+    // With a delay the older keys have already passed: staged, no warning.
+    let (stdout, stderr) = rotate("0s");
+    assert!(
+        stdout.contains("signs after KEYS_ACTIVATION_DELAY (0s)"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("WARN"), "{stderr}");
+}
+
+/// One rule for every command: an error is reported by one last line on
+/// standard error starting `identity: `; exit 2 when what the command was
+/// given is wrong (usage, a setting, input checked before any work), 1 when
+/// the work failed or was refused.
+#[test]
+fn every_command_reports_an_error_in_one_identity_line_with_the_documented_code() {
+    let dir = crate::helpers::TempDir::new("identity-cli-errors");
+    let empty = dir.0.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let empty = empty.to_str().unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = free.local_addr().unwrap().to_string();
+    drop(free);
+    let cases: &[(&[&str], &[(&str, &str)], i32, &str)] = &[
+        (&["serve", "--no-such-flag"], &[], 2, "--no-such-flag"),
+        (&["frobnicate"], &[], 2, "frobnicate"),
+        (
+            &["keys", "list"],
+            &[("JWT_ALGORITHM", "HS256")],
+            2,
+            "JWT_ALGORITHM",
+        ),
+        (
+            &[
+                "createsuperuser",
+                "--username",
+                "a b",
+                "--email",
+                "a@example.com",
+            ],
+            &[("IDENTITY_PASSWORD", "a long admin secret")],
+            2,
+            "invalid username",
+        ),
+        (
+            &[
+                "createsuperuser",
+                "--username",
+                "abc",
+                "--email",
+                "not-an-email",
+            ],
+            &[("IDENTITY_PASSWORD", "a long admin secret")],
+            2,
+            "invalid email",
+        ),
+        (
+            &["changes"],
+            &[("IDENTITY_SERVER", "http://127.0.0.1:1")],
+            2,
+            "IDENTITY_TOKEN",
+        ),
+        (&["keys", "list"], &[("KEYS_DIR", empty)], 1, "keys"),
+        (
+            &["passwords", "check", "/nonexistent/list.txt"],
+            &[],
+            1,
+            "/nonexistent/list.txt",
+        ),
+        (
+            &["import", "/nonexistent/users.jsonl"],
+            &[],
+            1,
+            "/nonexistent/users.jsonl",
+        ),
+        (
+            &["healthcheck", "--addr", &closed, "--timeout", "2s"],
+            &[],
+            1,
+            "cannot reach",
+        ),
+    ];
+    for &(args, env, code, names) in cases {
+        let out = identity(args, env, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.starts_with("identity: "), "{args:?}: {stderr}");
+        assert!(last.contains(names), "{args:?}: {stderr}");
+        if code == 2 {
+            // Nothing was done: the line alone, no log.
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        }
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
 }

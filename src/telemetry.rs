@@ -133,9 +133,91 @@ where
             .with(fmt::layer().with_ansi(ansi).with_writer(writer))
             .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_ansi(false).with_writer(writer))
+            .with(
+                fmt::layer()
+                    .json()
+                    .event_format(ListsAsArrays(fmt::format().json()))
+                    .with_ansi(false)
+                    .with_writer(writer),
+            )
             .try_init(),
     };
+}
+
+/// A list logged as one field, `kids = %List(&kids)`: `["a","b"]` in text
+/// logs, and a JSON array in JSON logs (for a field named in
+/// [`LIST_FIELDS`]), not a string holding one.
+#[derive(Debug)]
+pub struct List<'a, T>(pub &'a [T]);
+
+impl<T: AsRef<str>> std::fmt::Display for List<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let items: Vec<&str> = self.0.iter().map(AsRef::as_ref).collect();
+        let text = serde_json::to_string(&items).map_err(|_| std::fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+/// The fields logged with [`List`]: in JSON logs their value is the array
+/// itself. tracing records a field as a string or a number, never a list,
+/// so the JSON line is mended after tracing-subscriber wrote it, and only
+/// for events that have one of these fields.
+pub const LIST_FIELDS: &[&str] = &["kids", "migrations", "amr"];
+
+/// tracing-subscriber's JSON event format, with the fields of
+/// [`LIST_FIELDS`] written as JSON arrays.
+struct ListsAsArrays<F>(F);
+
+impl<S, N, F> fmt::FormatEvent<S, N> for ListsAsArrays<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> fmt::FormatFields<'a> + 'static,
+    F: fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &fmt::FmtContext<'_, S, N>,
+        mut writer: fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let lists = event
+            .metadata()
+            .fields()
+            .iter()
+            .any(|f| LIST_FIELDS.contains(&f.name()));
+        if !lists {
+            return self.0.format_event(ctx, writer, event);
+        }
+        let mut line = String::new();
+        self.0
+            .format_event(ctx, fmt::format::Writer::new(&mut line), event)?;
+        for name in LIST_FIELDS {
+            line = unquote_list(line, name);
+        }
+        writer.write_str(&line)
+    }
+}
+
+/// `line` with the value of `"name":"[...]"` (a JSON string holding a JSON
+/// array) replaced by the array; unchanged when there is no such field.
+fn unquote_list(line: String, name: &str) -> String {
+    let key = format!("\"{name}\":");
+    let Some(at) = line.find(&key) else {
+        return line;
+    };
+    let start = at + key.len();
+    let rest = &line[start..];
+    let mut strings = serde_json::Deserializer::from_str(rest).into_iter::<String>();
+    let Some(Ok(text)) = strings.next() else {
+        return line;
+    };
+    let end = start + strings.byte_offset();
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(array @ serde_json::Value::Array(_)) => {
+            format!("{}{array}{}", &line[..start], &line[end..])
+        }
+        _ => line,
+    }
 }
 
 /// Spans exported over OTLP/gRPC (`OTEL_EXPORTER_OTLP_ENDPOINT`), in
@@ -614,6 +696,23 @@ impl AccessSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_field_becomes_an_array_and_the_rest_of_the_line_stays() {
+        let kids = List(&["a\"b", "c"]).to_string();
+        assert_eq!(kids, r#"["a\"b","c"]"#);
+        let quoted = serde_json::to_string(&kids).unwrap();
+        let line = format!(r#"{{"fields":{{"kids":{quoted},"n":1}},"target":"x"}}"#);
+        let mended = unquote_list(line, "kids");
+        let v: serde_json::Value = serde_json::from_str(&mended).unwrap();
+        assert_eq!(v["fields"]["kids"], serde_json::json!(["a\"b", "c"]));
+        assert_eq!(v["fields"]["n"], 1);
+        assert_eq!(v["target"], "x");
+        // Not a list, or not there: untouched.
+        let plain = r#"{"fields":{"kids":"abc"}}"#.to_owned();
+        assert_eq!(unquote_list(plain.clone(), "kids"), plain);
+        assert_eq!(unquote_list(plain.clone(), "migrations"), plain);
+    }
 
     #[test]
     fn sentry_events_lose_credentials() {

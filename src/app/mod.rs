@@ -176,7 +176,10 @@ impl Application {
             .await
             .map_err(|e| StartupError::Database(e.into()))?;
         if !applied.is_empty() {
-            tracing::info!(migrations = ?applied, "applied migrations");
+            tracing::info!(
+                migrations = %crate::telemetry::List(&applied),
+                "applied migrations"
+            );
         }
         let pool = db::pool(&database.url, config.pool_size())
             .map_err(|e| StartupError::Database(e.into()))?;
@@ -264,7 +267,7 @@ impl Application {
             hash_concurrency = config.hash_concurrency(),
             tls = config.tls_cert.is_some(),
             signing_kid = %kids[0],
-            kids = ?kids,
+            kids = %crate::telemetry::List(&kids),
             "identity ready"
         );
         Ok(Self {

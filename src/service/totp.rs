@@ -406,7 +406,7 @@ impl AuthService {
             refresh.token,
             refresh_expire,
         )?;
-        tracing::info!(user_id = %user_id, amr = ?amr, "logged in with a second factor");
+        tracing::info!(user_id = %user_id, amr = %crate::telemetry::List(&amr), "logged in with a second factor");
         Ok((tokens, user))
     }
 }

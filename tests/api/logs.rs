@@ -610,3 +610,39 @@ fn logs_on_a_terminal_are_coloured_unless_no_color_is_set() {
     assert!(plain.contains("generated a signing key"), "{plain}");
     assert!(!plain.contains(ESCAPE), "{plain:?}");
 }
+
+/// In JSON logs, a list is a JSON array, not a string holding one: the
+/// migrations a start applied, and the keys it loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_in_json_logs_are_arrays() {
+    let db = crate::helpers::TestDb::empty().await;
+    let dir = TempDir::new("identity-log-lists");
+    let mut cmd = command(&dir.0.join("data"));
+    cmd.env("DATABASE_URL", &db.url);
+    let serve = Serve::start_with(cmd);
+    let lines = serve.log.lines();
+    let field = |message: &str, name: &str| {
+        let line = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("a {message:?} line: {lines:#?}"));
+        line["fields"][name].clone()
+    };
+    let migrations = field("applied migrations", "migrations");
+    let migrations = migrations.as_array().expect("an array of migrations");
+    assert!(migrations.len() >= 3, "{migrations:?}");
+    assert!(
+        migrations
+            .iter()
+            .all(|m| m.as_str().is_some_and(|m| m.starts_with("20")))
+    );
+    let kids = field("identity ready", "kids");
+    let kids = kids.as_array().expect("an array of kids");
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    assert_eq!(
+        kids[0].as_str(),
+        field("identity ready", "signing_kid").as_str()
+    );
+    assert_eq!(serve.terminate(), 0);
+}

@@ -39,13 +39,41 @@ where
     .map_err(|e| Error::Other(Box::new(e)))?
 }
 
-/// Applies every pending migration; returns the versions applied.
+/// The advisory lock held while migrations run or are reverted: "identity"
+/// in ASCII. diesel's harness takes none, so replicas starting together
+/// would both try the same migration and one would fail; with it, the
+/// second waits, then finds nothing pending.
+const MIGRATION_LOCK: i64 = 0x6964_656e_7469_7479;
+
+/// Runs `f` holding [`MIGRATION_LOCK`] (a session lock, released here and
+/// in any case when the connection closes).
+fn locked<T>(
+    conn: &mut SyncConn,
+    f: impl FnOnce(&mut SyncConn) -> Result<T, Error>,
+) -> Result<T, Error> {
+    use diesel::RunQueryDsl;
+    use diesel::sql_types::BigInt;
+    diesel::sql_query("SELECT pg_advisory_lock($1)")
+        .bind::<BigInt, _>(MIGRATION_LOCK)
+        .execute(conn)?;
+    let result = f(conn);
+    diesel::sql_query("SELECT pg_advisory_unlock($1)")
+        .bind::<BigInt, _>(MIGRATION_LOCK)
+        .execute(conn)?;
+    result
+}
+
+/// Applies every pending migration; returns the versions applied. Run by
+/// several processes at once, one applies them and the others wait for it
+/// and apply none.
 pub async fn run_pending(database_url: &str) -> Result<Vec<String>, Error> {
     with_connection(database_url, |conn| {
-        let applied = conn
-            .run_pending_migrations(MIGRATIONS)
-            .map_err(Error::Other)?;
-        Ok(applied.iter().map(ToString::to_string).collect())
+        locked(conn, |conn| {
+            let applied = conn
+                .run_pending_migrations(MIGRATIONS)
+                .map_err(Error::Other)?;
+            Ok(applied.iter().map(ToString::to_string).collect())
+        })
     })
     .await
 }
@@ -53,10 +81,12 @@ pub async fn run_pending(database_url: &str) -> Result<Vec<String>, Error> {
 /// Reverts the last applied migration; returns its version.
 pub async fn revert_last(database_url: &str) -> Result<String, Error> {
     with_connection(database_url, |conn| {
-        let reverted = conn
-            .revert_last_migration(MIGRATIONS)
-            .map_err(Error::Other)?;
-        Ok(reverted.to_string())
+        locked(conn, |conn| {
+            let reverted = conn
+                .revert_last_migration(MIGRATIONS)
+                .map_err(Error::Other)?;
+            Ok(reverted.to_string())
+        })
     })
     .await
 }

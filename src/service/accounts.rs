@@ -145,6 +145,7 @@ impl AccountService {
         )
         .await?;
         if let Some(until) = locked {
+            tracing::info!("password reset request refused: throttled");
             return Err(crate::service::throttled(
                 "too many password reset requests for this address",
                 until,

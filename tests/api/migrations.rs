@@ -268,3 +268,25 @@ async fn schema_rs_declares_exactly_the_tables_of_the_migrations() {
         }
     }
 }
+
+/// Replicas starting together on an empty database: one applies every
+/// migration, the others wait for it and apply none; none fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_migrating_at_once_take_turns() {
+    let db = TestDb::empty().await;
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            tokio::spawn(async move { identity::db::migrations::run_pending(&url).await })
+        })
+        .collect();
+    let mut applied = Vec::new();
+    for run in runs {
+        applied.push(run.await.unwrap().expect("no run fails"));
+    }
+    let all = identity::db::migrations::status(&db.url).await.unwrap();
+    assert!(all.iter().all(|m| m.applied));
+    applied.sort_by_key(Vec::len);
+    assert_eq!(applied[3].len(), all.len(), "one run applied them all");
+    assert!(applied[..3].iter().all(Vec::is_empty), "{applied:?}");
+}

@@ -10,18 +10,45 @@ use tonic_health::pb::{
 use crate::helpers::spawn_app;
 use identity::proto::identity::v1 as pb;
 
+/// Every service the port serves (as reflection lists them), but health and
+/// reflection themselves, has a health name, and the operator docs list
+/// exactly those.
 #[tokio::test]
 async fn health_is_serving_for_the_server_and_each_service() {
+    use tonic_reflection::pb::v1;
     let app = spawn_app().await;
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reflect(
+            &app,
+            v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+        )
+        .await
+    else {
+        panic!("unexpected reflection answer");
+    };
+    let mut names: Vec<String> = list
+        .service
+        .into_iter()
+        .map(|s| s.name)
+        .filter(|n| !n.starts_with("grpc.health.") && !n.starts_with("grpc.reflection."))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 7, "{names:?}");
+    for doc in ["docs/operations.md", "docs/deployment.md"] {
+        let text = std::fs::read_to_string(doc).unwrap();
+        for name in &names {
+            assert!(text.contains(&format!("`{name}`")), "{doc} lists {name}");
+        }
+    }
     let mut health = HealthClient::new(app.channel.clone());
-    for service in [
-        "",
-        "identity.v1.UserService",
-        "identity.v1.GroupService",
-        "identity.v1.AuthService",
-        "identity.v1.ChangeService",
-        "envoy.service.auth.v3.Authorization",
-    ] {
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "identity.v1.NoSuchService".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    for service in std::iter::once("").chain(names.iter().map(String::as_str)) {
         let mut watch = health
             .watch(HealthCheckRequest {
                 service: service.into(),

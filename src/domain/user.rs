@@ -1,4 +1,4 @@
-//! The user's fields and their input rules (API.md, "Input rules").
+//! The user's fields and their input rules (documented on the fields in `proto/`).
 
 use std::{collections::BTreeMap, fmt};
 

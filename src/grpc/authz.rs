@@ -1,4 +1,4 @@
-//! Who may call what: API.md's authorization table, in one place.
+//! Who may call what: the authorization table (docs/security.md), in one place.
 //!
 //! [`AuthLayer`] is a tower layer around every route. For each call it looks
 //! up the RPC's [`Access`], verifies the bearer token when the RPC needs or

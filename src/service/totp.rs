@@ -1,4 +1,4 @@
-//! The second factor (API.md, "Second factor: TOTP"): enrolment, the
+//! The second factor (`proto/identity/v1/auth.proto`, docs/security.md): enrolment, the
 //! second step of a login, turning it off, and a superuser's reset.
 //!
 //! - A secret is made here, shown once (BeginTotpEnrollment), and stored

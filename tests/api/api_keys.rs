@@ -1,4 +1,4 @@
-//! Service accounts and API keys (API.md, "Service accounts and API keys"),
+//! Service accounts and API keys (docs/security.md, "Service accounts and API keys"),
 //! through the public surface: accounts that cannot log in, the secret shown
 //! once, its checksum, each refusal's reason, `allowed_methods`, expiry,
 //! revocation on two replicas, ExchangeApiKey verified offline, the CLI.

@@ -1,4 +1,4 @@
-//! Who may call what: every cell of API.md's authorization table, callers
+//! Who may call what: every cell of the authorization table (docs/security.md), callers
 //! losing power at once, and the last superuser.
 
 use tonic::Code;
@@ -467,4 +467,67 @@ async fn a_token_on_an_optional_rpc_must_still_be_valid() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated);
+}
+
+/// docs/security.md's authorization table names every RPC of the port
+/// (identity's and Envoy's Check) in the row of the access the server
+/// enforces.
+#[test]
+fn the_documented_authorization_table_is_the_enforced_one() {
+    use identity::grpc::authz::{Access, access};
+    let text = std::fs::read_to_string("docs/security.md").unwrap();
+    let section = text
+        .split("## Authorization")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("an Authorization section");
+    let mut rows: Vec<(Access, Vec<String>)> = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (kind, rpcs) = (cells[1], cells[2]);
+        let access = match kind {
+            k if k.starts_with("public") => Access::Public,
+            k if k.starts_with("optional") => Access::Optional,
+            "signed in" => Access::SignedIn,
+            "superuser" => Access::Superuser,
+            _ => continue,
+        };
+        // The RPC names: capitalised words outside parentheses.
+        let mut depth = 0;
+        let mut plain = String::new();
+        for c in rpcs.chars() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                c if depth == 0 => plain.push(c),
+                _ => {}
+            }
+        }
+        let names = plain
+            .split([',', ';', ' '])
+            .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()))
+            .filter(|w| w.chars().next().is_some_and(char::is_uppercase))
+            .map(str::to_owned)
+            .collect();
+        rows.push((access, names));
+    }
+    let mut checked = 0;
+    for (path, _) in identity::limits::rpc_methods() {
+        if !path.starts_with("/identity.") && !path.starts_with("/envoy.") {
+            continue;
+        }
+        let method = path.rsplit('/').next().unwrap();
+        let documented: Vec<Access> = rows
+            .iter()
+            .filter(|(_, names)| names.iter().any(|n| n == method))
+            .map(|(a, _)| *a)
+            .collect();
+        assert_eq!(
+            documented,
+            vec![access(&path)],
+            "{path}: docs/security.md's rows vs the enforced access"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 39, "{checked} RPCs");
 }

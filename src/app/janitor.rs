@@ -1,15 +1,18 @@
-//! The janitor: the hourly purge of rows that no check needs any more. A
-//! task of its own, started by [`super::Application::run_until_stopped`]
-//! and ended with it.
+//! The janitor: the purge of rows that no check needs any more, at start
+//! and then hourly. A task of its own, started by
+//! [`super::Application::run_until_stopped`] and ended with it.
 
 use std::time::Duration;
 
 use crate::db::{self, Pool};
 use crate::error::Error;
 
-/// Deletes, every hour, what no check needs any more: sessions ended or
-/// expired a week ago (with their retired refresh tokens) and throttling
-/// rows idle for a day, and changes older than `CHANGES_RETENTION`. Every replica may run it; the deletes are idempotent.
+/// Deletes, at start and then every hour, what no check needs any more:
+/// sessions ended or expired a week ago (with their retired refresh
+/// tokens), retired refresh tokens older than `REFRESH_TOKEN_TTL`, account
+/// tokens expired a day ago, second-factor challenges and enrolments past
+/// their expiry, throttling rows idle for a day, and changes older than
+/// `CHANGES_RETENTION`. Every replica runs it; the deletes are idempotent.
 pub(super) async fn purge_old_rows(
     pool: Pool,
     refresh_ttl: Duration,
@@ -34,12 +37,20 @@ pub(super) async fn purge_old_rows(
             let mfa = db::totp::delete_expired(&mut conn).await?;
             drop(conn);
             let changes = crate::service::changes::purge(&pool, changes_retention).await?;
-            Ok::<_, Error>((sessions + retired + tokens + mfa + changes, failures))
+            Ok::<_, Error>([sessions, retired, tokens, mfa, failures, changes])
         }
         .await;
         match result {
-            Ok((0, 0)) => {}
-            Ok((sessions, failures)) => tracing::info!(sessions, failures, "purged old rows"),
+            Ok(counts) if counts.iter().all(|&n| n == 0) => {}
+            Ok([sessions, retired, tokens, mfa, failures, changes]) => tracing::info!(
+                sessions,
+                retired_refresh_tokens = retired,
+                account_tokens = tokens,
+                second_factor = mfa,
+                failures,
+                changes,
+                "purged old rows"
+            ),
             Err(e) => tracing::warn!(error = %e, "purge failed; next try in an hour"),
         }
     }

@@ -1,5 +1,6 @@
 //! `GET /metrics`: scraped while calls are made; the metrics that alerts
-//! read (health, key reloads, the signing key's age, the process's CPU).
+//! read (health, key reloads, the signing key's age, the process's CPU);
+//! and every metric docs/alerts.yml names is one the server serves.
 
 use std::time::Duration;
 
@@ -261,4 +262,103 @@ async fn the_signing_key_age_counts_from_the_time_in_its_file_name() {
         "10 days and the test's few seconds: {age}"
     );
     assert!(body.contains("# TYPE identity_signing_key_age_seconds gauge"));
+}
+
+/// The metric names in the `expr:` of every rule of docs/alerts.yml: each
+/// expression (one line, or a block of more indented lines after `expr: |`)
+/// cut into identifiers, of which those of the service and the process.
+fn names_in_alert_expressions(yaml: &str) -> std::collections::BTreeSet<String> {
+    let mut exprs = Vec::new();
+    let mut lines = yaml.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some((indent, rest)) = line.split_once("expr:") else {
+            continue;
+        };
+        if !indent.trim().is_empty() {
+            continue;
+        }
+        let rest = rest.trim();
+        if rest.starts_with('|') || rest.starts_with('>') {
+            while let Some(next) = lines.peek() {
+                let deeper = next.len() - next.trim_start().len() > indent.len();
+                if !deeper && !next.trim().is_empty() {
+                    break;
+                }
+                exprs.push(lines.next().unwrap().to_owned());
+            }
+        } else {
+            exprs.push(rest.to_owned());
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for expr in exprs {
+        // Label values and matchers are in quotes: not names.
+        let outside_quotes: String = expr.split('"').step_by(2).collect::<Vec<_>>().join(" ");
+        for word in outside_quotes.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("identity_") || word.starts_with("process_") {
+                names.insert(word.to_owned());
+            }
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_the_alerts_read_is_served() {
+    let yaml =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/alerts.yml")).unwrap();
+    let names = names_in_alert_expressions(&yaml);
+    for expected in [
+        "identity_grpc_requests_total",
+        "identity_grpc_request_duration_seconds_bucket",
+        "identity_health_serving",
+        "identity_signing_key_age_seconds",
+    ] {
+        assert!(
+            names.contains(expected),
+            "the parser finds {expected}: {names:?}"
+        );
+    }
+
+    let app = spawn_app().await;
+    // Calls, so that the per-call series exist.
+    app.create_user("alerted").await;
+    let body = scrape(app.addr).await;
+    let served: std::collections::BTreeSet<&str> = body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let missing: Vec<_> = names
+        .iter()
+        .filter(|n| !served.contains(n.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "alerts name metrics /metrics lacks: {missing:?}"
+    );
+}
+
+#[test]
+fn alert_expressions_are_read_line_by_line_and_as_blocks() {
+    let yaml = r#"
+groups:
+  - rules:
+      - alert: A
+        expr: identity_a_total{code="identity_not_a_name"} > 0
+        labels:
+          severity: warning
+      - alert: B
+        expr: |
+          sum(rate(identity_b_total[5m]))
+            / process_c_seconds
+        for: 5m
+        annotations:
+          summary: "identity_d_mentioned is not read"
+"#;
+    let names: Vec<String> = names_in_alert_expressions(yaml).into_iter().collect();
+    assert_eq!(
+        names,
+        ["identity_a_total", "identity_b_total", "process_c_seconds"]
+    );
 }

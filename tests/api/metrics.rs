@@ -362,3 +362,45 @@ groups:
         ["identity_a_total", "identity_b_total", "process_c_seconds"]
     );
 }
+
+/// A heading's anchor as GitHub makes it: lower case, spaces to `-`, other
+/// punctuation but `-` and `_` dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_links_a_runbook_section_that_exists() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/docs");
+    let alerts = std::fs::read_to_string(format!("{dir}/alerts.yml")).unwrap();
+    let runbooks = std::fs::read_to_string(format!("{dir}/runbooks.md")).unwrap();
+    let anchors: std::collections::BTreeSet<String> = runbooks
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(anchor)
+        .collect();
+    let alert_count = alerts.matches("- alert: ").count();
+    let links: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: \"docs/runbooks.md#"))
+        .map(|rest| rest.trim_end_matches('"'))
+        .collect();
+    assert!(alert_count > 0);
+    assert_eq!(links.len(), alert_count, "one runbook_url per alert");
+    for link in links {
+        assert!(
+            anchors.contains(link),
+            "no section #{link} in runbooks.md: {anchors:?}"
+        );
+    }
+    assert!(anchors.contains("resource_exhausted"));
+}

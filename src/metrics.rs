@@ -1,6 +1,8 @@
 //! Prometheus metrics, served as text on `GET /metrics`: calls by service,
 //! method and status code; call latency; open streams; the database pool;
-//! the hashing queue; and the process (CPU, memory, file descriptors).
+//! the hashing queue; RESOURCE_EXHAUSTED refusals by cause; health; the
+//! signing key's age and failed key reloads; and the process (CPU, memory,
+//! file descriptors).
 
 use std::{
     pin::Pin,
@@ -11,14 +13,16 @@ use std::{
 
 use http_body::{Body, Frame, SizeHint};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 use tower::{Layer, Service};
 
 use crate::db::Pool;
 use crate::hashing::Hasher;
-use crate::limits::StreamLimit;
+use crate::limits::{Cause, Refusals, StreamLimit};
 use crate::telemetry::AccessLog;
+use crate::token::TokenIssuer;
 
 /// The service's metrics and what they are read from.
 #[derive(Clone)]
@@ -30,6 +34,9 @@ pub struct Metrics {
     hash_queue: IntGauge,
     open_streams: IntGauge,
     log_dropped: prometheus::IntCounter,
+    health: IntGaugeVec,
+    key_reload_failures: IntCounter,
+    key_age: Gauge,
     sources: Arc<Sources>,
     /// "/package.Service/Method" of every RPC served: only these become
     /// labels, so random paths cannot grow the registry.
@@ -40,6 +47,21 @@ struct Sources {
     pool: Pool,
     hasher: Hasher,
     streams: StreamLimit,
+    tokens: TokenIssuer,
+}
+
+/// Where [`Metrics`] reads what it does not count itself, at each scrape.
+pub struct Readings {
+    /// The database pool (connections in use, idle, waited for).
+    pub pool: Pool,
+    /// The password hasher (its queue).
+    pub hasher: Hasher,
+    /// The stream limit (streams open).
+    pub streams: StreamLimit,
+    /// The keys in use (the signing key's age).
+    pub tokens: TokenIssuer,
+    /// Calls refused with RESOURCE_EXHAUSTED, by cause.
+    pub refusals: Refusals,
 }
 
 #[cfg(test)]
@@ -88,6 +110,14 @@ mod tests {
     }
 }
 
+impl std::fmt::Debug for Readings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readings")
+            .field("refusals", &self.refusals)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
@@ -95,14 +125,18 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; `pool`, `hasher` and `streams` are read at
-    /// each scrape.
+    /// Registers every metric; `readings` are read at each scrape.
     pub fn new(
-        db_pool: Pool,
-        hasher: Hasher,
-        streams: StreamLimit,
+        readings: Readings,
         feed: &crate::service::changes::FeedMetrics,
     ) -> Result<Self, prometheus::Error> {
+        let Readings {
+            pool: db_pool,
+            hasher,
+            streams,
+            tokens,
+            refusals,
+        } = readings;
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -141,8 +175,28 @@ impl Metrics {
             "identity_grpc_open_streams",
             "Server streams open now (health Watch, reflection, streaming RPCs), of MAX_STREAMS.",
         )?;
+        let health = IntGaugeVec::new(
+            Opts::new(
+                "identity_health_serving",
+                "1 while the health service reports SERVING, 0 otherwise; by service name \
+                 (\"\" is the whole server).",
+            ),
+            &["service"],
+        )?;
+        let key_reload_failures = IntCounter::new(
+            "identity_keys_reload_failures_total",
+            "Reloads of KEYS_DIR (SIGHUP or KEYS_RELOAD_INTERVAL) that failed; the keys in use stayed.",
+        )?;
+        let key_age = Gauge::new(
+            "identity_signing_key_age_seconds",
+            "Age of the key that signs now, from the creation time in its file name.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(open_streams.clone()))?;
+        registry.register(Box::new(health.clone()))?;
+        registry.register(Box::new(key_reload_failures.clone()))?;
+        registry.register(Box::new(key_age.clone()))?;
+        registry.register(Box::new(RefusalCounts::new(refusals)?))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(pool.clone()))?;
         registry.register(Box::new(hash_queue.clone()))?;
@@ -150,9 +204,7 @@ impl Metrics {
         for collector in feed.collectors() {
             registry.register(collector)?;
         }
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(ProcessMetrics::new()?))?;
         Ok(Self {
             registry,
             requests,
@@ -161,13 +213,29 @@ impl Metrics {
             hash_queue,
             open_streams,
             log_dropped,
+            health,
+            key_reload_failures,
+            key_age,
             known: Arc::new(known_methods()),
             sources: Arc::new(Sources {
                 pool: db_pool,
                 hasher,
                 streams,
+                tokens,
             }),
         })
+    }
+
+    /// The gauge `identity_health_serving`, which the health service sets
+    /// with each status it publishes.
+    pub(crate) fn health(&self) -> IntGaugeVec {
+        self.health.clone()
+    }
+
+    /// The counter `identity_keys_reload_failures_total`, which the key
+    /// reloader counts its failures in.
+    pub(crate) fn key_reload_failures(&self) -> IntCounter {
+        self.key_reload_failures.clone()
     }
 
     /// Registers one more collector (the verification cache's).
@@ -195,6 +263,9 @@ impl Metrics {
             .set(i64::try_from(self.sources.hasher.queue_depth()).unwrap_or(i64::MAX));
         self.open_streams
             .set(i64::try_from(self.sources.streams.open()).unwrap_or(i64::MAX));
+        let created = self.sources.tokens.keys().signing().created;
+        self.key_age
+            .set((chrono::Utc::now() - created).num_milliseconds() as f64 / 1000.0);
         let mut out = Vec::new();
         if let Err(e) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -222,6 +293,141 @@ impl Metrics {
             .with_label_values(&[service, method])
             .observe(started.elapsed().as_secs_f64());
     }
+}
+
+/// `identity_resource_exhausted_total`, read from [`Refusals`] at each
+/// scrape: a collector of its own rather than a counter kept in step, so
+/// that two scrapes at once cannot count a refusal twice. Every cause is
+/// shown from the start, at 0, so that `rate()` sees the first refusal.
+struct RefusalCounts {
+    refusals: Refusals,
+    desc: prometheus::core::Desc,
+}
+
+impl RefusalCounts {
+    fn new(refusals: Refusals) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            refusals,
+            desc: prometheus::core::Desc::new(
+                "identity_resource_exhausted_total".to_owned(),
+                "Calls refused with RESOURCE_EXHAUSTED, by cause (load_shed, hash_queue, \
+                 login_throttle, reset_throttle, stream_limit, message_too_large)."
+                    .to_owned(),
+                vec!["cause".to_owned()],
+                std::collections::HashMap::new(),
+            )?,
+        })
+    }
+}
+
+impl prometheus::core::Collector for RefusalCounts {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        use prometheus::proto::LabelPair;
+        let samples = Cause::ALL.iter().map(|&cause| {
+            let mut label = LabelPair::default();
+            label.set_name("cause".to_owned());
+            label.set_value(cause.as_str().to_owned());
+            let value = self.refusals.count(cause) as f64;
+            (vec![label], value)
+        });
+        vec![counter_family(&self.desc, samples)]
+    }
+}
+
+/// A counter's family: one sample per (labels, value).
+fn counter_family(
+    desc: &prometheus::core::Desc,
+    samples: impl Iterator<Item = (Vec<prometheus::proto::LabelPair>, f64)>,
+) -> prometheus::proto::MetricFamily {
+    use prometheus::proto::{Counter, Metric, MetricFamily, MetricType};
+    let mut family = MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(MetricType::COUNTER);
+    family.set_metric(
+        samples
+            .map(|(labels, value)| {
+                let mut counter = Counter::default();
+                counter.set_value(value);
+                let mut metric = Metric::default();
+                metric.set_label(labels);
+                metric.set_counter(counter);
+                metric
+            })
+            .collect(),
+    );
+    family
+}
+
+/// The name of the process's CPU counter, as Prometheus's clients name it.
+const CPU_SECONDS: &str = "process_cpu_seconds_total";
+
+/// The `prometheus` crate's process collector (memory, file descriptors,
+/// threads, start time) with its CPU counter replaced: the crate's is an
+/// integer, the clock ticks divided by the tick rate in integer division,
+/// so it moves in whole seconds and `rate()` over a minute of a quiet
+/// replica reads 0 or 1/60. This one is a float, from getrusage(2) to the
+/// microsecond, as Prometheus's own clients (Go's, Python's) report it.
+struct ProcessMetrics {
+    inner: prometheus::process_collector::ProcessCollector,
+    cpu: prometheus::core::Desc,
+}
+
+impl ProcessMetrics {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            inner: prometheus::process_collector::ProcessCollector::for_self(),
+            cpu: prometheus::core::Desc::new(
+                CPU_SECONDS.to_owned(),
+                "Total user and system CPU time spent in seconds.".to_owned(),
+                Vec::new(),
+                std::collections::HashMap::new(),
+            )?,
+        })
+    }
+}
+
+impl prometheus::core::Collector for ProcessMetrics {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.inner
+            .desc()
+            .into_iter()
+            .filter(|d| d.fq_name != CPU_SECONDS)
+            .chain(std::iter::once(&self.cpu))
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families: Vec<prometheus::proto::MetricFamily> = self
+            .inner
+            .collect()
+            .into_iter()
+            .filter(|f| f.name() != CPU_SECONDS)
+            .collect();
+        if let Some(seconds) = cpu_seconds() {
+            families.push(counter_family(
+                &self.cpu,
+                std::iter::once((Vec::new(), seconds)),
+            ));
+        }
+        families
+    }
+}
+
+/// The user and system CPU time of the whole process (every thread), in
+/// seconds to the microsecond.
+fn cpu_seconds() -> Option<f64> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    use nix::sys::time::TimeVal;
+    let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    // Summed in whole microseconds and divided once, so that the text shows
+    // the microseconds (0.184341), not a float sum's tail (0.18434099999).
+    let micros = |t: TimeVal| t.tv_sec() * 1_000_000 + t.tv_usec();
+    Some((micros(usage.user_time()) + micros(usage.system_time())) as f64 / 1e6)
 }
 
 /// Every RPC of the descriptor sets the server registers.

@@ -2,7 +2,8 @@
 //! (a pool merely busy at peak load must not read as a database that is
 //! down), pinged every 2 s, and the status of the whole server and of each
 //! service name kept in step with it: NOT_SERVING while the database is
-//! away, SERVING again when it returns, without a restart.
+//! away, SERVING again when it returns, without a restart. Each status is
+//! shown on `/metrics` too (`identity_health_serving`).
 
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use crate::proto::identity::v1 as pb;
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The names the health service answers for, beside "" (the whole server).
-pub(super) fn service_names() -> [&'static str; 7] {
+fn service_names() -> [&'static str; 7] {
     [
         <pb::api_key_service_server::ApiKeyServiceServer<ApiKeysGrpc> as NamedService>::NAME,
         <pb::change_service_server::ChangeServiceServer<ChangesGrpc> as NamedService>::NAME,
@@ -31,11 +32,39 @@ pub(super) fn service_names() -> [&'static str; 7] {
     ]
 }
 
+/// The health service's status of every name, and its gauge on `/metrics`,
+/// set together.
+#[derive(Clone)]
+pub(super) struct Health {
+    reporter: HealthReporter,
+    gauge: prometheus::IntGaugeVec,
+}
+
+impl Health {
+    pub(super) fn new(reporter: HealthReporter, gauge: prometheus::IntGaugeVec) -> Self {
+        Self { reporter, gauge }
+    }
+
+    /// Publishes `status` for the whole server ("") and every service name.
+    pub(super) async fn set(&self, status: ServingStatus) {
+        // The gauge first: whoever hears the new status from the health
+        // service finds it on /metrics already.
+        let serving = i64::from(status == ServingStatus::Serving);
+        for name in std::iter::once("").chain(service_names()) {
+            self.gauge.with_label_values(&[name]).set(serving);
+        }
+        self.reporter.set_service_status("", status).await;
+        for name in service_names() {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+}
+
 /// Keeps the health status in step with the database: NOT_SERVING while it
 /// cannot be reached, SERVING again when it returns, without a restart.
 pub(super) async fn watch_database(
     mut prober: Prober,
-    reporter: HealthReporter,
+    health: Health,
     mut last: ServingStatus,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -44,7 +73,7 @@ pub(super) async fn watch_database(
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
             _ = stopped.changed() => return,
         }
-        last = report_database(&mut prober, &reporter, Some(last)).await;
+        last = report_database(&mut prober, &health, Some(last)).await;
     }
 }
 
@@ -93,7 +122,7 @@ impl Prober {
 /// Pings the database and publishes the result when it changed from `last`.
 pub(super) async fn report_database(
     prober: &mut Prober,
-    reporter: &HealthReporter,
+    health: &Health,
     last: Option<ServingStatus>,
 ) -> ServingStatus {
     let status = match prober.ping().await {
@@ -109,10 +138,7 @@ pub(super) async fn report_database(
         if last.is_some() && status == ServingStatus::Serving {
             tracing::info!("database reachable again: health is SERVING");
         }
-        reporter.set_service_status("", status).await;
-        for name in service_names() {
-            reporter.set_service_status(name, status).await;
-        }
+        health.set(status).await;
     }
     status
 }

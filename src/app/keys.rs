@@ -9,11 +9,14 @@ use super::KeysSource;
 /// Re-reads `KEYS_DIR` on SIGHUP and every `KEYS_RELOAD_INTERVAL`, so that
 /// `identity keys rotate` (or a key mounted from a secret store) takes effect
 /// without a restart: the newest key signs, every key still in the folder
-/// verifies, and a key removed from it stops verifying.
+/// verifies, and a key removed from it stops verifying. A reload that
+/// fails is counted in `failures` (`identity_keys_reload_failures_total`)
+/// and logged; the keys in use stay.
 pub(super) async fn reload_keys(
     source: KeysSource,
     pool: crate::db::Pool,
     tokens: TokenIssuer,
+    failures: prometheus::IntCounter,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -52,8 +55,14 @@ pub(super) async fn reload_keys(
                     record_keys_changed(&pool).await;
                 }
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "keys not reloaded; the current ones stay"),
-            Err(e) => tracing::error!(error = %e, "keys not reloaded"),
+            Ok(Err(e)) => {
+                failures.inc();
+                tracing::error!(error = %e, "keys not reloaded; the current ones stay");
+            }
+            Err(e) => {
+                failures.inc();
+                tracing::error!(error = %e, "keys not reloaded");
+            }
         }
     }
 }

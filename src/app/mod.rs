@@ -40,12 +40,12 @@ use crate::hashing::Hasher;
 /// mesh's verifiers (Istio's 20 minutes, Envoy's 10, plus a replica's
 /// reload); a shorter one is warned about at start.
 const RECOMMENDED_ACTIVATION_DELAY: Duration = Duration::from_secs(30 * 60);
-use crate::limits::{BodyLimitLayer, DeadlineLayer, ShedLayer, StreamLimit};
+use crate::limits::{BodyLimitLayer, DeadlineLayer, Refusals, ShedLayer, StreamLimit};
 use crate::proto::{self, identity::v1 as pb};
 use crate::service::{AccountService, AuthService, ChangeService, GroupService, UserService};
 use crate::token::{KeyStore, TokenIssuer, keys::KeyError};
 
-use health::{Prober, report_database, service_names, watch_database};
+use health::{Health, Prober, report_database, watch_database};
 use janitor::purge_old_rows;
 use keys::reload_keys;
 
@@ -116,6 +116,7 @@ pub struct Application {
     traced: bool,
     require_mfa_for_superusers: bool,
     streams: StreamLimit,
+    refusals: Refusals,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
@@ -159,13 +160,16 @@ impl Application {
     /// Opens the database, applies pending migrations, builds the services
     /// and binds `LISTEN_ADDR`.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        // Every RESOURCE_EXHAUSTED of this server, counted by cause.
+        let refusals = Refusals::default();
         // First: settings argon2 refuses together fail before any database
         // work, with a message of their own.
         let hasher = Hasher::new(
             config.hash_params(),
             config.hash_concurrency(),
             config.hash_queue as usize,
-        )?;
+        )?
+        .counting(refusals.clone());
         // Before the database too: a bad file fails the start at once, and
         // nothing is started that would have to be stopped.
         let breached = load_breached(config).await?;
@@ -206,13 +210,17 @@ impl Application {
             config.jwt_audience.clone(),
             config.access_token_ttl,
         );
-        let streams = StreamLimit::new(config.max_streams as usize);
+        let streams = StreamLimit::new(config.max_streams as usize, refusals.clone());
         let feed_metrics = crate::service::changes::FeedMetrics::new()
             .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
         let metrics = crate::metrics::Metrics::new(
-            pool.clone(),
-            hasher.clone(),
-            streams.clone(),
+            crate::metrics::Readings {
+                pool: pool.clone(),
+                hasher: hasher.clone(),
+                streams: streams.clone(),
+                tokens: tokens.clone(),
+                refusals: refusals.clone(),
+            },
             &feed_metrics,
         )
         .map_err(|e| StartupError::Other(format!("metrics: {e}")))?;
@@ -236,7 +244,8 @@ impl Application {
             hasher.clone(),
             config.email_verification_ttl,
             config.password_reset_ttl,
-        );
+        )
+        .with_refusals(refusals.clone());
         let auth = AuthService::new(
             pool.clone(),
             hasher,
@@ -245,6 +254,7 @@ impl Application {
             config.request_timeout,
         )
         .require_verified_login(config.require_verified_login)
+        .with_refusals(refusals.clone())
         .with_mfa(std::sync::Arc::new(mfa));
         let auth = match &cache {
             Some(cache) => auth.with_cache(cache.clone()),
@@ -290,6 +300,7 @@ impl Application {
             traced: config.otel_exporter_otlp_endpoint.is_some(),
             require_mfa_for_superusers: config.require_mfa_for_superusers,
             streams,
+            refusals,
             tls: tls_config(config)?,
             keys: KeysSource {
                 activation_delay: config.keys_activation_delay,
@@ -336,7 +347,8 @@ impl Application {
         // The first look at the database happens before serving, so that
         // every service name is registered by the first health call.
         let mut prober = Prober::new(self.database.url.clone());
-        let first = report_database(&mut prober, &reporter, None).await;
+        let health_status = Health::new(reporter, self.metrics.health());
+        let first = report_database(&mut prober, &health_status, None).await;
         let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
         let janitor = tokio::spawn(purge_old_rows(
             self.pool.clone(),
@@ -366,10 +378,12 @@ impl Application {
             self.keys.clone(),
             self.pool.clone(),
             self.auth.tokens().clone(),
+            self.metrics.key_reload_failures(),
             health_stopped.clone(),
         ));
-        let draining = reporter.clone();
-        let watcher = tokio::spawn(watch_database(prober, reporter, first, health_stopped));
+        let refusal_log = tokio::spawn(self.refusals.clone().report(health_stopped.clone()));
+        let draining = health_status.clone();
+        let watcher = tokio::spawn(watch_database(prober, health_status, first, health_stopped));
 
         let mut routes = tonic::service::Routes::builder();
         routes
@@ -412,9 +426,15 @@ impl Application {
             ))
             // Streams first: they are exempt from the two below.
             .layer(self.streams.layer())
-            .layer(ShedLayer::new(self.limits.max_concurrent_requests))
+            .layer(ShedLayer::new(
+                self.limits.max_concurrent_requests,
+                self.refusals.clone(),
+            ))
             .layer(DeadlineLayer::new(self.limits.request_timeout))
-            .layer(BodyLimitLayer::new(MAX_MESSAGE_BYTES + 5))
+            .layer(BodyLimitLayer::new(
+                MAX_MESSAGE_BYTES + 5,
+                self.refusals.clone(),
+            ))
             .layer(
                 AuthLayer::new(self.auth, announces)
                     .require_mfa_for_superusers(self.require_mfa_for_superusers),
@@ -426,14 +446,7 @@ impl Application {
             tracing::info!("shutting down: no new calls, waiting for those in flight");
             // Tell load balancers at once; the background tasks stop too.
             let _ = stop_health.send(true);
-            draining
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            for name in service_names() {
-                draining
-                    .set_service_status(name, ServingStatus::NotServing)
-                    .await;
-            }
+            draining.set(ServingStatus::NotServing).await;
             // Open streams end with OK (a health watcher after hearing
             // NOT_SERVING), so that the drain below waits only for unary
             // calls, which REQUEST_TIMEOUT bounds.
@@ -480,6 +493,7 @@ impl Application {
 
         let _ = watcher.await;
         let _ = reloader.await;
+        let _ = refusal_log.await;
         let _ = janitor.await;
         let _ = listener.await;
         let _ = announcer.await;

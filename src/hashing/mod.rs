@@ -34,6 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::domain::Password;
 use crate::error::Error;
+use crate::limits::{Cause, Refusals};
 
 use formats::hash_phc;
 
@@ -61,6 +62,8 @@ impl HashParams {
 #[derive(Debug, Clone)]
 pub struct Hasher {
     inner: Arc<Inner>,
+    /// Where a caller refused for a full queue is counted.
+    refusals: Refusals,
 }
 
 #[derive(Debug)]
@@ -149,7 +152,16 @@ impl Hasher {
                 queue_limit,
                 dummy_hash,
             }),
+            refusals: Refusals::default(),
         })
+    }
+
+    /// Counts callers refused for a full queue in `refusals` (the server's),
+    /// as [`Cause::HashQueue`].
+    #[must_use]
+    pub fn counting(mut self, refusals: Refusals) -> Self {
+        self.refusals = refusals;
+        self
     }
 
     /// The PHC string of a fresh argon2id hash of `password`.
@@ -208,7 +220,9 @@ impl Hasher {
         let permit = {
             // Counted while waiting; the guard uncounts even when the caller
             // is cancelled (deadline, client gone) during the wait.
-            let _waiting = Waiting::enter(&self.inner)?;
+            let _waiting = Waiting::enter(&self.inner).inspect_err(|_| {
+                self.refusals.refuse(Cause::HashQueue);
+            })?;
             self.inner
                 .slots
                 .clone()

@@ -12,8 +12,10 @@
 //!
 //! [`StreamLimit`]: crate::limits::StreamLimit
 
+mod refusals;
 mod streams;
 
+pub use refusals::{Cause, LOG_EVERY, Refusals};
 pub use streams::{StreamCall, StreamLayer, StreamLimit, Streams, rpc_methods};
 
 use std::{
@@ -125,17 +127,19 @@ where
 }
 
 /// Refuses a request body larger than `max` bytes with RESOURCE_EXHAUSTED,
-/// before it is buffered.
-#[derive(Debug, Clone, Copy)]
+/// before it is buffered; counted in `refusals` as
+/// [`Cause::MessageTooLarge`].
+#[derive(Debug, Clone)]
 pub struct BodyLimitLayer {
     max: usize,
+    refusals: Refusals,
 }
 
 impl BodyLimitLayer {
     /// A limit of `max` bytes per request body (for unary gRPC calls: one
     /// message and its 5-byte frame header).
-    pub fn new(max: usize) -> Self {
-        Self { max }
+    pub fn new(max: usize, refusals: Refusals) -> Self {
+        Self { max, refusals }
     }
 }
 
@@ -146,6 +150,7 @@ impl<S> Layer<S> for BodyLimitLayer {
         BodyLimit {
             inner,
             max: self.max,
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -155,6 +160,7 @@ impl<S> Layer<S> for BodyLimitLayer {
 pub struct BodyLimit<S> {
     inner: S,
     max: usize,
+    refusals: Refusals,
 }
 
 impl<S> Service<Request<tonic::body::Body>> for BodyLimit<S>
@@ -177,11 +183,13 @@ where
             return self.inner.call(request);
         }
         let max = self.max;
+        let refusals = self.refusals.clone();
         self.inner.call(request.map(|body| {
             tonic::body::Body::new(Limited {
                 inner: body,
                 left: max,
                 max,
+                refusals,
             })
         }))
     }
@@ -193,6 +201,7 @@ struct Limited {
     inner: tonic::body::Body,
     left: usize,
     max: usize,
+    refusals: Refusals,
 }
 
 impl Body for Limited {
@@ -208,6 +217,7 @@ impl Body for Limited {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     if data.len() > this.left {
+                        this.refusals.refuse(Cause::MessageTooLarge);
                         let max = this.max;
                         return Poll::Ready(Some(Err(tonic::Status::resource_exhausted(format!(
                             "request message too large: the limit is {} bytes",
@@ -239,16 +249,19 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// once with RESOURCE_EXHAUSTED and a `google.rpc.RetryInfo` (load shedding:
 /// a queue would only add latency to an overload). Health checks and
 /// `/metrics` bypass the limit, so that probes keep answering at peak load.
+/// Shed calls are counted in `refusals` as [`Cause::LoadShed`].
 #[derive(Debug, Clone)]
 pub struct ShedLayer {
     permits: std::sync::Arc<tokio::sync::Semaphore>,
+    refusals: Refusals,
 }
 
 impl ShedLayer {
     /// A limit of `max` calls in flight.
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, refusals: Refusals) -> Self {
         Self {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            refusals,
         }
     }
 }
@@ -266,6 +279,7 @@ impl<S: Clone> Layer<S> for ShedLayer {
         Shed {
             direct: inner,
             limited,
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -275,6 +289,7 @@ impl<S: Clone> Layer<S> for ShedLayer {
 pub struct Shed<S> {
     direct: S,
     limited: tower::load_shed::LoadShed<tower::limit::ConcurrencyLimit<S>>,
+    refusals: Refusals,
 }
 
 fn bypasses_the_limit(path: &str) -> bool {
@@ -306,11 +321,13 @@ where
             return Box::pin(async move { call.await.map_err(Into::into) });
         }
         let limited = self.limited.clone();
+        let refusals = self.refusals.clone();
         Box::pin(async move {
             match limited.oneshot(request).await {
                 Err(e) if e.is::<tower::load_shed::error::Overloaded>() => {
                     use tonic_types::{ErrorDetails, StatusExt};
                     tracing::debug!("at capacity: call shed");
+                    refusals.refuse(Cause::LoadShed);
                     Ok(tonic::Status::with_error_details(
                         tonic::Code::ResourceExhausted,
                         "the service is at capacity; retry shortly",

@@ -13,7 +13,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
-use super::BoxFuture;
+use super::{BoxFuture, Cause, Refusals};
 
 /// Every RPC the server registers, as its path ("/package.Service/Method")
 /// and whether it streams (from the server, the client or both): read from
@@ -51,7 +51,8 @@ pub fn rpc_methods() -> Vec<(String, bool)> {
 pub struct StreamCall;
 
 /// At most `MAX_STREAMS` streams open at once, across all connections; one
-/// more is refused at once with RESOURCE_EXHAUSTED. [`StreamLimit::close`]
+/// more is refused at once with RESOURCE_EXHAUSTED (counted as
+/// [`Cause::StreamLimit`]). [`StreamLimit::close`]
 /// ends every open stream with OK (and refuses new ones with UNAVAILABLE),
 /// so that a graceful shutdown does not wait out its grace period for
 /// watchers that would never leave.
@@ -66,11 +67,12 @@ struct StreamInner {
     permits: std::sync::Arc<tokio::sync::Semaphore>,
     closing: tokio_util::sync::CancellationToken,
     streaming: std::collections::HashSet<String>,
+    refusals: Refusals,
 }
 
 impl StreamLimit {
-    /// A limit of `max` open streams.
-    pub fn new(max: usize) -> Self {
+    /// A limit of `max` open streams; refusals counted in `refusals`.
+    pub fn new(max: usize, refusals: Refusals) -> Self {
         let streaming = rpc_methods()
             .into_iter()
             .filter_map(|(path, streams)| streams.then_some(path))
@@ -81,6 +83,7 @@ impl StreamLimit {
                 permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
                 closing: tokio_util::sync::CancellationToken::new(),
                 streaming,
+                refusals,
             }),
         }
     }
@@ -160,6 +163,7 @@ where
         }
         let Ok(permit) = inner.permits.clone().try_acquire_owned() else {
             tracing::debug!(max = inner.max, "MAX_STREAMS reached: stream refused");
+            inner.refusals.refuse(Cause::StreamLimit);
             let refused = tonic::Status::resource_exhausted(
                 "the service has as many streams open as it allows; retry later",
             );
@@ -327,7 +331,7 @@ mod tests {
 
     #[test]
     fn streams_are_known_from_the_descriptors() {
-        let limit = StreamLimit::new(1);
+        let limit = StreamLimit::new(1, Refusals::default());
         for stream in [
             "/grpc.health.v1.Health/Watch",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

@@ -47,6 +47,8 @@ pub struct AccountService {
     hasher: Hasher,
     verification_ttl: Duration,
     reset_ttl: Duration,
+    /// Where a reset request refused for its address is counted.
+    refusals: crate::limits::Refusals,
 }
 
 impl AccountService {
@@ -64,7 +66,15 @@ impl AccountService {
             hasher,
             verification_ttl,
             reset_ttl,
+            refusals: crate::limits::Refusals::default(),
         }
+    }
+
+    /// Counts reset requests refused for their address in `refusals` (the
+    /// server's), as `Cause::ResetThrottle`.
+    pub fn with_refusals(mut self, refusals: crate::limits::Refusals) -> Self {
+        self.refusals = refusals;
+        self
     }
 
     /// Issues a verification token for the user `user_id`, bound to its
@@ -146,6 +156,7 @@ impl AccountService {
         .await?;
         if let Some(until) = locked {
             tracing::info!("password reset request refused: throttled");
+            self.refusals.refuse(crate::limits::Cause::ResetThrottle);
             return Err(crate::service::throttled(
                 "too many password reset requests for this address",
                 until,

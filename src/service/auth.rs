@@ -124,6 +124,12 @@ impl AuthService {
         self
     }
 
+    /// Counts attempts its throttle refuses in `refusals` (the server's).
+    pub fn with_refusals(mut self, refusals: crate::limits::Refusals) -> Self {
+        self.throttle.count_in(refusals);
+        self
+    }
+
     /// Offers TOTP, its secrets sealed with `keys`.
     pub fn with_mfa(mut self, keys: std::sync::Arc<crate::token::mfa_key::MfaKeys>) -> Self {
         self.mfa = Some(keys);

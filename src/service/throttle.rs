@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::db::{self, Pool, throttle::Claim};
 use crate::error::Error;
+use crate::limits::{Cause, Refusals};
 
 /// Consecutive failures allowed before a login key is locked.
 pub const FREE_FAILURES: i32 = 5;
@@ -60,6 +61,8 @@ pub struct Throttle {
     lease: Duration,
     /// Woken whenever a lease of this process ends.
     ended: Arc<Notify>,
+    /// Where a refused attempt is counted.
+    refusals: Refusals,
 }
 
 impl std::fmt::Debug for Throttle {
@@ -77,7 +80,14 @@ impl Throttle {
             pool,
             lease,
             ended: Arc::new(Notify::new()),
+            refusals: Refusals::default(),
         }
+    }
+
+    /// Counts refused attempts in `refusals` (the server's), as
+    /// [`Cause::LoginThrottle`].
+    pub fn count_in(&mut self, refusals: Refusals) {
+        self.refusals = refusals;
     }
 
     /// Waits for room to check a password on `key`; RESOURCE_EXHAUSTED while
@@ -103,6 +113,7 @@ impl Throttle {
                 Looked::Granted(lease) => return Ok((lease, waited)),
                 Looked::Locked(until) => {
                     tracing::info!("attempt refused: throttled");
+                    self.refusals.refuse(Cause::LoginThrottle);
                     return Err(super::throttled(
                         "too many failed logins; try again later",
                         until,
@@ -111,6 +122,7 @@ impl Throttle {
                 Looked::Busy if started.elapsed() >= self.lease => {
                     // Leases that never end: a replica died mid-check, or the
                     // clocks disagree. Refuse rather than wait for ever.
+                    self.refusals.refuse(Cause::LoginThrottle);
                     return Err(super::throttled(
                         "too many logins at once; try again later",
                         chrono::Utc::now() + chrono::Duration::seconds(1),

@@ -341,6 +341,7 @@ async fn a_reset_sets_the_password_once_and_ends_every_session() {
 async fn reset_requests_are_throttled_per_address_known_or_not() {
     let app = spawn_app().await;
     let user = app.create_user("popular").await;
+    let mut refused = 0;
     for email in [user.email.as_str(), "ghost@example.com"] {
         let mut codes = Vec::new();
         for _ in 0..7 {
@@ -356,7 +357,18 @@ async fn reset_requests_are_throttled_per_address_known_or_not() {
         }
         assert_eq!(&codes[..4], [Code::Ok; 4], "{email}: {codes:?}");
         assert_eq!(codes[6], Code::ResourceExhausted, "{email}: {codes:?}");
+        refused += codes
+            .iter()
+            .filter(|&&c| c == Code::ResourceExhausted)
+            .count();
     }
+    let body = crate::metrics::scrape(app.addr).await;
+    let throttled = r#"identity_resource_exhausted_total{cause="reset_throttle"}"#;
+    assert_eq!(
+        crate::metrics::sample(&body, throttled),
+        Some(refused as f64),
+        "{body}"
+    );
 }
 
 fn imported(username: &str, hash: &str) -> pb::ImportedUser {

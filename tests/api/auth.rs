@@ -774,6 +774,14 @@ async fn five_failures_throttle_the_account_even_for_the_right_password() {
             .code(),
         Code::ResourceExhausted
     );
+    // Both refusals are told apart from the other RESOURCE_EXHAUSTED.
+    let body = crate::metrics::scrape(app.addr).await;
+    let throttled = r#"identity_resource_exhausted_total{cause="login_throttle"}"#;
+    assert_eq!(
+        crate::metrics::sample(&body, throttled),
+        Some(2.0),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use tonic::{Code, IntoRequest};
 use tonic_types::StatusExt;
 
 use crate::helpers::{TestDb, TestUser, spawn_app, spawn_app_on, spawn_app_without_login};
+use crate::metrics::sample;
 use identity::proto::identity::v1 as pb;
 
 /// argon2 parameters that make one hash take a good fraction of a second,
@@ -29,6 +30,9 @@ async fn a_message_over_64_kib_is_resource_exhausted() {
     req.first_name = "x".repeat(60 * 1024);
     let status = app.users.clone().create_user(req).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    let body = crate::metrics::scrape(app.addr).await;
+    let too_large = r#"identity_resource_exhausted_total{cause="message_too_large"}"#;
+    assert_eq!(sample(&body, too_large), Some(1.0), "{body}");
 }
 
 /// Calls CreateUser over a bare h2 connection with a `grpc-timeout` header,
@@ -156,6 +160,16 @@ async fn calls_over_the_concurrency_limit_are_shed_not_queued() {
         .count();
     assert!(ok >= 1 && shed >= 1, "{results:?}");
     assert_eq!(ok + shed, 8, "nothing but served or shed: {results:?}");
+    // Each shed call is counted under its cause, and no other cause.
+    let body = crate::metrics::scrape(app.addr).await;
+    let refused = |cause: &str| {
+        sample(
+            &body,
+            &format!(r#"identity_resource_exhausted_total{{cause="{cause}"}}"#),
+        )
+    };
+    assert_eq!(refused("load_shed"), Some(shed as f64), "{body}");
+    assert_eq!(refused("hash_queue"), Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,6 +206,15 @@ async fn a_full_hashing_queue_refuses_logins_but_not_token_checks() {
         .collect();
     assert!(!refused.is_empty(), "{results:?}");
     assert!(refused.iter().all(|s| s.get_details_retry_info().is_some()));
+    let body = crate::metrics::scrape(app.addr).await;
+    assert_eq!(
+        sample(
+            &body,
+            r#"identity_resource_exhausted_total{cause="hash_queue"}"#
+        ),
+        Some(refused.len() as f64),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,7 +351,7 @@ async fn open_reflection(
 }
 
 /// `identity serve` on a test database, with `env`, and a channel to it.
-async fn serve_with(
+pub(crate) async fn serve_with(
     db: &TestDb,
     dir: &crate::helpers::TempDir,
     env: &[(&str, &str)],
@@ -386,6 +409,41 @@ async fn streams_past_max_streams_are_refused_until_one_closes() {
         "reflection counts too"
     );
     assert_eq!(open_streams(serve.addr).await, 2.0);
+    // Told apart from the other causes: by a metric, and at the default
+    // level by a line (the first at once; the second within its 10 s).
+    let body = crate::metrics::scrape(serve.addr).await;
+    assert_eq!(
+        sample(
+            &body,
+            r#"identity_resource_exhausted_total{cause="stream_limit"}"#
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    let refusal_lines = || -> Vec<serde_json::Value> {
+        serve
+            .log
+            .lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "calls refused with RESOURCE_EXHAUSTED")
+            .collect()
+    };
+    let needle = "calls refused with RESOURCE_EXHAUSTED";
+    assert!(
+        serve
+            .log
+            .wait_for_count(0, needle, 2, Duration::from_secs(30)),
+        "{:#?}",
+        serve.log.lines()
+    );
+    let lines = refusal_lines();
+    for (line, total) in lines.iter().zip([1, 2]) {
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(line["fields"]["cause"], "stream_limit");
+        assert_eq!(line["fields"]["refused"], 1, "one since the last line");
+        assert_eq!(line["fields"]["total"], total);
+    }
     // Unary calls go on, under their own limit.
     crate::helpers::AuthServiceClient::new(channel.clone())
         .get_public_keys(pb::GetPublicKeysRequest {})

@@ -408,7 +408,9 @@ fn every_command_reports_an_error_in_one_identity_line_with_the_documented_code(
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed = free.local_addr().unwrap().to_string();
     drop(free);
-    let cases: &[(&[&str], &[(&str, &str)], i32, &str)] = &[
+    /// The command line, its environment, the exit code, what the line names.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], i32, &'a str);
+    let cases: &[Case] = &[
         (&["serve", "--no-such-flag"], &[], 2, "--no-such-flag"),
         (&["frobnicate"], &[], 2, "frobnicate"),
         (

@@ -60,7 +60,7 @@ pub(super) struct CreateSuperuserArgs {
 
 /// The database for an admin command: like `serve`'s, but when a running
 /// service owns the embedded cluster, its socket is used as it is.
-async fn admin_database(config: &Config) -> Result<Database, StartupError> {
+pub(super) async fn admin_database(config: &Config) -> Result<Database, StartupError> {
     match Database::open(config).await {
         Err(StartupError::Embedded(EmbeddedError::Busy(dir))) => {
             let url = crate::db::embedded::running_cluster_url(&dir, "identity")

@@ -4,11 +4,13 @@
 //! `serve.rs` (the service and its stop signals), `admin.rs` (migrate,
 //! createsuperuser, keys, and the admin database they share),
 //! `import.rs` (the JSON Lines reader of `identity import`),
-//! `changes.rs` (a gRPC client printing the change feed) and
-//! `passwords.rs` (the breached-password list, built offline).
+//! `changes.rs` (a gRPC client printing the change feed),
+//! `passwords.rs` (the breached-password list, built offline) and
+//! `backup.rs` (backup, restore and after-restore).
 
 mod admin;
 mod apikeys;
+mod backup;
 mod changes;
 mod healthcheck;
 mod import;
@@ -77,6 +79,21 @@ enum Command {
     /// Pwned's SHA-1 list into the compact file the service loads fastest;
     /// `passwords check FILE` loads either form as the service would.
     Passwords(passwords::PasswordsArgs),
+    /// Dumps the embedded cluster's database (pg_dump --format=custom)
+    /// into FILE (mode 0600, written whole or not at all; `-`: standard
+    /// output), whether a service runs on it or not. Not with DATABASE_URL.
+    Backup(backup::BackupArgs),
+    /// Replaces the embedded cluster's database with a dump made by
+    /// `backup`: refused while a service runs on it; restored into a
+    /// database of its own, migrated, cleaned as by `after-restore`, and
+    /// only then swapped in. Not with DATABASE_URL.
+    Restore(backup::RestoreArgs),
+    /// After a restore, in one transaction: ends every session, spends
+    /// every account token, drops the logins waiting for a second factor
+    /// and restarts the change feed; prints the counts. With DATABASE_URL
+    /// or the embedded cluster, also while services run.
+    #[command(name = "after-restore")]
+    AfterRestore(backup::AfterRestoreArgs),
 }
 
 impl Cli {
@@ -92,6 +109,26 @@ impl Cli {
                 {
                     eprintln!("identity: invalid value for DATABASE_URL: {e}");
                     std::process::exit(2);
+                }
+                // PG_BIN_DIR, when the embedded cluster is used: a folder
+                // without the binaries is refused here, by name, rather
+                // than reported later as none found.
+                if let Some(config) = cli.config().filter(|c| c.database_url.is_none())
+                    && let Some(dir) = config.pg_bin_dir.as_deref()
+                    && !dir.as_os_str().is_empty()
+                {
+                    use crate::db::embedded::{DUMP_TOOLS, SERVER_TOOLS, check_bin_dir};
+                    let mut tools = SERVER_TOOLS.to_vec();
+                    if matches!(cli.command, Command::Backup(_) | Command::Restore(_)) {
+                        tools.extend(DUMP_TOOLS);
+                    }
+                    if let Err(why) = check_bin_dir(dir, &tools) {
+                        eprintln!(
+                            "identity: invalid value for PG_BIN_DIR: {}: {why}",
+                            dir.display()
+                        );
+                        std::process::exit(2);
+                    }
                 }
                 cli
             }
@@ -133,6 +170,9 @@ impl Cli {
             Command::ApiKeys(args) => Some(&args.config),
             Command::Healthcheck(_) => None,
             Command::Passwords(_) => None,
+            Command::Backup(args) => Some(&args.config),
+            Command::Restore(args) => Some(&args.config),
+            Command::AfterRestore(args) => Some(&args.config),
         }
     }
 
@@ -172,6 +212,9 @@ impl Cli {
             Command::ApiKeys(args) => apikeys::apikeys(args).await,
             Command::Healthcheck(args) => return healthcheck::healthcheck(args).await,
             Command::Passwords(args) => passwords::passwords(args).await,
+            Command::Backup(args) => backup::backup(args).await,
+            Command::Restore(args) => backup::restore(args).await,
+            Command::AfterRestore(args) => backup::after_restore(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,11 @@
 //! would scatter the order its steps must keep.
 //!
 //! The cluster lives in `DATA_DIR/pg` and listens only on a Unix socket in
-//! `DATA_DIR/run` (no TCP port). When the service runs as root, PostgreSQL
+//! `DATA_DIR/run` (no TCP port). Its `postgresql.conf` is the operator's,
+//! between two includes identity writes at every start: its defaults
+//! first (`identity-defaults.conf`, which the operator's lines override),
+//! its socket settings last (`identity.conf`, which nothing overrides but
+//! `ALTER SYSTEM`). When the service runs as root, PostgreSQL
 //! (which refuses root) runs as the `postgres` user, and the folders it owns
 //! are handed to that user.
 //!
@@ -40,6 +44,31 @@ pub const SUPERUSER: &str = "postgres";
 /// Unix socket paths are limited to 107 bytes (`sun_path`).
 const MAX_SOCKET_PATH: usize = 107;
 const SOCKET_FILE: &str = ".s.PGSQL.5432";
+/// identity's choices, which the operator's `postgresql.conf` overrides.
+const DEFAULTS_FILE: &str = "identity-defaults.conf";
+/// What identity holds whatever `postgresql.conf` says: the socket.
+const HELD_FILE: &str = "identity.conf";
+/// The first lines of `postgresql.conf`.
+const DEFAULTS_INCLUDE: [&str; 5] = [
+    "# identity's defaults: a setting below this line overrides them. When identity",
+    "# first laid this file out, it commented out the lines below that set one of",
+    "# them (initdb's, or an edit that identity.conf used to override): they had no",
+    "# effect until then. Uncomment one, or add a line, to override identity's value.",
+    "include_if_exists = 'identity-defaults.conf'",
+];
+/// The last lines of `postgresql.conf`: a plain `include`, so that a
+/// missing file stops the server rather than let it listen on TCP.
+const HELD_INCLUDE: [&str; 2] = [
+    "# identity's socket settings, read last so that they hold: keep this last.",
+    "include = 'identity.conf'",
+];
+/// What versions before the split appended (`identity.conf` then held
+/// the defaults too).
+const OLD_INCLUDE: &str = "include_if_exists = 'identity.conf'";
+/// The server binaries, which `PG_BIN_DIR` must hold.
+pub const SERVER_TOOLS: [&str; 3] = ["initdb", "pg_ctl", "postgres"];
+/// The client tools `identity backup` and `identity restore` run.
+pub const DUMP_TOOLS: [&str; 2] = ["pg_dump", "pg_restore"];
 
 /// Why the embedded cluster could not be set up, started or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +79,18 @@ pub enum EmbeddedError {
          install PostgreSQL (e.g. apt-get install postgresql), set PG_BIN_DIR, or set DATABASE_URL"
     )]
     NoBinaries,
+    /// `PG_BIN_DIR` names a folder without the tools needed.
+    #[error("invalid value for PG_BIN_DIR: {0}: {1}")]
+    BinDir(PathBuf, String),
+    /// A client tool (`pg_dump`, `pg_restore`) is missing beside the server's.
+    #[error(
+        "{0} not found: identity backs up and restores with the pg_dump and pg_restore \
+         beside the cluster's server (set PG_BIN_DIR to a folder holding both)"
+    )]
+    NoTool(PathBuf),
+    /// DATA_DIR holds no cluster (yet).
+    #[error("DATA_DIR {0} holds no PostgreSQL cluster")]
+    NoCluster(PathBuf),
     /// The socket path would exceed the kernel's limit.
     #[error(
         "DATA_DIR {0} is too long for a Unix socket path ({1} bytes, at most {MAX_SOCKET_PATH}); \
@@ -133,11 +174,7 @@ impl EmbeddedPostgres {
         bin_dir: Option<&Path>,
         durability: Durability,
     ) -> Result<Self, EmbeddedError> {
-        let bin_dir = match bin_dir {
-            Some(dir) if has_server_binaries(dir) => dir.to_owned(),
-            Some(_) => return Err(EmbeddedError::NoBinaries),
-            None => find_binaries().ok_or(EmbeddedError::NoBinaries)?,
-        };
+        let bin_dir = resolve_bin_dir(bin_dir)?;
         mkdir_private(data_dir)?;
         let data_dir = fs::canonicalize(data_dir).map_err(io_err("resolving", data_dir))?;
         restrict(&data_dir, PRIVATE_DIR)?;
@@ -155,15 +192,7 @@ impl EmbeddedPostgres {
             Err(TryLockError::Error(e)) => return Err(io_err("locking", &lock_path)(e)),
         }
 
-        let owner = if nix::unistd::geteuid().is_root() {
-            let user = nix::unistd::User::from_name(POSTGRES_OS_USER)
-                .ok()
-                .flatten()
-                .ok_or(EmbeddedError::NoUser)?;
-            Some((user.uid.as_raw(), user.gid.as_raw()))
-        } else {
-            None
-        };
+        let owner = cluster_owner()?;
 
         if let Some((uid, gid)) = owner
             && let Some(blocked) = data_dir
@@ -278,32 +307,61 @@ impl EmbeddedPostgres {
         })
     }
 
+    /// Writes identity's two settings files and puts their includes in
+    /// place in `postgresql.conf`: `identity-defaults.conf` at the top,
+    /// so that the operator's own lines below override its values, and
+    /// `identity.conf` at the end, so that nothing before it moves the
+    /// cluster off its socket. A `postgresql.conf` laid out by an older
+    /// version (one include, at the end, of a file that held both kinds)
+    /// is laid out again.
     fn write_config(&self, durability: Durability) -> Result<(), EmbeddedError> {
-        // Settings identity owns live in their own file, rewritten at every
-        // start; postgresql.conf includes it once.
-        let ours = self.pgdata.join("identity.conf");
-        let mut conf = format!(
-            "# Written by identity at every start; edit postgresql.conf instead.\n\
-             listen_addresses = ''\n\
-             unix_socket_directories = '{}'\n\
-             unix_socket_permissions = 0700\n\
+        let mut defaults = String::from(
+            "# Written by identity at every start. Included at the top of postgresql.conf:\n\
+             # a setting given again in postgresql.conf overrides the value here.\n\
              max_connections = 200\n\
              timezone = 'UTC'\n",
-            self.socket_dir.to_string_lossy().replace('\'', "''")
         );
         if durability == Durability::Throwaway {
-            conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+            defaults.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
         }
-        fs::write(&ours, conf).map_err(io_err("writing", &ours))?;
-        self.chown(&ours)?;
+        let held = format!(
+            "# Written by identity at every start. Included at the end of postgresql.conf,\n\
+             # so these hold whatever it says: identity reaches the cluster only here.\n\
+             listen_addresses = ''\n\
+             port = 5432\n\
+             unix_socket_directories = '{}'\n\
+             unix_socket_permissions = 0700\n",
+            self.socket_dir.to_string_lossy().replace('\'', "''")
+        );
+        for (name, text) in [(DEFAULTS_FILE, &defaults), (HELD_FILE, &held)] {
+            let path = self.pgdata.join(name);
+            fs::write(&path, text).map_err(io_err("writing", &path))?;
+            self.chown(&path)?;
+        }
 
         let main = self.pgdata.join("postgresql.conf");
         let text = fs::read_to_string(&main).map_err(io_err("reading", &main))?;
-        let include = "include_if_exists = 'identity.conf'";
-        if !text.contains(include) {
-            fs::write(&main, format!("{text}\n{include}\n")).map_err(io_err("writing", &main))?;
+        let arranged = arrange_main_config(&text, &defaults);
+        if arranged != text {
+            // Beside it and renamed into place: a crash half-way must not
+            // leave the cluster without its configuration.
+            let staging = self.pgdata.join("postgresql.conf.identity-new");
+            let _ = fs::remove_file(&staging);
+            create_private_file(&staging)?;
+            fs::write(&staging, arranged).map_err(io_err("writing", &staging))?;
+            self.chown(&staging)?;
+            fs::rename(&staging, &main).map_err(io_err("renaming", &staging))?;
         }
         Ok(())
+    }
+
+    /// The cluster's client tools, run as it is run.
+    pub fn client(&self) -> Client {
+        Client {
+            bin_dir: client_dir(&self.bin_dir),
+            socket_dir: self.socket_dir.clone(),
+            owner: self.owner,
+        }
     }
 
     /// We hold the lock, so a postmaster still running on this folder is the
@@ -358,16 +416,7 @@ impl EmbeddedPostgres {
     }
 
     fn command(&self, tool: &str) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join(tool));
-        // The working folder must be one PostgreSQL's user can enter.
-        cmd.current_dir(&self.socket_dir);
-        cmd.env_remove("PGDATA").env("LC_ALL", "C");
-        if let Some((uid, gid)) = self.owner {
-            use std::os::unix::process::CommandExt;
-            // std drops root's supplementary groups when it sets a uid.
-            cmd.uid(uid).gid(gid);
-        }
-        cmd
+        command_as(&self.bin_dir, &self.socket_dir, self.owner, tool)
     }
 
     /// Creates `dir` (mode 0700) owned by PostgreSQL's user.
@@ -395,6 +444,95 @@ impl Drop for EmbeddedPostgres {
     }
 }
 
+/// Where the client tools of the server in `bin_dir` are: there, or, when
+/// `bin_dir` holds only links to the server's binaries (a folder on PATH),
+/// in the folder its `postgres` really is in, with the rest of its version.
+fn client_dir(bin_dir: &Path) -> PathBuf {
+    if DUMP_TOOLS.iter().all(|tool| bin_dir.join(tool).is_file()) {
+        return bin_dir.to_owned();
+    }
+    fs::canonicalize(bin_dir.join("postgres"))
+        .ok()
+        .and_then(|server| server.parent().map(Path::to_owned))
+        .filter(|dir| DUMP_TOOLS.iter().all(|tool| dir.join(tool).is_file()))
+        .unwrap_or_else(|| bin_dir.to_owned())
+}
+
+/// `tool` of `bin_dir`, run as the cluster's OS user (`owner`, when this
+/// process is root) from `socket_dir`.
+fn command_as(bin_dir: &Path, socket_dir: &Path, owner: Option<(u32, u32)>, tool: &str) -> Command {
+    let mut cmd = Command::new(bin_dir.join(tool));
+    // The working folder must be one PostgreSQL's user can enter.
+    cmd.current_dir(socket_dir);
+    cmd.env_remove("PGDATA").env("LC_ALL", "C");
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt;
+        // std drops root's supplementary groups when it sets a uid.
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
+/// The client tools of a cluster (`pg_dump`, `pg_restore`): those beside
+/// its server, run as the OS user that runs it (`postgres` under root; the
+/// socket's folder is open to that user only), against its socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    bin_dir: PathBuf,
+    socket_dir: PathBuf,
+    owner: Option<(u32, u32)>,
+}
+
+impl Client {
+    /// The tools for the cluster another process runs under `data_dir`
+    /// (the service, whose lock makes [`EmbeddedPostgres::start`] answer
+    /// [`EmbeddedError::Busy`]): `None` when its socket is not there.
+    pub fn of_running(
+        data_dir: &Path,
+        bin_dir: Option<&Path>,
+    ) -> Result<Option<Self>, EmbeddedError> {
+        let bin_dir = resolve_bin_dir(bin_dir)?;
+        let Ok(data_dir) = fs::canonicalize(data_dir) else {
+            return Ok(None);
+        };
+        let socket_dir = data_dir.join("run");
+        if !socket_dir.join(SOCKET_FILE).exists() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            bin_dir: client_dir(&bin_dir),
+            socket_dir,
+            owner: cluster_owner()?,
+        }))
+    }
+
+    /// A connection URL for `database` over the cluster's socket.
+    pub fn url(&self, database: &str) -> String {
+        socket_url(&self.socket_dir, database)
+    }
+
+    /// `tool` connecting to `database`: the connection's parameters go
+    /// in `PG*` environment variables (those of this process are not
+    /// passed on), none on its command line.
+    pub fn command(&self, tool: &str, database: &str) -> Result<Command, EmbeddedError> {
+        let path = self.bin_dir.join(tool);
+        if !path.is_file() {
+            return Err(EmbeddedError::NoTool(path));
+        }
+        let mut cmd = command_as(&self.bin_dir, &self.socket_dir, self.owner, tool);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.env("PGHOST", &self.socket_dir)
+            .env("PGPORT", "5432")
+            .env("PGUSER", SUPERUSER)
+            .env("PGDATABASE", database);
+        Ok(cmd)
+    }
+}
+
 /// Whether the user `uid` (group `gid`) may enter `dir`, by its mode bits.
 fn can_enter(dir: &Path, uid: u32, gid: u32) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -412,9 +550,111 @@ fn can_enter(dir: &Path, uid: u32, gid: u32) -> bool {
 }
 
 fn has_server_binaries(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres"]
+    SERVER_TOOLS.iter().all(|tool| dir.join(tool).is_file())
+}
+
+/// Why `dir`, given as `PG_BIN_DIR`, cannot serve: not a folder, or
+/// without some of `tools`.
+pub fn check_bin_dir(dir: &Path, tools: &[&str]) -> Result<(), String> {
+    if !dir.is_dir() {
+        return Err("no such folder".to_owned());
+    }
+    let missing: Vec<&str> = tools
         .iter()
-        .all(|tool| dir.join(tool).is_file())
+        .copied()
+        .filter(|tool| !dir.join(tool).is_file())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} missing (a folder of PostgreSQL's binaries, such as /usr/lib/postgresql/15/bin)",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// `PG_BIN_DIR` when set (checked), else the binaries found.
+fn resolve_bin_dir(bin_dir: Option<&Path>) -> Result<PathBuf, EmbeddedError> {
+    match bin_dir {
+        Some(dir) => match check_bin_dir(dir, &SERVER_TOOLS) {
+            Ok(()) => Ok(dir.to_owned()),
+            Err(why) => Err(EmbeddedError::BinDir(dir.to_owned(), why)),
+        },
+        None => find_binaries().ok_or(EmbeddedError::NoBinaries),
+    }
+}
+
+/// The OS user (uid, gid) the cluster runs as: `postgres` when this process
+/// is root (PostgreSQL refuses root), else this process's own (`None`).
+fn cluster_owner() -> Result<Option<(u32, u32)>, EmbeddedError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let user = nix::unistd::User::from_name(POSTGRES_OS_USER)
+        .ok()
+        .flatten()
+        .ok_or(EmbeddedError::NoUser)?;
+    Ok(Some((user.uid.as_raw(), user.gid.as_raw())))
+}
+
+/// `postgresql.conf` with identity's includes where they belong: the
+/// defaults' first, the socket's last, every other line kept in its order
+/// (the old single include at the end dropped). The first time (no
+/// defaults' include yet: a new cluster, or one laid out by an older
+/// version), the lines that set a parameter of `defaults` are commented
+/// out: until now they had no effect (identity.conf overrode them, or
+/// initdb wrote them for identity to override), and the start must not
+/// change what the cluster runs with. Laying out its own output again
+/// changes nothing.
+fn arrange_main_config(text: &str, defaults: &str) -> String {
+    let include = DEFAULTS_INCLUDE[DEFAULTS_INCLUDE.len() - 1];
+    let first_time = !text.lines().any(|l| l.trim() == include);
+    let ours = |line: &str| {
+        let line = line.trim();
+        line == OLD_INCLUDE || DEFAULTS_INCLUDE.contains(&line) || HELD_INCLUDE.contains(&line)
+    };
+    let chosen: Vec<&str> = defaults
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split('=').next())
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    let sets_chosen = |line: &str| {
+        let line = line.trim_start();
+        chosen.iter().any(|name| {
+            line.get(..name.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(name))
+                && line[name.len()..].starts_with([' ', '\t', '='])
+        })
+    };
+    let mut body: Vec<String> = text
+        .lines()
+        .filter(|l| !ours(l))
+        .map(|l| {
+            if first_time && sets_chosen(l) {
+                format!("#{l}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    while body.last().is_some_and(|l| l.trim().is_empty()) {
+        body.pop();
+    }
+    let first = body.iter().position(|l| !l.trim().is_empty());
+    let body = &body[first.unwrap_or(body.len())..];
+    let mut out = DEFAULTS_INCLUDE.join("\n");
+    out.push_str("\n\n");
+    for line in body {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+    out.push_str(&HELD_INCLUDE.join("\n"));
+    out.push('\n');
+    out
 }
 
 /// Looks on PATH, then in Debian's and the source build's usual folders,
@@ -531,6 +771,11 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Whether `data_dir` holds a cluster (made by a first start).
+pub fn has_cluster(data_dir: &Path) -> bool {
+    data_dir.join("pg").join("PG_VERSION").is_file()
+}
+
 /// The URL of `database` on a cluster that another process runs under
 /// `data_dir`, when its socket is there.
 pub fn running_cluster_url(data_dir: &Path, database: &str) -> Option<String> {
@@ -608,6 +853,61 @@ mod tests {
         assert_eq!(mode(&target), 0o644);
         restrict(&data.join("missing"), PRIVATE_FILE).unwrap();
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_old_postgresql_conf_gets_the_defaults_first_and_the_socket_last() {
+        let defaults = "# comment = no\nmax_connections = 200\ntimezone = 'UTC'\n";
+        let old = "# PostgreSQL configuration file\nshared_buffers = 128MB\n\
+                   max_connections = 100\t\t# (change requires restart)\n\
+                   #max_connections = 7\nlog_timezone = 'Etc/UTC'\n\
+                   TimeZone 'Etc/UTC'\n\ninclude_if_exists = 'identity.conf'\n";
+        let new = arrange_main_config(old, defaults);
+        let lines: Vec<&str> = new.lines().collect();
+        assert_eq!(lines[4], "include_if_exists = 'identity-defaults.conf'");
+        assert_eq!(lines[lines.len() - 1], "include = 'identity.conf'");
+        assert!(!new.contains(OLD_INCLUDE), "{new}");
+        // What had no effect is commented out, the rest kept as it was.
+        for line in [
+            "shared_buffers = 128MB",
+            "#max_connections = 100\t\t# (change requires restart)",
+            "#max_connections = 7",
+            "log_timezone = 'Etc/UTC'",
+            "#TimeZone 'Etc/UTC'",
+        ] {
+            let at = lines.iter().position(|l| *l == line);
+            assert!(
+                at.is_some_and(|at| at > 4 && at < lines.len() - 2),
+                "{line}: {new}"
+            );
+        }
+        assert_eq!(
+            arrange_main_config(&new, defaults),
+            new,
+            "laid out once for all"
+        );
+
+        // From now on the operator's lines count, wherever they are, and
+        // the socket's include goes back to the end.
+        let edited = format!("{new}max_connections = 57\n");
+        let again = arrange_main_config(&edited, defaults);
+        assert!(
+            again.ends_with(&format!(
+                "max_connections = 57\n\n{}\n",
+                HELD_INCLUDE.join("\n")
+            )),
+            "{again}"
+        );
+    }
+
+    #[test]
+    fn a_pg_bin_dir_without_the_tools_is_named_with_what_it_lacks() {
+        assert_eq!(
+            check_bin_dir(Path::new("/nonexistent"), &SERVER_TOOLS).unwrap_err(),
+            "no such folder"
+        );
+        let why = check_bin_dir(Path::new("/"), &SERVER_TOOLS).unwrap_err();
+        assert!(why.starts_with("initdb, pg_ctl, postgres missing"), "{why}");
     }
 
     #[test]

@@ -112,3 +112,29 @@ pub async fn status(database_url: &str) -> Result<Vec<MigrationStatus>, Error> {
     })
     .await
 }
+
+/// The newest migration applied to the database; `None` when it has no
+/// migrations table (it is not identity's).
+pub async fn newest_applied(database_url: &str) -> Result<Option<String>, Error> {
+    use diesel::sql_types::{Nullable, Text};
+    use diesel_async::RunQueryDsl;
+
+    #[derive(diesel::QueryableByName)]
+    struct Newest {
+        #[diesel(sql_type = Nullable<Text>)]
+        name: Option<String>,
+    }
+    let mut conn = super::connect::establish(database_url).await?;
+    let found: Newest =
+        diesel::sql_query("SELECT to_regclass('__diesel_schema_migrations')::text AS name")
+            .get_result(&mut conn)
+            .await?;
+    if found.name.is_none() {
+        return Ok(None);
+    }
+    let newest: Newest =
+        diesel::sql_query("SELECT max(version)::text AS name FROM __diesel_schema_migrations")
+            .get_result(&mut conn)
+            .await?;
+    Ok(newest.name)
+}

@@ -15,6 +15,7 @@ mod fresh;
 pub mod groups;
 pub mod migrations;
 mod page;
+pub mod restore;
 // `diesel::table!` code: a module per table and a struct per column, whose
 // docs would only repeat their names. The tables and columns are documented
 // where they are defined, in `migrations/*/up.sql`.

@@ -41,6 +41,9 @@ pub enum EndReason {
     EndedByAdmin,
     /// The API key an ExchangeApiKey session came from was revoked.
     ApiKeyRevoked,
+    /// `identity after-restore` (or `identity restore`): a session brought
+    /// back by a restore might have ended since the backup.
+    Restored,
 }
 
 impl EndReason {
@@ -54,13 +57,14 @@ impl EndReason {
             EndReason::RefreshReused => "refresh_token_reused",
             EndReason::EndedByAdmin => "ended_by_admin",
             EndReason::ApiKeyRevoked => "api_key_revoked",
+            EndReason::Restored => "restored",
         }
     }
 
     /// The name clients see (`Session.end_reason`, `Change.end_reason`) for
     /// a stored reason: LOGOUT, PASSWORD_CHANGED, PASSWORD_SET,
     /// PASSWORD_RESET, REUSE_DETECTED, ENDED_BY_ADMIN, API_KEY_REVOKED,
-    /// USER_DELETED (a live
+    /// RESTORED, USER_DELETED (a live
     /// session deleted with its user), or the stored text in capitals (a
     /// reason written by hand in SQL).
     pub fn wire_name(stored: &str) -> String {
@@ -87,5 +91,9 @@ mod tests {
             "ENDED_BY_ADMIN"
         );
         assert_eq!(EndReason::wire_name("user_deleted"), "USER_DELETED");
+        assert_eq!(
+            EndReason::wire_name(EndReason::Restored.as_str()),
+            "RESTORED"
+        );
     }
 }

@@ -408,7 +408,7 @@ fn check_cursor(cursor: Cursor, read: &db::changes::Read) -> Result<(), Error> {
     if cursor < read.purged {
         return Err(Error::Refused {
             reason: Reason::CursorExpired,
-            message: "the cursor is older than CHANGES_RETENTION: start again from empty and re-read state",
+            message: "the cursor is older than CHANGES_RETENTION, or from before a restore: start again from empty and re-read state",
         });
     }
     if cursor.xid >= read.xmax {

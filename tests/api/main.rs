@@ -36,6 +36,7 @@ mod operations;
 mod passwords;
 mod postgres_tls;
 mod properties;
+mod restore;
 mod sentry;
 mod server;
 mod sessions;

@@ -11,6 +11,7 @@
 // not on every item.
 #![allow(unreachable_pub, missing_docs)]
 
+mod capacity;
 mod drive;
 mod feed;
 mod mesh;
@@ -53,7 +54,8 @@ pub struct Settings {
     pub writes_per_second: f64,
 }
 
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
+    "capacity",
     "health",
     "db",
     "hashing",
@@ -191,7 +193,22 @@ async fn run(settings: Settings) -> bool {
     let mut seeded = Seeded::default();
     let mut results: Vec<SizeResult> = Vec::new();
     for &size in &settings.sizes {
+        // The database before and after this seeding: `capacity` reports
+        // its growth per user.
+        let from_users = seeded.ids.len();
+        let before = if settings.runs("capacity") {
+            Some(capacity::DbSizes::read(&bench.pool).await)
+        } else {
+            None
+        };
         seed::grow(&bench.pool, &mut seeded, size, &bench.hash).await;
+        if let Some(before) = before {
+            bench.seeding = Some(capacity::Seeding {
+                from_users,
+                before,
+                after: capacity::DbSizes::read(&bench.pool).await,
+            });
+        }
         bench.log_in(&seeded).await;
         let mut rows: Vec<Row> = Vec::new();
         for scenario in ALL {
@@ -209,6 +226,7 @@ async fn run(settings: Settings) -> bool {
             users: size,
             rows,
             list_users_plan: plan,
+            capacity: std::mem::take(&mut bench.figures),
         });
     }
     drop(bench);

@@ -62,7 +62,7 @@ use crate::{
 const SQL_BOUND: Duration = Duration::from_secs(1);
 
 /// Whether h2load is on this machine.
-fn h2load_found() -> bool {
+pub fn h2load_found() -> bool {
     Command::new("h2load")
         .arg("--version")
         .output()
@@ -85,7 +85,7 @@ fn grpc_frame(message: &impl Message) -> Vec<u8> {
 
 /// One unary RPC for h2load: its path, body and bearer token.
 #[derive(Clone)]
-struct Unary {
+pub struct Unary {
     /// `/package.Service/Method`.
     path: &'static str,
     body: Vec<u8>,
@@ -389,7 +389,7 @@ impl Writer {
 impl Bench<'_> {
     /// The request bodies of the unary scenarios, for the first logged-in
     /// user.
-    fn unaries(&self) -> [(&'static str, &'static str, Unary); 4] {
+    pub fn unaries(&self) -> [(&'static str, &'static str, Unary); 4] {
         let s = &self.sessions()[0];
         let check = crate::scenarios::check_request(&s.access_token);
         [
@@ -438,7 +438,7 @@ impl Bench<'_> {
 
     /// Runs h2load for `unary` against `server` in `window`; the row counts
     /// as OK only the calls the server counted OK.
-    async fn h2(
+    pub async fn h2(
         &self,
         server: &Server,
         (name, label): (&str, &str),
@@ -667,7 +667,11 @@ impl Bench<'_> {
     }
 
     /// A second `identity serve` on the same database and keys.
-    async fn replica(&self, dir: &str, envs: &'static [(&'static str, &'static str)]) -> Server {
+    pub async fn replica(
+        &self,
+        dir: &str,
+        envs: &'static [(&'static str, &'static str)],
+    ) -> Server {
         let (dir, keys, url) = (
             self.scratch.join(dir),
             self.keys_dir.clone(),

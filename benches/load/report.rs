@@ -51,11 +51,38 @@ impl Row {
     }
 }
 
+/// A number for an operator (the `capacity` scenario): what, how much,
+/// and how it was found.
+pub struct Figure {
+    pub what: String,
+    pub value: Option<f64>,
+    pub unit: &'static str,
+    pub detail: String,
+}
+
+impl Figure {
+    pub fn new(what: impl Into<String>, value: Option<f64>, unit: &'static str) -> Self {
+        Self {
+            what: what.into(),
+            value,
+            unit,
+            detail: String::new(),
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+}
+
 /// Everything measured at one seeded size.
 pub struct SizeResult {
     pub users: usize,
     pub rows: Vec<Row>,
     pub list_users_plan: Vec<String>,
+    /// The `capacity` scenario's figures.
+    pub capacity: Vec<Figure>,
 }
 
 impl SizeResult {
@@ -80,6 +107,8 @@ fn ceiling_of(name: &str) -> Option<&'static str> {
         | "h2_get_self_off" | "h2_verify_writes" => Some("h2_health"),
         "update_feed" | "update_feed2" => Some("update_nofeed"),
         "create_feed" | "create_feed2" => Some("create_nofeed"),
+        "cap_login_h2" => Some("cap_login_h1"),
+        "cap_verify_off" => Some("cap_verify"),
         _ => None,
     }
 }
@@ -360,10 +389,16 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
                 "notes": row.notes,
             }));
         }
+        let capacity_json: Vec<_> = r
+            .capacity
+            .iter()
+            .map(|f| json!({"what": f.what, "value": f.value, "unit": f.unit, "detail": f.detail}))
+            .collect();
         sizes_json.push(json!({
             "users": r.users,
             "scenarios": rows_json,
             "list_users_plan": r.list_users_plan,
+            "capacity": capacity_json,
         }));
     }
     let targets = targets(config, results);
@@ -387,6 +422,35 @@ pub fn print_and_save(settings: &Settings, config: &Config, results: &[SizeResul
             "target": t.what, "value": t.value, "limit": t.limit,
             "at_least": t.at_least, "met": t.met(),
         }));
+    }
+    for r in results.iter().filter(|r| !r.capacity.is_empty()) {
+        let machine = machine();
+        let _ = writeln!(
+            out,
+            "\ncapacity at {} users ({} cores, {}; argon2id m={} KiB t={} p={}):",
+            r.users,
+            machine["cores"],
+            machine["cpu"].as_str().unwrap_or("unknown CPU"),
+            config.argon2_memory_kib,
+            config.argon2_iterations,
+            config.argon2_parallelism,
+        );
+        for f in &r.capacity {
+            let _ = writeln!(
+                out,
+                "  {:<66} {:>10} {}",
+                f.what,
+                f.value.map_or("-".into(), |v| if f.unit == "x" {
+                    format!("{v:.2}")
+                } else {
+                    format!("{v:.1}")
+                }),
+                f.unit
+            );
+            if !f.detail.is_empty() {
+                let _ = writeln!(out, "      {}", f.detail);
+            }
+        }
     }
     for r in results {
         if !r.list_users_plan.is_empty() {

@@ -68,6 +68,10 @@ pub struct Bench<'a> {
     pub verify_alone: Option<Outcome>,
     /// The service's settings, as the server reads them.
     pub config: Config,
+    /// The database before and after the last seeding, for `capacity`.
+    pub seeding: Option<crate::capacity::Seeding>,
+    /// What `capacity` found at this size, for the report.
+    pub figures: Vec<crate::report::Figure>,
 }
 
 /// Fails unless the database holds no users: the bench adds its own.
@@ -126,6 +130,8 @@ impl<'a> Bench<'a> {
             sessions: Vec::new(),
             verify_alone: None,
             config: config.clone(),
+            seeding: None,
+            figures: Vec::new(),
         }
     }
 
@@ -227,6 +233,7 @@ impl<'a> Bench<'a> {
             "mesh" => self.mesh().await,
             "mesh_writes" => self.mesh_writes(seeded).await,
             "mesh_rss" => self.mesh_rss(seeded).await,
+            "capacity" => self.capacity(seeded).await,
             "access_log" => self.access_log().await,
             "list_users" => {
                 let calls = (0..s.in_flight)
@@ -512,23 +519,7 @@ impl<'a> Bench<'a> {
     }
 
     fn login_call(&self, w: usize, users: usize) -> Call {
-        let client = AuthServiceClient::new(self.channel(w));
-        let mut rng = Rng::new(5000 + w as u64);
-        Box::new(move || {
-            let mut client = client.clone();
-            let login = seed::username(1 + rng.below(users - 1));
-            async move {
-                client
-                    .login(pb::LoginRequest {
-                        login,
-                        password: seed::PASSWORD.to_owned(),
-                    })
-                    .await
-                    .map_err(code)?;
-                Ok(())
-            }
-            .boxed()
-        })
+        login_call_on(self.channel(w), w, users)
     }
 
     /// A login flood (as many calls in flight as the other scenarios)
@@ -648,6 +639,28 @@ impl<'a> Bench<'a> {
             .expect("drop the plan function");
         out
     }
+}
+
+/// Login as a random seeded user (each a real argon2id verification),
+/// over `channel`.
+pub fn login_call_on(channel: Channel, w: usize, users: usize) -> Call {
+    let client = AuthServiceClient::new(channel);
+    let mut rng = Rng::new(5000 + w as u64);
+    Box::new(move || {
+        let mut client = client.clone();
+        let login = seed::username(1 + rng.below(users - 1));
+        async move {
+            client
+                .login(pb::LoginRequest {
+                    login,
+                    password: seed::PASSWORD.to_owned(),
+                })
+                .await
+                .map_err(code)?;
+            Ok(())
+        }
+        .boxed()
+    })
 }
 
 /// Envoy's Check for `GET /orders` with `access_token`, as a sidecar sends

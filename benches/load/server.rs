@@ -16,6 +16,9 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub pid: i32,
+    /// Its resident set size when it said it was ready (VmRSS), in bytes:
+    /// before any call.
+    pub rss_at_start: u64,
     /// The embedded cluster's `postmaster.pid`, when this server runs one.
     postmaster_pid: Option<PathBuf>,
 }
@@ -99,6 +102,7 @@ impl Server {
             child,
             addr,
             pid,
+            rss_at_start: status_kib(pid, "VmRSS:") * 1024,
             postmaster_pid: database_url
                 .is_none()
                 .then(|| data_dir.join("pg").join("postmaster.pid")),
@@ -109,6 +113,11 @@ impl Server {
     pub fn reset_peak_rss(&self) {
         // "5" resets VmHWM (Linux 4.0+); without it the peak is since start.
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5");
+    }
+
+    /// The resident set size now (VmRSS), in bytes.
+    pub fn rss(&self) -> u64 {
+        status_kib(self.pid, "VmRSS:") * 1024
     }
 
     /// The peak resident set size since the last reset, in bytes.

@@ -273,12 +273,28 @@ pub async fn purge_retired(
 }
 
 /// Deletes sessions that ended or expired more than `keep` ago (their
-/// retired refresh tokens go with them); how many.
+/// retired refresh tokens go with them); how many. A session that expired
+/// without being ended is ended first, at its expiry, with the reason
+/// EXPIRED, so that the change feed says so (the trigger takes the deletion
+/// of a live session for its user's deletion).
 pub async fn purge_sessions(
     conn: &mut AsyncPgConnection,
     keep: chrono::Duration,
 ) -> Result<usize, Error> {
     let before = Utc::now() - keep;
+    diesel::update(
+        sessions::table.filter(
+            sessions::end_time
+                .is_null()
+                .and(sessions::refresh_expire_time.lt(before)),
+        ),
+    )
+    .set((
+        sessions::end_time.eq(sessions::refresh_expire_time.nullable()),
+        sessions::end_reason.eq(EndReason::Expired.as_str()),
+    ))
+    .execute(conn)
+    .await?;
     Ok(diesel::delete(
         sessions::table.filter(
             sessions::end_time

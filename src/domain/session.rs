@@ -44,6 +44,9 @@ pub enum EndReason {
     /// `identity after-restore` (or `identity restore`): a session brought
     /// back by a restore might have ended since the backup.
     Restored,
+    /// The housekeeping found it past its refresh token's expiry, never
+    /// ended, and ended it (at that expiry) before deleting it.
+    Expired,
 }
 
 impl EndReason {
@@ -58,13 +61,14 @@ impl EndReason {
             EndReason::EndedByAdmin => "ended_by_admin",
             EndReason::ApiKeyRevoked => "api_key_revoked",
             EndReason::Restored => "restored",
+            EndReason::Expired => "expired",
         }
     }
 
     /// The name clients see (`Session.end_reason`, `Change.end_reason`) for
     /// a stored reason: LOGOUT, PASSWORD_CHANGED, PASSWORD_SET,
     /// PASSWORD_RESET, REUSE_DETECTED, ENDED_BY_ADMIN, API_KEY_REVOKED,
-    /// RESTORED, USER_DELETED (a live
+    /// RESTORED, EXPIRED, USER_DELETED (a live
     /// session deleted with its user), or the stored text in capitals (a
     /// reason written by hand in SQL).
     pub fn wire_name(stored: &str) -> String {

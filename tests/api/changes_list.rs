@@ -410,3 +410,51 @@ async fn a_purged_cursor_is_expired_and_the_feed_goes_on_after_the_purge() {
     assert_eq!(watched[0].user_id, new.id);
     assert_eq!(changes_after(&app, "").await.last(), watched.last());
 }
+
+/// A session past its refresh token's expiry that nobody ended: the purge
+/// (here, the one at start) ends it with EXPIRED before deleting it, so the
+/// feed says why it ended, not that its user was deleted.
+#[tokio::test]
+async fn the_purge_of_a_session_that_expired_unended_records_it_as_expired() {
+    let app = spawn_app().await;
+    let (user, tokens) = app.signed_in_user("ivy").await;
+    let session = session_of(&app, &tokens.access_token).await;
+    sql(
+        &app,
+        &format!(
+            "UPDATE sessions SET refresh_expire_time = now() - interval '8 days' \
+             WHERE id = '{session}'"
+        ),
+    )
+    .await;
+    let start = head(&app).await;
+    let app = app.restart(|_| {}).await;
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let changes = changes_after(&app, &start).await;
+            if let Some(ended) = changes.into_iter().find(|c| c.session_id == session) {
+                return ended;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the purge at start records the session's end");
+    assert_eq!(ended.kind, K::SessionEnded as i32);
+    assert_eq!(ended.end_reason, "EXPIRED");
+    assert_eq!(ended.user_id, user.id);
+    // And it is gone, ended or not.
+    let listed = app
+        .admin
+        .auth
+        .clone()
+        .list_sessions(pb::ListSessionsRequest {
+            user_id: user.id.clone(),
+            include_ended: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sessions.iter().all(|s| s.id != session));
+}

@@ -5,26 +5,40 @@
 
 use super::Error;
 
-/// Creates `name` through the admin URL unless it exists.
-pub async fn create_database(admin_url: &str, name: &str) -> Result<(), Error> {
-    use diesel::{ExpressionMethods, QueryDsl};
-    use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+diesel::table! {
+    /// The server's catalogue of databases (the column this file reads).
+    pg_database (datname) {
+        /// The database's name.
+        datname -> Text,
+    }
+}
 
-    diesel::table! { pg_database (datname) { datname -> Text, } }
-    let mut conn = super::connect::establish(admin_url)
+/// A connection to the server's admin database.
+async fn connect(admin_url: &str) -> Result<diesel_async::AsyncPgConnection, Error> {
+    super::connect::establish(admin_url)
         .await
-        .map_err(|e| Error::Unavailable(Box::new(e)))?;
-    let exists: i64 = pg_database::table
+        .map_err(|e| Error::Unavailable(Box::new(e)))
+}
+
+/// Whether the server has a database `name`.
+async fn exists(conn: &mut diesel_async::AsyncPgConnection, name: &str) -> Result<bool, Error> {
+    use diesel::{ExpressionMethods, QueryDsl};
+    use diesel_async::RunQueryDsl;
+    let count: i64 = pg_database::table
         .filter(pg_database::datname.eq(name))
         .count()
-        .get_result(&mut conn)
+        .get_result(conn)
         .await?;
-    if exists == 0 {
-        conn.batch_execute(&format!(
-            "CREATE DATABASE \"{}\"",
-            name.replace('"', "\"\"")
-        ))
-        .await?;
+    Ok(count > 0)
+}
+
+/// Creates `name` through the admin URL unless it exists.
+pub async fn create_database(admin_url: &str, name: &str) -> Result<(), Error> {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = connect(admin_url).await?;
+    if !exists(&mut conn, name).await? {
+        conn.batch_execute(&format!("CREATE DATABASE {}", quoted(name)))
+            .await?;
     }
     Ok(())
 }
@@ -36,9 +50,7 @@ fn quoted(name: &str) -> String {
 /// Drops `name` through the admin URL if it exists.
 pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Error> {
     use diesel_async::SimpleAsyncConnection;
-    let mut conn = super::connect::establish(admin_url)
-        .await
-        .map_err(|e| Error::Unavailable(Box::new(e)))?;
+    let mut conn = connect(admin_url).await?;
     conn.batch_execute(&format!("DROP DATABASE IF EXISTS {}", quoted(name)))
         .await?;
     Ok(())
@@ -48,9 +60,7 @@ pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Error> {
 /// own extensions) through the admin URL.
 pub async fn create_empty_database(admin_url: &str, name: &str) -> Result<(), Error> {
     use diesel_async::SimpleAsyncConnection;
-    let mut conn = super::connect::establish(admin_url)
-        .await
-        .map_err(|e| Error::Unavailable(Box::new(e)))?;
+    let mut conn = connect(admin_url).await?;
     conn.batch_execute(&format!(
         "CREATE DATABASE {} TEMPLATE template0",
         quoted(name)
@@ -72,15 +82,8 @@ pub async fn swap_database(
     use diesel::{ExpressionMethods, QueryDsl};
     use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 
-    diesel::table! { pg_database (datname) { datname -> Text, } }
-    let mut conn = super::connect::establish(admin_url)
-        .await
-        .map_err(|e| Error::Unavailable(Box::new(e)))?;
-    let exists: i64 = pg_database::table
-        .filter(pg_database::datname.eq(name))
-        .count()
-        .get_result(&mut conn)
-        .await?;
+    let mut conn = connect(admin_url).await?;
+    let existed = exists(&mut conn, name).await?;
     diesel::table! { pg_stat_activity (pid) { pid -> Integer, datname -> Nullable<Text>, } }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -94,7 +97,7 @@ pub async fn swap_database(
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    let set_aside = if exists > 0 {
+    let set_aside = if existed {
         format!(
             "ALTER DATABASE {} RENAME TO {}; ",
             quoted(name),
@@ -109,5 +112,5 @@ pub async fn swap_database(
         quoted(name)
     ))
     .await?;
-    Ok(exists > 0)
+    Ok(existed)
 }

@@ -15,21 +15,10 @@ use identity::proto::identity::v1 as pb;
 /// exactly those.
 #[tokio::test]
 async fn health_is_serving_for_the_server_and_each_service() {
-    use tonic_reflection::pb::v1;
     let app = spawn_app().await;
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        reflect(
-            &app,
-            v1::server_reflection_request::MessageRequest::ListServices(String::new()),
-        )
+    let mut names: Vec<String> = listed_services(&app)
         .await
-    else {
-        panic!("unexpected reflection answer");
-    };
-    let mut names: Vec<String> = list
-        .service
         .into_iter()
-        .map(|s| s.name)
         .filter(|n| !n.starts_with("grpc.health.") && !n.starts_with("grpc.reflection."))
         .collect();
     names.sort();
@@ -109,19 +98,9 @@ async fn health_turns_not_serving_while_the_database_is_away_and_back() {
 
 #[tokio::test]
 async fn reflection_lists_every_service_in_both_versions() {
-    use tonic_reflection::pb::{v1, v1alpha};
+    use tonic_reflection::pb::v1alpha;
     let app = spawn_app().await;
-
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        reflect(
-            &app,
-            v1::server_reflection_request::MessageRequest::ListServices(String::new()),
-        )
-        .await
-    else {
-        panic!("unexpected reflection answer");
-    };
-    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    let names = listed_services(&app).await;
     for expected in [
         "identity.v1.UserService",
         "identity.v1.GroupService",
@@ -233,4 +212,19 @@ async fn stopping_lets_the_server_finish_and_refuses_new_calls() {
         .connect()
         .await;
     assert!(refused.is_err(), "the listener is closed after shutdown");
+}
+
+/// The services reflection (v1) lists.
+async fn listed_services(app: &crate::helpers::TestApp) -> Vec<String> {
+    use tonic_reflection::pb::v1;
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reflect(
+            app,
+            v1::server_reflection_request::MessageRequest::ListServices(String::new()),
+        )
+        .await
+    else {
+        panic!("unexpected reflection answer");
+    };
+    list.service.into_iter().map(|s| s.name).collect()
 }

@@ -57,12 +57,16 @@ pub async fn after_restore(conn: &mut AsyncPgConnection) -> Result<AfterRestore,
     // First, while this transaction has written nothing to the feed: the
     // new start, below every transaction still running (their changes stay
     // readable) and below this one (whose changes are the first after it).
+    // A mark at or above the snapshot's xmax was set by another cluster
+    // (a dump taken elsewhere, whose purge had moved it there): left
+    // there, every cursor of this cluster would be below it, and expired.
     diesel::sql_query(
         "UPDATE change_purge p SET xid = m.xid, seq = m.seq \
          FROM (SELECT (LEAST(pg_snapshot_xmin(pg_current_snapshot()), pg_current_xact_id()) \
                        ::text::bigint - 1)::text::xid8 AS xid, \
                       9223372036854775807::bigint AS seq) m \
-         WHERE (m.xid, m.seq) > (p.xid, p.seq)",
+         WHERE (m.xid, m.seq) > (p.xid, p.seq) \
+            OR p.xid >= pg_snapshot_xmax(pg_current_snapshot())",
     )
     .execute(conn)
     .await?;

@@ -597,3 +597,120 @@ async fn after_restore_works_with_database_url_too() {
         tokio::task::yield_now().await;
     }
 }
+
+/// A dump restored on a new machine: the old cluster's transaction ids are
+/// far ahead of the new one's, in the feed's rows and in its purge mark (an
+/// old cluster has purged). After `identity restore`, the feed still
+/// delivers the new cluster's changes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_restored_on_a_new_cluster_keeps_the_change_feed_moving() {
+    use diesel_async::SimpleAsyncConnection;
+    let dir = TempDir::new("identity-restore-elsewhere");
+    let old = dir.0.join("old").join("data");
+    let serve = Serve::start(&old);
+    let ch = channel(&serve).await;
+    let admin_old = admin(&old, &ch).await;
+    admin_old
+        .create_user(TestUser::named("carol").request())
+        .await
+        .unwrap();
+    // The old cluster's transaction ids run far ahead of a new one's; its
+    // changes grow old, and a start purges them (the purge mark moves up).
+    let mut conn = cluster(&old, "identity").await;
+    conn.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..3000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    admin_old
+        .create_user(TestUser::named("dora").request())
+        .await
+        .unwrap();
+    conn.batch_execute("UPDATE changes SET record_time = now() - interval '30 days'")
+        .await
+        .unwrap();
+    drop(conn);
+    assert_eq!(serve.terminate(), 0);
+    let serve = Serve::start(&old);
+    assert!(
+        serve
+            .log
+            .wait_for(0, "purged old rows", Duration::from_secs(30)),
+        "the purge at start"
+    );
+    let ch = channel(&serve).await;
+    let admin_old = Clients::new(
+        &ch,
+        Some(
+            &login(&ch, "admin", ADMIN_PASSWORD)
+                .await
+                .unwrap()
+                .access_token,
+        ),
+    );
+    let erin = TestUser::named("erin");
+    admin_old.create_user(erin.request()).await.unwrap();
+    let file = backups(&dir).join("elsewhere.dump");
+    let file = file.to_str().unwrap();
+    succeeded(&identity(&["backup", file], &old, &[]).await);
+    assert_eq!(serve.terminate(), 0);
+
+    // The new machine: an empty DATA_DIR, restored, then served.
+    let new = dir.0.join("new").join("data");
+    succeeded(&identity(&["restore", file], &new, &[]).await);
+    let serve = Serve::start(&new);
+    let ch = channel(&serve).await;
+    login(&ch, "erin", &erin.password)
+        .await
+        .expect("the dump's users");
+    let admin = Clients::new(
+        &ch,
+        Some(
+            &login(&ch, "admin", ADMIN_PASSWORD)
+                .await
+                .unwrap()
+                .access_token,
+        ),
+    );
+    let fay = admin
+        .create_user(TestUser::named("fay").request())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = admin
+            .changes
+            .clone()
+            .list_changes(pb::ListChangesRequest {
+                page_size: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(created) = listed
+            .changes
+            .iter()
+            .find(|c| c.kind == pb::ChangeKind::UserCreated as i32 && c.user_id == fay.id)
+        {
+            // And a cursor of the new cluster's is good to resume from.
+            admin
+                .changes
+                .clone()
+                .list_changes(pb::ListChangesRequest {
+                    after_cursor: created.cursor.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("a cursor taken after the restore resumes");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new cluster's change is listed: {:#?}",
+            listed.changes
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(serve.terminate(), 0);
+}

@@ -48,6 +48,19 @@ impl Log {
         !result.timed_out()
     }
 
+    /// Waits (on each new line) until a line after the first `skip`
+    /// satisfies `found`; false after `timeout`.
+    pub fn wait_until(&self, skip: usize, found: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        let lines = self.lines.lock().unwrap();
+        let (_lines, result) = self
+            .grown
+            .wait_timeout_while(lines, timeout, |lines| {
+                !lines.iter().skip(skip).any(|l| found(l))
+            })
+            .unwrap();
+        !result.timed_out()
+    }
+
     /// Waits until `count` lines after the first `skip` contain `needle`.
     pub fn wait_for_count(
         &self,

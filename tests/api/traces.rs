@@ -208,7 +208,18 @@ async fn spans_continue_the_callers_trace_and_reach_the_collector() {
         Some(&Value::IntValue(tonic::Code::Unauthenticated as i64))
     );
 
-    // Every log line of the traced call carries its trace id.
+    // Every log line of the traced call carries its trace id. The access
+    // line is the call's last, written once its answer has gone: waited
+    // for, the others are in before it.
+    assert!(
+        serve.log.wait_until(
+            0,
+            |l| l.contains("\"target\":\"identity::access\"")
+                && l.contains("\"request_id\":\"traced-call\""),
+            std::time::Duration::from_secs(10)
+        ),
+        "the traced call's access line"
+    );
     let lines = lines_of_call(&serve, "traced-call");
     assert!(
         lines

@@ -57,10 +57,14 @@ fn locked<T>(
         .bind::<BigInt, _>(MIGRATION_LOCK)
         .execute(conn)?;
     let result = f(conn);
-    diesel::sql_query("SELECT pg_advisory_unlock($1)")
+    let unlocked = diesel::sql_query("SELECT pg_advisory_unlock($1)")
         .bind::<BigInt, _>(MIGRATION_LOCK)
-        .execute(conn)?;
-    result
+        .execute(conn);
+    // A migration's own error first: a failed unlock (the connection
+    // gone, which releases the lock anyway) must not hide why.
+    let value = result?;
+    unlocked?;
+    Ok(value)
 }
 
 /// Applies every pending migration; returns the versions applied. Run by

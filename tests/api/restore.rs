@@ -129,6 +129,11 @@ async fn admin(data: &Path, channel: &Channel) -> Clients {
     )
     .await;
     succeeded(&out);
+    signed_in_admin(channel).await
+}
+
+/// Clients logged in as the superuser `admin` that [`admin`] made.
+async fn signed_in_admin(channel: &Channel) -> Clients {
     let tokens = login(channel, "admin", ADMIN_PASSWORD).await.unwrap();
     Clients::new(channel, Some(&tokens.access_token))
 }
@@ -275,15 +280,7 @@ async fn a_restore_brings_the_dump_back_and_nothing_it_held_unspent_works_again(
         .await
         .unwrap_err();
     assert_eq!(later.code(), Code::Unauthenticated);
-    let admin = Clients::new(
-        &ch,
-        Some(
-            &login(&ch, "admin", ADMIN_PASSWORD)
-                .await
-                .unwrap()
-                .access_token,
-        ),
-    );
+    let admin = signed_in_admin(&ch).await;
     let carol = admin
         .get_user(crate::helpers::Lookup::Username("carol"))
         .await
@@ -639,15 +636,7 @@ async fn a_dump_restored_on_a_new_cluster_keeps_the_change_feed_moving() {
         "the purge at start"
     );
     let ch = channel(&serve).await;
-    let admin_old = Clients::new(
-        &ch,
-        Some(
-            &login(&ch, "admin", ADMIN_PASSWORD)
-                .await
-                .unwrap()
-                .access_token,
-        ),
-    );
+    let admin_old = signed_in_admin(&ch).await;
     let erin = TestUser::named("erin");
     admin_old.create_user(erin.request()).await.unwrap();
     let file = backups(&dir).join("elsewhere.dump");
@@ -663,15 +652,7 @@ async fn a_dump_restored_on_a_new_cluster_keeps_the_change_feed_moving() {
     login(&ch, "erin", &erin.password)
         .await
         .expect("the dump's users");
-    let admin = Clients::new(
-        &ch,
-        Some(
-            &login(&ch, "admin", ADMIN_PASSWORD)
-                .await
-                .unwrap()
-                .access_token,
-        ),
-    );
+    let admin = signed_in_admin(&ch).await;
     let fay = admin
         .create_user(TestUser::named("fay").request())
         .await

@@ -126,6 +126,21 @@ async fn challenge(app: &TestApp, e: &Enrolled) -> String {
     login.mfa_challenge
 }
 
+/// Logs `e` in with its password and the code of the next step: a
+/// session proved by both factors.
+async fn signed_in_with_totp(app: &TestApp, e: &Enrolled) -> pb::Tokens {
+    complete(
+        app,
+        &challenge(app, e).await,
+        &totp(&e.secret, now() + 30),
+        "",
+    )
+    .await
+    .unwrap()
+    .tokens
+    .unwrap()
+}
+
 async fn complete(
     app: &TestApp,
     challenge: &str,
@@ -427,16 +442,7 @@ async fn wrong_codes_count_towards_the_login_throttle() {
 async fn totp_is_turned_off_by_its_user_or_reset_by_a_superuser() {
     let app = spawn_app().await;
     let e = enrolled(&app, "leaving").await;
-    let tokens = complete(
-        &app,
-        &challenge(&app, &e).await,
-        &totp(&e.secret, now() + 30),
-        "",
-    )
-    .await
-    .unwrap()
-    .tokens
-    .unwrap();
+    let tokens = signed_in_with_totp(&app, &e).await;
     let mut auth = app.as_token(&tokens.access_token).auth;
     let wrong = auth
         .disable_totp(pb::DisableTotpRequest {
@@ -771,16 +777,7 @@ async fn the_envoy_check_says_how_the_session_was_proved_and_may_require_a_secon
     use crate::envoy::{allowed, check, denied, request};
     let app = spawn_app().await;
     let e = enrolled(&app, "mesh-user").await;
-    let strong = complete(
-        &app,
-        &challenge(&app, &e).await,
-        &totp(&e.secret, now() + 30),
-        "",
-    )
-    .await
-    .unwrap()
-    .tokens
-    .unwrap();
+    let strong = signed_in_with_totp(&app, &e).await;
     let (_, weak) = app.signed_in_user("password-only").await;
     let as_token = |token: &str, extensions: &[(&str, &str)]| {
         request(&[("authorization", &format!("Bearer {token}"))], extensions)
